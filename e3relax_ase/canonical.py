@@ -1,0 +1,81 @@
+"""Write a crystal in the network's canonical form, and map predictions back.
+
+The network is not invariant to which periodic image an atom is written in (its lattice
+features are built from centred positions) nor to the choice of lattice basis (the three
+lattice nodes are the basis vectors). So every input is
+  1. Niggli-reduced (3D-periodic crystals only): cell_reduced = transform @ cell, with
+     ``transform`` an integer unimodular matrix;
+  2. wrapped into the reduced cell along periodic axes (fractional coordinates in
+     [-tol, 1 - tol), so an atom on a cell face is placed consistently under rounding noise);
+and the prediction is mapped back onto the caller's basis and onto the caller's periodic
+images: an atom written at wrapped + n @ cell_reduced comes back at predicted + n @ predicted_reduced_cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+WRAP_TOLERANCE = 1e-8  # fractional; see module docstring
+
+
+@dataclass
+class CanonicalForm:
+    """A crystal written canonically, with what is needed to undo it."""
+
+    positions: np.ndarray  # [n_atoms, 3] wrapped into the reduced cell, Å
+    cell: np.ndarray  # [3, 3] reduced cell (rows), Å
+    transform: np.ndarray  # [3, 3] int, cell_reduced = transform @ cell_input
+    image_shift: np.ndarray  # [n_atoms, 3] int, input = wrapped + image_shift @ cell_reduced
+
+    def restore(self, positions_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map a prediction made in canonical form back to the caller's basis and images.
+
+        Args:
+            positions_pred: [..., n_atoms, 3] predicted positions (canonical images).
+            cell_pred: [..., 3, 3] predicted reduced cell.
+
+        Returns:
+            (positions [..., n_atoms, 3], cell [..., 3, 3]) in the caller's basis.
+        """
+        positions = positions_pred + self.image_shift.astype(cell_pred.dtype) @ cell_pred
+        cell = np.linalg.solve(self.transform.astype(cell_pred.dtype), cell_pred)
+        return positions, cell
+
+
+def reduce_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """Integer matrix T with T @ cell Niggli-reduced; the identity unless periodic in 3D."""
+    if not np.all(pbc):
+        return np.eye(3, dtype=np.int64)
+    from ase.build.tools import niggli_reduce_cell
+
+    _, operation = niggli_reduce_cell(cell)
+    transform = np.asarray(operation).T.astype(np.int64)
+    if round(abs(np.linalg.det(transform))) != 1:
+        raise ValueError("cell reduction produced a non-unimodular transform")
+    return transform
+
+
+def canonicalize(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, reduce: bool = True) -> CanonicalForm:
+    """Reduce the cell and wrap the atoms (see module docstring).
+
+    Args:
+        positions: [n_atoms, 3] Å.
+        cell: [3, 3] rows are lattice vectors.
+        pbc: [3] bool.
+        reduce: Niggli-reduce 3D-periodic cells.
+
+    Returns:
+        The canonical form.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    transform = reduce_cell(cell, pbc) if reduce else np.eye(3, dtype=np.int64)
+    cell_reduced = transform @ cell
+    fractional = np.linalg.solve(cell_reduced.T, positions.T).T
+    image_shift = np.floor(fractional + WRAP_TOLERANCE).astype(np.int64)
+    image_shift[:, ~pbc] = 0
+    wrapped = positions - image_shift @ cell_reduced
+    return CanonicalForm(wrapped, cell_reduced, transform, image_shift)

@@ -1,0 +1,1 @@
+"""Command-line interface: one entry point (``e3relax-ase``), one module per subcommand."""

@@ -1,0 +1,77 @@
+"""Evaluation metrics (METHOD.md, paper section 4.9), always reported next to the Dummy baseline.
+
+Dummy returns the input unchanged, so its metrics are those of the unrelaxed structure.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from e3relax_ase.loss import align_to_target
+from e3relax_ase.nn.scatter import scatter_mean
+
+# StructureMatcher settings of the paper.
+MATCHER_SETTINGS = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
+
+
+def structure_errors(
+    positions_pred: torch.Tensor,
+    cell_pred: torch.Tensor,
+    positions_target: torch.Tensor,
+    cell_target: torch.Tensor,
+    batch: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Per-structure errors of a batch (vectorised; no loop over crystals).
+
+    Args:
+        positions_pred, positions_target: [n_atoms, 3] Å.
+        cell_pred, cell_target: [n_graphs, 3, 3] rows.
+        batch: [n_atoms].
+
+    Returns:
+        Dict of [n_graphs] tensors: ``coord_mae`` (Å, periodic alignment as in PACD),
+        ``cell_shape`` (Å^2, Frobenius norm of G_pred - G_true with G = L L^T),
+        ``volume_abs`` (Å^3, |det L_pred - det L_true|).
+    """
+    n_graphs = cell_target.shape[0]
+    aligned = align_to_target(positions_pred, positions_target, cell_target, batch)
+    coord = scatter_mean((aligned - positions_target).abs().mean(-1), batch, n_graphs)
+    metric_pred = cell_pred @ cell_pred.transpose(-1, -2)
+    metric_true = cell_target @ cell_target.transpose(-1, -2)
+    shape = torch.linalg.matrix_norm(metric_pred - metric_true)
+    volume = (torch.linalg.det(cell_pred) - torch.linalg.det(cell_target)).abs()
+    return {"coord_mae": coord, "cell_shape": shape, "volume_abs": volume}
+
+
+def structures_match(
+    numbers: np.ndarray, positions_a: np.ndarray, cell_a: np.ndarray, positions_b: np.ndarray, cell_b: np.ndarray
+) -> bool:
+    """pymatgen StructureMatcher (ltol 0.2, stol 0.3, angle_tol 5) between two crystals."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Lattice, Structure
+
+    matcher = StructureMatcher(**MATCHER_SETTINGS)
+    a = Structure(Lattice(cell_a), numbers, positions_a, coords_are_cartesian=True)
+    b = Structure(Lattice(cell_b), numbers, positions_b, coords_are_cartesian=True)
+    return bool(matcher.fit(a, b))
+
+
+def match_rate(numbers_list: Sequence[np.ndarray], pred: Sequence[tuple], target: Sequence[tuple]) -> float:
+    """Fraction of crystals whose prediction matches the relaxed structure.
+
+    Args:
+        numbers_list: per crystal, atomic numbers.
+        pred, target: per crystal, (positions [n, 3], cell [3, 3]).
+    """
+    if not numbers_list:
+        return float("nan")
+    hits = [structures_match(n, p[0], p[1], t[0], t[1]) for n, p, t in zip(numbers_list, pred, target)]
+    return float(np.mean(hits))
+
+
+def summarize(errors: dict[str, torch.Tensor | np.ndarray]) -> dict[str, float]:
+    """Mean over structures of each per-structure error."""
+    return {name: float(np.mean(np.asarray(torch.as_tensor(values).detach().cpu()))) for name, values in errors.items()}

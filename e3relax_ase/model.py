@@ -1,0 +1,117 @@
+"""E3Relax-H2: predicts the relaxed positions and cell of crystals in one forward pass.
+
+The network is a pure function of a batched ``CrystalGraph``: no file IO, no ASE, no
+neighbour search and no device picking happen here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from e3relax_ase.config import ModelConfig
+from e3relax_ase.graph import CrystalGraph, edge_vectors
+from e3relax_ase.nn.broadcast import LatticeToAtom
+from e3relax_ase.nn.h2mp import H2MessagePassing
+from e3relax_ase.nn.lattice import AtomToLattice, LatticeMixing
+from e3relax_ase.nn.scatter import scatter_mean
+from e3relax_ase.nn.self_interaction import SelfInteraction
+
+
+class ModelOutput(NamedTuple):
+    """Every layer's intermediate structure; index -1 is the prediction."""
+
+    positions: torch.Tensor  # [n_layers, n_atoms, 3] Å
+    cell: torch.Tensor  # [n_layers, n_graphs, 3, 3] rows are lattice vectors, Å
+
+
+class InteractionLayer(nn.Module):
+    """One layer: broadcast, H2-MP, self-interaction, lattice updates, structure update."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        f = config.num_channels
+        self.positions_follow_cell = config.positions_follow_cell
+        self.broadcast = LatticeToAtom(f, config.num_lattice_rbf, config.lattice_rbf_range)
+        self.message_passing = H2MessagePassing(
+            f, config.num_rbf, config.cutoff, config.envelope_exponent, config.l_max, config.avg_num_neighbors
+        )
+        self.self_interaction = SelfInteraction(f)
+        self.atom_to_lattice = AtomToLattice(f, config.num_lattice_rbf, config.lattice_rbf_range)
+        self.lattice_mixing = LatticeMixing()
+        # Bias-free heads F -> 1: W_p turns atom vectors into displacements, W_l turns axis c's
+        # vectors into the displacement of lattice vector c (a ROW of the cell).
+        self.w_position = nn.Parameter(torch.randn(f) * config.output_init_scale)
+        self.w_lattice = nn.Parameter(torch.randn(f) * config.output_init_scale)
+
+    def lattice_step(self, u: torch.Tensor) -> torch.Tensor:
+        """[n_graphs, 3, F, 3] -> [n_graphs, 3, 3]: axis c's displacement becomes ROW c of the cell."""
+        return torch.einsum("gcfx,f->gcx", u, self.w_lattice.to(u.dtype))
+
+    def forward(self, graph: CrystalGraph, state: dict) -> dict:
+        h, v, s, u = state["h"], state["v"], state["s"], state["u"]
+        positions, cell = state["positions"], state["cell"]
+        h, v, u = self.broadcast(h, v, s, u, positions, cell, graph.batch, graph.n_graphs)
+        m, mv = self.message_passing(h, v, edge_vectors(graph, positions, cell), graph.edge_src, graph.edge_dst)
+        h, v = self.self_interaction(h, v, m, mv)
+        s, u = self.atom_to_lattice(h, v, s, u, cell, graph.batch)
+        s, u = self.lattice_mixing(s, u)
+
+        lattice_step = self.lattice_step(u)
+        # A vacuum (non-periodic) axis is never stretched or turned.
+        lattice_step = lattice_step * graph.pbc.unsqueeze(-1).to(lattice_step.dtype)
+        new_cell = cell + lattice_step
+        if self.positions_follow_cell:
+            # Carry atoms with the cell: keep fractional coordinates relative to the centroid
+            # (r - c) L^-1 L' + c; the centroid keeps it translation equivariant.
+            deformation = torch.linalg.solve(cell, new_cell)  # [n_graphs, 3, 3] = L^-1 L'
+            centroid = scatter_mean(positions, graph.batch, graph.n_graphs)[graph.batch]
+            positions = centroid + torch.einsum("nx,nxy->ny", positions - centroid, deformation[graph.batch])
+        positions = positions + torch.einsum("nfx,f->nx", v, self.w_position.to(v.dtype))
+        return {"h": h, "v": v, "s": s, "u": u, "positions": positions, "cell": new_cell}
+
+
+class E3RelaxH2(nn.Module):
+    """The E3Relax-H2 network (shared/docs/METHOD.md) with every hyperparameter in ``config``."""
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config or ModelConfig()
+        f = self.config.num_channels
+        self.atom_embedding = nn.Embedding(self.config.max_atomic_number + 1, f)
+        self.axis_embedding = nn.Embedding(3, f)
+        self.layers = nn.ModuleList([InteractionLayer(self.config) for _ in range(self.config.num_layers)])
+
+    def forward(self, graph: CrystalGraph) -> ModelOutput:
+        """Predict every layer's structure for a batch of crystals.
+
+        Args:
+            graph: batched crystals; positions should be wrapped into the cell and the cell
+                reduced (``e3relax_ase.canonical`` does both) for the prediction to be
+                invariant to how the input is written.
+
+        Returns:
+            ModelOutput with positions [T, n_atoms, 3] and cell [T, n_graphs, 3, 3].
+        """
+        dtype = graph.positions.dtype
+        n_atoms, f = graph.positions.shape[0], self.config.num_channels
+        axis = torch.arange(3, device=graph.positions.device)
+        state = {
+            "h": self.atom_embedding(graph.numbers).to(dtype),
+            "v": graph.positions.new_zeros(n_atoms, f, 3),
+            "s": self.axis_embedding(axis).to(dtype).unsqueeze(0).expand(graph.n_graphs, -1, -1),
+            "u": graph.positions.new_zeros(graph.n_graphs, 3, f, 3),
+            "positions": graph.positions,
+            "cell": graph.cell,
+        }
+        positions, cells = [], []
+        for layer in self.layers:
+            state = layer(graph, state)
+            positions.append(state["positions"])
+            cells.append(state["cell"])
+        return ModelOutput(torch.stack(positions), torch.stack(cells))
+
+    def count_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,78 @@
+"""H2-MP: high-degree, high-order message passing between atoms (METHOD.md, layer step 2)."""
+
+from __future__ import annotations
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from e3relax_ase.nn.mlp import MLP, safe_norm
+from e3relax_ase.nn.radial import GaussianBasis, PolynomialEnvelope
+from e3relax_ase.nn.scatter import scatter_sum
+
+
+class H2MessagePassing(nn.Module):
+    """Atom-atom messages gated by many-body angular invariants.
+
+    Each atom's local reference direction is the envelope-weighted sum of its incoming edge
+    directions. For each edge and each degree l <= l_max the invariant
+    z_l = sum_m Y_lm(edge direction) Y_lm(reference) compares the edge with the whole
+    neighbourhood. The reference is soft-normalised, ref = s / sqrt(|s|^2 + 1), and the
+    harmonics are the unnormalised (polynomial) ones, so z_l scales as |ref|^l: in a site
+    whose incoming directions cancel (a centrosymmetric site) the reference direction is
+    undefined, and z_l for l >= 1 then fades to zero instead of jumping with rounding noise.
+    """
+
+    def __init__(self, channels: int, num_rbf: int, cutoff: float, envelope_exponent: int, l_max: int, avg_num_neighbors: float):
+        super().__init__()
+        self.l_max = l_max
+        self.irreps = o3.Irreps.spherical_harmonics(l_max)
+        self.rbf = GaussianBasis(0.0, cutoff, num_rbf)
+        self.envelope = PolynomialEnvelope(cutoff, envelope_exponent)
+        self.norm_invariants = nn.LayerNorm(l_max + 1)
+        self.gate = MLP([l_max + 1, channels, channels])
+        # Bias-free so that a zero envelope gives an exactly zero message.
+        self.radial = MLP([num_rbf, channels, channels], bias=False)
+        self.phi_h = nn.Linear(channels, channels)
+        self.phi_m = nn.Linear(channels, channels, bias=False)
+        self.phi_hv = nn.Linear(channels, channels, bias=False)
+        self.phi_rv = nn.Linear(channels, channels, bias=False)
+        self.inv_avg_neighbors = 1.0 / avg_num_neighbors
+
+    def invariants(self, edge_dir: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """[n_edges, 3] x [n_edges, 3] -> [n_edges, l_max + 1] of sum_m Y_lm(a) Y_lm(b)."""
+        y_edge = o3.spherical_harmonics(self.irreps, edge_dir, normalize=False, normalization="component")
+        y_ref = o3.spherical_harmonics(self.irreps, reference, normalize=False, normalization="component")
+        product = y_edge * y_ref  # [n_edges, (l_max + 1)^2]
+        degree_index = torch.cat(
+            [torch.full((2 * l + 1,), l, dtype=torch.long, device=product.device) for l in range(self.l_max + 1)]
+        )
+        return product.new_zeros(product.shape[0], self.l_max + 1).index_add_(1, degree_index, product)
+
+    def forward(self, h, v, edge_vec, edge_src, edge_dst):
+        """
+        Args:
+            h: [n_atoms, F]; v: [n_atoms, F, 3].
+            edge_vec: [n_edges, 3] from receiver to sender image (keys.py convention).
+            edge_src, edge_dst: [n_edges].
+
+        Returns:
+            (m [n_atoms, F] scalar aggregate, mv [n_atoms, F, 3] vector aggregate).
+        """
+        n_atoms = h.shape[0]
+        distance = safe_norm(edge_vec)  # [n_edges]
+        edge_dir = edge_vec / distance.unsqueeze(-1)
+        envelope = self.envelope(distance)  # [n_edges]
+
+        summed = scatter_sum(envelope.unsqueeze(-1) * edge_dir, edge_dst, n_atoms)  # [n_atoms, 3]
+        reference = summed / torch.sqrt(summed.square().sum(-1, keepdim=True) + 1.0)
+        z = self.invariants(edge_dir, reference[edge_dst])  # [n_edges, l_max + 1]
+        gate = torch.tanh(self.gate(self.norm_invariants(z)))  # [n_edges, F]
+
+        radial = envelope.unsqueeze(-1) * self.radial(self.rbf(distance) * envelope.unsqueeze(-1))
+        message = gate * self.phi_h(h)[edge_src] * radial  # [n_edges, F]
+
+        m = scatter_sum(self.phi_m(message), edge_dst, n_atoms) * self.inv_avg_neighbors
+        vector_message = self.phi_hv(message).unsqueeze(-1) * v[edge_src] + self.phi_rv(message).unsqueeze(-1) * edge_dir.unsqueeze(1)
+        mv = scatter_sum(vector_message, edge_dst, n_atoms) * self.inv_avg_neighbors  # [n_atoms, F, 3]
+        return m, mv

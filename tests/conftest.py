@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+import torch
+
+from e3relax_ase.testing import random_crystal, tiny_model
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def model():
+    return tiny_model(seed=0)
+
+
+@pytest.fixture
+def crystal(rng):
+    return random_crystal(rng, n_atoms=6)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    torch.manual_seed(0)

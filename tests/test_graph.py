@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, fcc111
+
+from e3relax_ase.graph import build_graph, cap_neighbors, edge_vectors, neighbor_edges
+
+
+def _edges(atoms, cutoff=6.0, k=50, dtype=torch.float64):
+    return neighbor_edges(
+        torch.tensor(atoms.positions, dtype=dtype), torch.tensor(atoms.cell.array, dtype=dtype), torch.tensor(atoms.pbc), cutoff, k
+    )
+
+
+def test_edge_vectors_follow_convention_and_lengths_within_cutoff():
+    atoms = bulk("NaCl", "rocksalt", a=5.64) * (2, 1, 1)
+    atoms.rattle(0.05, seed=0)
+    src, dst, shift = _edges(atoms)
+    pos = atoms.positions
+    vec = pos[src] + shift.numpy() @ atoms.cell.array - pos[dst]
+    length = np.linalg.norm(vec, axis=1)
+    assert length.max() <= 6.0 and length.min() > 1.0
+    # Compare with ASE's independent neighbour list (same cutoff, no cap binding at K = 500).
+    from ase.neighborlist import neighbor_list
+
+    i, j, S = neighbor_list("ijS", atoms, 6.0)
+    src_all, dst_all, shift_all = _edges(atoms, k=500)
+    ours = sorted(zip(dst_all.tolist(), src_all.tolist(), map(tuple, shift_all.long().tolist())))
+    theirs = sorted(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))
+    assert ours == theirs
+
+
+def test_self_images_kept_true_self_pair_dropped():
+    atoms = bulk("Cu", "fcc", a=3.6)  # one atom: every neighbour is an image of itself
+    src, dst, shift = _edges(atoms, k=500)
+    assert len(src) > 0 and bool((src == dst).all())
+    assert not bool(((shift == 0).all(dim=1)).any())
+
+
+def test_neighbor_cap_keeps_whole_shell():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)  # 12 nearest at equal distance
+    for k in (1, 5, 12):
+        src, dst, _ = _edges(atoms, k=k)
+        assert torch.bincount(dst).tolist() == [12] * 4
+    src, dst, _ = _edges(atoms, k=13)  # the second shell (6 at a) joins whole
+    assert torch.bincount(dst).tolist() == [18] * 4
+
+
+def test_cap_neighbors_deterministic_rule():
+    dst = torch.tensor([0, 0, 0, 0, 1, 1])
+    dist = torch.tensor([1.0, 2.0, 2.00005, 3.0, 1.0, 1.5], dtype=torch.float64)
+    keep = cap_neighbors(dst, dist, 2, 2)
+    assert keep.tolist() == [True, True, True, False, True, True]
+
+
+def test_symmetric_crystal_gives_symmetric_graph_in_any_atom_order():
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    counts = torch.bincount(_edges(atoms, k=10)[1]).tolist()
+    assert len(set(counts)) == 1
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    counts_perm = torch.bincount(_edges(atoms[perm], k=10)[1]).tolist()
+    assert counts_perm == counts
+
+
+def test_slab_has_no_edges_across_vacuum():
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=2.5)  # vacuum gap 5 Å < cutoff
+    slab.pbc = [True, True, False]
+    src, dst, shift = _edges(slab)
+    assert (shift[:, 2] == 0).all()
+    slab.pbc = True
+    src, dst, shift = _edges(slab)
+    assert (shift[:, 2] != 0).any()
+
+
+def test_batch_graph_offsets_and_edge_vectors():
+    a = bulk("Si", "diamond", a=5.43)
+    b = bulk("NaCl", "rocksalt", a=5.64)
+    graph = build_graph(
+        [torch.tensor(x.numbers) for x in (a, b)],
+        [torch.tensor(x.positions) for x in (a, b)],
+        [torch.tensor(x.cell.array) for x in (a, b)],
+        [torch.tensor(x.pbc) for x in (a, b)],
+        6.0,
+        50,
+    )
+    assert graph.n_graphs == 2 and graph.batch.tolist() == [0, 0, 1, 1]
+    assert bool((graph.batch[graph.edge_src] == graph.batch[graph.edge_dst]).all())
+    vec = edge_vectors(graph, graph.positions, graph.cell)
+    assert float(vec.norm(dim=1).max()) <= 6.0
+    single = _edges(b)
+    n_a = int((graph.batch[graph.edge_dst] == 0).sum())
+    assert torch.equal(graph.edge_src[n_a:] - 2, single[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graph_dtype_preserved(dtype):
+    atoms = bulk("Al", "fcc", a=4.05)
+    src, dst, shift = _edges(atoms, dtype=dtype)
+    assert shift.dtype == dtype
