@@ -64,7 +64,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 def _versions() -> dict:
     import e3nn
 
-    return {"e3relax_ase": __version__, "torch": torch.__version__, "e3nn": e3nn.__version__, "python": platform.python_version()}
+    return {"e3relax_ase": __version__, "torch": str(torch.__version__), "e3nn": str(e3nn.__version__), "python": platform.python_version()}
 
 
 def save_checkpoint(path: str | os.PathLike, model: E3RelaxH2, metadata: dict | None = None) -> str:
@@ -92,6 +92,7 @@ def save_checkpoint(path: str | os.PathLike, model: E3RelaxH2, metadata: dict | 
     try:
         with os.fdopen(handle, "wb") as stream:
             torch.save(payload, stream)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -38,7 +38,7 @@ def random_crystal(
         fractional = []
         for _ in range(200 * n_atoms):
             candidate = rng.uniform(0.02, 0.98, size=3)
-            if all(_periodic_distance(candidate, f, cell) >= min_distance for f in fractional):
+            if not fractional or _min_periodic_distance(candidate, np.asarray(fractional), cell) >= min_distance:
                 fractional.append(candidate)
             if len(fractional) == n_atoms:
                 break
@@ -49,11 +49,15 @@ def random_crystal(
     raise RuntimeError("could not place atoms; lower min_distance")
 
 
-def _periodic_distance(fa, fb, cell) -> float:
-    diff = fa - fb
+_IMAGES = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)])
+
+
+def _min_periodic_distance(candidate, fractional, cell) -> float:
+    """Shortest distance from ``candidate`` [3] to any of ``fractional`` [m, 3] or their images."""
+    diff = candidate - fractional
     diff -= np.round(diff)
-    images = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)])
-    return float(np.min(np.linalg.norm((diff + images) @ cell, axis=1)))
+    vectors = (diff[:, None, :] + _IMAGES[None]) @ cell  # [m, 27, 3]
+    return float(np.sqrt((vectors**2).sum(-1).min()))
 
 
 def tiny_model(seed: int = 0, config: ModelConfig = TINY_CONFIG, dtype=torch.float64) -> E3RelaxH2:

@@ -4,6 +4,10 @@ import torch
 
 from e3relax_ase.testing import random_crystal, tiny_model
 
+# Test tensors are tiny: one thread avoids OpenMP spin-waiting on a busy 2-core machine, which
+# made single forward passes 100x slower here, and keeps CPU results bitwise reproducible.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def rng():

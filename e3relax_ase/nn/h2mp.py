@@ -26,7 +26,8 @@ class H2MessagePassing(nn.Module):
     def __init__(self, channels: int, num_rbf: int, cutoff: float, envelope_exponent: int, l_max: int, avg_num_neighbors: float):
         super().__init__()
         self.l_max = l_max
-        self.irreps = o3.Irreps.spherical_harmonics(l_max)
+        # Built once: e3nn's functional form rebuilds (and re-traces) the module on every call.
+        self.harmonics = o3.SphericalHarmonics(o3.Irreps.spherical_harmonics(l_max), normalize=False, normalization="component")
         self.rbf = GaussianBasis(0.0, cutoff, num_rbf)
         self.envelope = PolynomialEnvelope(cutoff, envelope_exponent)
         self.norm_invariants = nn.LayerNorm(l_max + 1)
@@ -41,8 +42,8 @@ class H2MessagePassing(nn.Module):
 
     def invariants(self, edge_dir: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """[n_edges, 3] x [n_edges, 3] -> [n_edges, l_max + 1] of sum_m Y_lm(a) Y_lm(b)."""
-        y_edge = o3.spherical_harmonics(self.irreps, edge_dir, normalize=False, normalization="component")
-        y_ref = o3.spherical_harmonics(self.irreps, reference, normalize=False, normalization="component")
+        y_edge = self.harmonics(edge_dir)
+        y_ref = self.harmonics(reference)
         product = y_edge * y_ref  # [n_edges, (l_max + 1)^2]
         degree_index = torch.cat(
             [torch.full((2 * l + 1,), l, dtype=torch.long, device=product.device) for l in range(self.l_max + 1)]

@@ -1,0 +1,100 @@
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from e3relax_ase.checkpoint import FORMAT_VERSION, CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from e3relax_ase.predict import CrystalArrays, predict
+from e3relax_ase.testing import tiny_model
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_round_trip_keeps_config_weights_metadata(tmp_path):
+    model = tiny_model(seed=3)
+    path = tmp_path / "m.pt"
+    sha = save_checkpoint(path, model, {"name": "x", "training_data": "none", "metrics": {"coord_mae": 0.1}})
+    loaded, info = load_checkpoint(path)
+    assert sha == info.sha256 == file_sha256(path)
+    assert info.config == model.config
+    assert info.metadata["metrics"]["coord_mae"] == 0.1
+    assert {"e3relax_ase", "torch", "e3nn", "python"} <= set(info.versions)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_golden_checkpoint_reproduces_reference_outputs():
+    reference = json.loads((DATA / "golden_tiny_reference.json").read_text())
+    model, info = load_checkpoint(DATA / "golden_tiny.pt", expected_sha256=reference["sha256"])
+    model = model.double()
+    crystals = [
+        CrystalArrays(np.array(c["numbers"]), np.array(c["positions"]), np.array(c["cell"]), np.ones(3, dtype=bool))
+        for c in reference["inputs"]
+    ]
+    for prediction, positions, cell in zip(predict(model, crystals, dtype=torch.float64), reference["positions"], reference["cell"]):
+        np.testing.assert_allclose(prediction.positions[-1], positions, atol=1e-10)
+        np.testing.assert_allclose(prediction.cell[-1], cell, atol=1e-10)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /tmp/e3relax_pwned",))
+
+
+def test_malicious_pickle_is_refused_not_run(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": "e3relax-ase-checkpoint", "payload": _Payload()}, handle)
+    Path("/tmp/e3relax_pwned").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="could not be loaded"):
+        load_checkpoint(path)
+    assert not Path("/tmp/e3relax_pwned").exists()
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    data = (DATA / "golden_tiny.pt").read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="could not be loaded"):
+        load_checkpoint(path)
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "bare.pt"
+    torch.save(tiny_model().state_dict(), path)  # a bare state dict, as upstream ships
+    with pytest.raises(CheckpointError, match="not an e3relax-ase checkpoint"):
+        load_checkpoint(path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = tmp_path / "future.pt"
+    payload = torch.load(DATA / "golden_tiny.pt", weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="newer than this e3relax-ase reads"):
+        load_checkpoint(path)
+
+
+def test_weights_not_fitting_config_are_refused(tmp_path):
+    path = tmp_path / "mismatch.pt"
+    payload = torch.load(DATA / "golden_tiny.pt", weights_only=True)
+    payload["config"]["num_channels"] = 32
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="does not fit its own config"):
+        load_checkpoint(path)
+
+
+def test_sha256_mismatch_names_both_hashes():
+    with pytest.raises(CheckpointError, match="expected 0+, found [0-9a-f]{64}"):
+        load_checkpoint(DATA / "golden_tiny.pt", expected_sha256="0" * 64)
+
+
+def test_unknown_name_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="neither a registered name"):
+        load_checkpoint("no-such-model")

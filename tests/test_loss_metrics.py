@@ -1,0 +1,76 @@
+import numpy as np
+import torch
+
+from e3relax_ase.loss import align_to_target, lattice_loss, pacd_loss, relaxation_loss
+from e3relax_ase.metrics import match_rate, structure_errors
+from e3relax_ase.model import ModelOutput
+
+
+def _batch(rng, sizes=(3, 5)):
+    cells = torch.tensor(np.stack([np.diag(rng.uniform(4, 6, 3)) + rng.normal(0, 0.3, (3, 3)) for _ in sizes]))
+    batch = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    frac = torch.tensor(rng.uniform(0, 1, (sum(sizes), 3)))
+    positions = torch.einsum("nx,nxy->ny", frac, cells[batch])
+    return positions, cells, batch
+
+
+def test_pacd_is_zero_for_truth_and_blind_to_lattice_translations(rng):
+    positions, cells, batch = _batch(rng)
+    assert pacd_loss(positions, positions, cells, batch).item() == 0.0
+    shifted = positions.clone()
+    shifted[1] += cells[0, 2] - cells[0, 0]
+    shifted[4] -= cells[1, 1]
+    assert pacd_loss(shifted, positions, cells, batch).item() < 1e-12
+
+
+def test_pacd_matches_per_atom_loop_and_is_l1(rng):
+    positions, cells, batch = _batch(rng)
+    pred = positions + torch.tensor(rng.normal(0, 0.3, positions.shape))
+    expected = []
+    for i in range(len(pred)):
+        images = [pred[i] + torch.tensor([a, b, c], dtype=pred.dtype) @ cells[batch[i]] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)]
+        best = min(images, key=lambda x: float((x - positions[i]).norm()))
+        expected.append((best - positions[i]).abs())
+    assert torch.allclose(pacd_loss(pred, positions, cells, batch), torch.stack(expected).mean())
+
+
+def test_pacd_gradient_flows_through_aligned_coordinate(rng):
+    positions, cells, batch = _batch(rng)
+    pred = (positions + 0.1).requires_grad_()
+    pacd_loss(pred, positions, cells, batch).backward()
+    assert torch.allclose(pred.grad, torch.full_like(pred, 1.0 / pred.numel()))
+
+
+def test_relaxation_loss_sums_layers_with_weights(rng):
+    positions, cells, batch = _batch(rng)
+    layers = ModelOutput(torch.stack([positions + 0.2, positions + 0.1]), torch.stack([cells + 0.3, cells]))
+    total, parts = relaxation_loss(layers, positions, cells, batch, layer_weights=[0.5, 1.0])
+    expected = 0.5 * (0.2 + 0.3) + 1.0 * (0.1 + 0.0)
+    assert abs(total.item() - expected) < 1e-9
+    assert abs(parts["pacd"] - 0.1) < 1e-9 and parts["lattice"] == 0.0
+
+
+def test_structure_errors_against_hand_values(rng):
+    positions, cells, batch = _batch(rng, sizes=(4,))
+    scaled = cells * 1.1
+    errors = structure_errors(positions + 0.05, scaled, positions, cells, batch)
+    assert abs(errors["coord_mae"].item() - 0.05) < 1e-9
+    volume = torch.linalg.det(cells).abs()
+    assert abs(errors["volume_abs"].item() - (1.331 - 1) * volume.item()) < 1e-6
+    g = cells[0] @ cells[0].T
+    assert abs(errors["cell_shape"].item() - torch.linalg.matrix_norm(1.21 * g - g).item()) < 1e-6
+
+
+def test_match_rate_identity_and_mismatch():
+    from ase.build import bulk
+
+    a = bulk("NaCl", "rocksalt", a=5.64)
+    numbers = a.numbers
+    same = (a.positions, a.cell.array)
+    # StructureMatcher rescales volume (as in the paper), so a uniform squash still matches;
+    # a 30 % shear does not.
+    squashed = (a.positions * 0.8, a.cell.array * 0.8)
+    shear = np.eye(3) + np.array([[0, 0.3, 0], [0, 0, 0], [0, 0, 0]])
+    sheared = (a.positions @ shear, a.cell.array @ shear)
+    assert match_rate([numbers, numbers], [same, squashed], [same, same]) == 1.0
+    assert match_rate([numbers], [sheared], [same]) == 0.0
