@@ -1,0 +1,55 @@
+"""``e3relax-ase train CONFIG.yaml``: train or resume a run; optionally export a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command("train")
+@click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
+@click.option("--export", "export_path", type=click.Path(dir_okay=False), help="Write the best EMA weights as a checkpoint here.")
+@click.option("--name", default=None, help="Checkpoint name stored in its metadata (with --export).")
+@click.option("--time-budget", type=float, default=None, help="Minutes; stop cleanly at an epoch boundary (resume later).")
+def train(config_path, device, export_path, name, time_budget):
+    """Train E3Relax-H2 from a YAML config; re-running the same command resumes.
+
+    Under torchrun, each process trains on its shard with DistributedDataParallel and rank 0
+    writes the log and the checkpoints.
+    """
+    import dataclasses
+    import os
+
+    import torch
+
+    from e3relax_ase.cli.main import configure_logging
+    from e3relax_ase.training.config import TrainConfig
+    from e3relax_ase.training.trainer import export_checkpoint, train as run_training
+
+    configure_logging(1)
+    try:
+        config = TrainConfig.from_yaml(config_path)
+    except (ValueError, TypeError) as exc:
+        raise click.ClickException(f"{config_path}: {exc}") from None
+    if time_budget is not None:
+        config = dataclasses.replace(config, time_budget_minutes=time_budget)
+    distributed = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        torch.distributed.init_process_group(backend)
+    try:
+        summary = run_training(config, device=device)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if export_path and (not distributed or int(os.environ.get("RANK", "0")) == 0):
+        sha = export_checkpoint(config.out_dir, export_path, {"name": name or os.path.splitext(os.path.basename(export_path))[0]})
+        summary["exported"] = {"path": export_path, "sha256": sha}
+    click.echo(json.dumps(summary, indent=2, default=str), file=sys.stdout)

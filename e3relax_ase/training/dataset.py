@@ -1,0 +1,144 @@
+"""Training pairs prepared once for fast batching: canonical inputs, aligned targets, edges.
+
+Preparation does, per pair and once: the canonical form of the unrelaxed crystal (Niggli
+reduction + wrapping, exactly as at inference), the relaxed crystal written in the same basis
+with each atom on the periodic image nearest (in fractional coordinates) to its input, and
+the neighbour edges of the input. Batching is then pure tensor indexing, on the GPU if the
+tensors live there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from e3relax_ase.canonical import canonicalize
+from e3relax_ase.graph import CrystalGraph, neighbor_edges
+
+
+@dataclass
+class PreparedPairs:
+    """Flat tensors of many prepared pairs (offsets give each pair's atom and edge ranges)."""
+
+    numbers: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N, 3] canonical unrelaxed positions, Å
+    positions_target: torch.Tensor  # [N, 3] relaxed, same basis, nearest images, Å
+    cell: torch.Tensor  # [n, 3, 3] reduced unrelaxed cell
+    cell_target: torch.Tensor  # [n, 3, 3] relaxed cell in the same basis
+    pbc: torch.Tensor  # [n, 3] bool
+    atom_offsets: torch.Tensor  # [n + 1] int64
+    edge_src: torch.Tensor  # [E] int64, local to its pair
+    edge_dst: torch.Tensor  # [E] int64, local to its pair
+    edge_shift: torch.Tensor  # [E, 3]
+    edge_offsets: torch.Tensor  # [n + 1] int64
+
+    def __len__(self) -> int:
+        return self.cell.shape[0]
+
+    def to(self, device) -> "PreparedPairs":
+        return PreparedPairs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def batch(self, indices: torch.Tensor) -> tuple[CrystalGraph, torch.Tensor, torch.Tensor]:
+        """Collate pairs ``indices`` [b] into (graph, positions_target, cell_target)."""
+        device = self.numbers.device
+        indices = indices.to(device)
+        atom_counts = self.atom_offsets[indices + 1] - self.atom_offsets[indices]
+        edge_counts = self.edge_offsets[indices + 1] - self.edge_offsets[indices]
+        atom_index = _ranges(self.atom_offsets[indices], atom_counts)
+        edge_index = _ranges(self.edge_offsets[indices], edge_counts)
+        new_atom_start = torch.cumsum(atom_counts, 0) - atom_counts
+        edge_base = torch.repeat_interleave(new_atom_start, edge_counts)
+        graph = CrystalGraph(
+            numbers=self.numbers[atom_index],
+            positions=self.positions[atom_index],
+            cell=self.cell[indices],
+            pbc=self.pbc[indices],
+            batch=torch.repeat_interleave(torch.arange(len(indices), device=device), atom_counts),
+            n_atoms=atom_counts,
+            edge_src=self.edge_src[edge_index] + edge_base,
+            edge_dst=self.edge_dst[edge_index] + edge_base,
+            edge_shift=self.edge_shift[edge_index],
+        )
+        return graph, self.positions_target[atom_index], self.cell_target[indices]
+
+
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Concatenation of arange(start, start + count) for each pair, without a Python loop."""
+    total = int(counts.sum())
+    begin = torch.cumsum(counts, 0) - counts
+    return torch.repeat_interleave(starts - begin, counts) + torch.arange(total, device=starts.device)
+
+
+def align_target(positions_input, cell_input, positions_target, cell_target, transform, pbc, center: bool = True):
+    """The relaxed structure in the input's reduced basis, each atom on the image nearest its input.
+
+    Args:
+        positions_input: [n, 3] canonical (wrapped) input positions.
+        cell_input: [3, 3] reduced input cell.
+        positions_target, cell_target: the relaxed structure in the caller's basis.
+        transform: [3, 3] int, reduced = transform @ caller's cell.
+        pbc: [3] bool.
+        center: remove the rigid translation (see Returns).
+
+    Returns:
+        (positions [n, 3], cell [3, 3]) of the relaxed structure, with ``center`` translated rigidly so that
+        its centroid is the input's: DFT codes deform the cell about the cell origin, which
+        adds a uniform translation that no translation-equivariant model can (or should)
+        predict.
+    """
+    cell = transform @ cell_target
+    fractional_input = np.linalg.solve(cell_input.T, positions_input.T).T
+    fractional_target = np.linalg.solve(cell.T, positions_target.T).T
+    shift = np.round(fractional_target - fractional_input)
+    shift[:, ~pbc] = 0
+    aligned = positions_target - shift @ cell
+    if center:
+        aligned = aligned - (aligned - positions_input).mean(axis=0)
+    return aligned, cell
+
+
+def prepare_pairs(pairset, cutoff: float, max_neighbors: int, dtype=torch.float32, center_targets: bool = True) -> PreparedPairs:
+    """Canonicalise, align and build the edges of every pair of a ``PairSet`` (CPU, once).
+
+    ``center_targets=False`` keeps the relaxed structure's own translation (for the paper's
+    coordinate metric, which counts it as error).
+    """
+    numbers, positions, targets, cells, cell_targets, pbcs = [], [], [], [], [], []
+    srcs, dsts, shifts, edge_counts = [], [], [], []
+    for k in range(len(pairset)):
+        atoms = slice(pairset.offsets[k], pairset.offsets[k + 1])
+        pbc = np.asarray(pairset.pbc[k], dtype=bool)
+        form = canonicalize(pairset.pos_unrelaxed[atoms], pairset.cell_unrelaxed[k], pbc)
+        target_positions, target_cell = align_target(
+            form.positions, form.cell, pairset.pos_relaxed[atoms], pairset.cell_relaxed[k], form.transform, pbc, center_targets
+        )
+        src, dst, shift = neighbor_edges(
+            torch.as_tensor(form.positions), torch.as_tensor(form.cell), torch.as_tensor(pbc), cutoff, max_neighbors
+        )
+        numbers.append(pairset.numbers[atoms])
+        positions.append(form.positions)
+        targets.append(target_positions)
+        cells.append(form.cell)
+        cell_targets.append(target_cell)
+        pbcs.append(pbc)
+        srcs.append(src)
+        dsts.append(dst)
+        shifts.append(shift)
+        edge_counts.append(len(src))
+    atom_offsets = np.concatenate([[0], np.cumsum([len(n) for n in numbers])])
+    edge_offsets = np.concatenate([[0], np.cumsum(edge_counts)])
+    return PreparedPairs(
+        numbers=torch.as_tensor(np.concatenate(numbers), dtype=torch.long),
+        positions=torch.as_tensor(np.concatenate(positions), dtype=dtype),
+        positions_target=torch.as_tensor(np.concatenate(targets), dtype=dtype),
+        cell=torch.as_tensor(np.stack(cells), dtype=dtype),
+        cell_target=torch.as_tensor(np.stack(cell_targets), dtype=dtype),
+        pbc=torch.as_tensor(np.stack(pbcs)),
+        atom_offsets=torch.as_tensor(atom_offsets, dtype=torch.long),
+        edge_src=torch.cat(srcs),
+        edge_dst=torch.cat(dsts),
+        edge_shift=torch.cat(shifts).to(dtype),
+        edge_offsets=torch.as_tensor(edge_offsets, dtype=torch.long),
+    )

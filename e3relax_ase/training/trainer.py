@@ -1,0 +1,276 @@
+"""The training loop: small functions, exact resume, a wall-time budget, DDP-ready.
+
+train() -> train_one_epoch() -> take_step(); evaluate() on the EMA weights after each epoch.
+The full training state is written atomically at the end of every epoch, and the data order
+of epoch e is drawn from a generator seeded with (seed, e), so a run interrupted at any epoch
+boundary and resumed gives bit-identical weights to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from e3relax_ase.checkpoint import save_checkpoint
+from e3relax_ase.loss import relaxation_loss
+from e3relax_ase.metrics import structure_errors
+from e3relax_ase.model import E3RelaxH2
+from e3relax_ase.training.config import TrainConfig
+from e3relax_ase.training.dataset import PreparedPairs, prepare_pairs
+from e3relax_ase.training.pairs import PairSet, load_pairs
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+LOG_FILE = "log.csv"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "Distributed":
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def load_pairsets(paths) -> PairSet:
+    sets = [load_pairs(p) for p in paths]
+    return sets[0] if len(sets) == 1 else PairSet.concatenate(sets)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of an epoch: a function of (seed, epoch) only, so resumes reproduce it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    # Warm-up: early on, average over fewer steps so the EMA does not drag the initial weights.
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+            ema_param.lerp_(param.detach(), 1 - decay)
+
+
+def take_step(model, optimizer, graph, positions_target, cell_target, config: TrainConfig, device) -> dict:
+    """One optimiser step on one batch; returns the loss terms."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    with autocast:
+        output = model(graph)
+    output = type(output)(output.positions.float(), output.cell.float())
+    layer_weights = list(config.layer_weights) or None
+    loss, parts = relaxation_loss(output, positions_target, cell_target, graph.batch, layer_weights)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        logger.warning("non-finite gradient norm; step skipped")
+    return {"loss": float(loss.detach()), **parts}
+
+
+@torch.no_grad()
+def evaluate(model, data: PreparedPairs, batch_size: int, device) -> dict:
+    """Mean per-structure errors of the last layer, and of the Dummy (input) baseline."""
+    model.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for start in range(0, len(data), batch_size):
+        indices = torch.arange(start, min(start + batch_size, len(data)))
+        graph, positions_target, cell_target = data.batch(indices)
+        output = model(graph)
+        errors = structure_errors(output.positions[-1], output.cell[-1], positions_target, cell_target, graph.batch)
+        dummy = structure_errors(graph.positions, graph.cell, positions_target, cell_target, graph.batch)
+        for name, values in list(errors.items()) + [(f"dummy_{k}", v) for k, v in dummy.items()]:
+            totals[name] = totals.get(name, 0.0) + float(values.double().sum())
+        count += len(indices)
+    return {name: value / count for name, value in totals.items()}
+
+
+def train_one_epoch(model, ddp_model, ema_model, optimizer, data: PreparedPairs, config, epoch, step, device, dist: Distributed):
+    order = epoch_order(len(data), config.seed, epoch)
+    order = order[dist.rank :: dist.world_size]  # each rank its own shard of the same permutation
+    n_batches = math.ceil(len(order) / config.batch_size)
+    sums: dict[str, float] = {}
+    for b in range(n_batches):
+        graph, positions_target, cell_target = data.batch(order[b * config.batch_size : (b + 1) * config.batch_size])
+        parts = take_step(ddp_model, optimizer, graph, positions_target, cell_target, config, device)
+        step += 1
+        ema_update(ema_model, model, config.ema_decay, step)
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value
+    return {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}, step
+
+
+def _atomic_save(obj, path: Path) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_log(out_dir: Path, history: list[dict]) -> None:
+    names = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    tmp = out_dir / f".{LOG_FILE}.tmp"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out_dir / LOG_FILE)
+
+
+# Operational settings a resumed run may change; everything else must match the saved run.
+_RESUMABLE_CHANGES = ("time_budget_minutes", "max_epochs", "early_stop_patience")
+
+
+def _resume_key(values: dict) -> dict:
+    return {k: v for k, v in values.items() if k not in _RESUMABLE_CHANGES}
+
+
+def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tuple | None = None) -> dict:
+    """Train (or resume) the run in ``config.out_dir``; returns the summary.
+
+    Args:
+        config: the training configuration.
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        prepared: optional (train PreparedPairs, val PreparedPairs) to skip data preparation.
+
+    Returns:
+        Summary dict: status ("finished", "early_stopped" or "paused" when the time budget
+        ran out), epochs, best validation metrics, paths.
+    """
+    started = time.monotonic()
+    dist = Distributed.current()
+    if device == "auto":
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_config = config.model_config
+
+    if prepared is None:
+        train_set = prepare_pairs(load_pairsets(config.train_data), model_config.cutoff, model_config.max_neighbors)
+        val_pairs = load_pairsets(config.val_data)
+        if config.val_max_pairs and len(val_pairs) > config.val_max_pairs:
+            val_pairs = val_pairs.subset(range(config.val_max_pairs))
+        val_set = prepare_pairs(val_pairs, model_config.cutoff, model_config.max_neighbors)
+    else:
+        train_set, val_set = prepared
+    train_set, val_set = train_set.to(device), val_set.to(device)
+
+    torch.manual_seed(config.seed)
+    model = E3RelaxH2(model_config).to(device)
+    ema_model = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
+    )
+    state_path = out_dir / STATE_FILE
+    epoch, step, history, best, stale = 0, 0, [], None, 0
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if _resume_key(state["train_config"]) != _resume_key(config.to_dict()):
+            raise ValueError(f"{state_path} was written by a different training config; use a new out_dir")
+        model.load_state_dict(state["model"])
+        ema_model.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch, step, history, best, stale = state["epoch"], state["step"], state["history"], state["best"], state["stale"]
+        logger.info("resumed %s at epoch %d", out_dir, epoch)
+    ddp_model = model
+    if dist.world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    status = "finished"
+    epoch_seconds = 0.0
+    epochs_this_call = 0
+    while epoch < config.max_epochs:
+        if stale >= config.early_stop_patience:
+            status = "early_stopped"
+            break
+        elapsed = (time.monotonic() - started) / 60
+        # At least one epoch per call, so a budget shorter than an epoch still makes progress.
+        if config.time_budget_minutes and epochs_this_call and elapsed + 1.2 * epoch_seconds / 60 > config.time_budget_minutes:
+            status = "paused"
+            break
+        tick = time.monotonic()
+        train_metrics, step = train_one_epoch(model, ddp_model, ema_model, optimizer, train_set, config, epoch, step, device, dist)
+        val_metrics = evaluate(ema_model, val_set, 4 * config.batch_size, device)
+        scheduler.step(val_metrics["coord_mae"])
+        epoch += 1
+        epochs_this_call += 1
+        epoch_seconds = time.monotonic() - tick
+        row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": round(epoch_seconds, 3),
+               **train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
+        history.append(row)
+        if best is None or val_metrics["coord_mae"] < best["val_coord_mae"]:
+            best, stale = dict(row), 0
+            if dist.is_main:
+                _atomic_save({"ema": ema_model.state_dict(), "epoch": epoch}, out_dir / "best_ema.pt")
+        else:
+            stale += 1
+        if dist.is_main:
+            logger.info(
+                "epoch %d  loss %.4f  val coord %.4f (dummy %.4f)  val volume %.2f (dummy %.2f)  lr %.2e  %.1fs",
+                epoch, row.get("train_loss", float("nan")), val_metrics["coord_mae"], val_metrics["dummy_coord_mae"],
+                val_metrics["volume_abs"], val_metrics["dummy_volume_abs"], row["lr"], epoch_seconds,
+            )
+            _atomic_save({
+                "train_config": config.to_dict(), "model": model.state_dict(), "ema": ema_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                "history": history, "best": best, "stale": stale,
+            }, state_path)
+            _write_log(out_dir, history)
+    summary = {"status": status, "epochs": epoch, "steps": step, "best": best, "out_dir": str(out_dir),
+               "wall_seconds_this_call": round(time.monotonic() - started, 1), "device": str(device), "world_size": dist.world_size}
+    if dist.is_main:
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def export_checkpoint(out_dir: str | os.PathLike, path: str | os.PathLike, metadata: dict | None = None, which: str = "best") -> str:
+    """Write the EMA weights of a training run as a shippable checkpoint; returns its sha256.
+
+    Args:
+        out_dir: the training run.
+        path: the checkpoint file to write.
+        metadata: merged into the checkpoint metadata (name, data, metrics, licence, ...).
+        which: "best" (the EMA weights at the best validation epoch) or "last".
+    """
+    out_dir = Path(out_dir)
+    state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_dict(state["train_config"])
+    model = E3RelaxH2(config.model_config)
+    weights = torch.load(out_dir / "best_ema.pt", map_location="cpu", weights_only=True)["ema"] if which == "best" else state["ema"]
+    model.load_state_dict(weights)
+    meta = {"train_config": config.to_dict(), "epochs": state["epoch"], "best_validation": state["best"]}
+    meta.update(metadata or {})
+    return save_checkpoint(path, model, meta)
