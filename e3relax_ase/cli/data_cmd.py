@@ -1,0 +1,203 @@
+"""``e3relax-ase data``: import, split, describe and plot pair datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _fractions(ctx, param, value):
+    try:
+        fractions = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected comma-separated numbers, e.g. 0.8,0.1,0.1") from None
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise click.BadParameter("need three non-negative fractions summing to 1")
+    return fractions
+
+
+def _load(path: Path):
+    from e3relax_ase.training.pairs import load_pairs
+
+    try:
+        return load_pairs(path)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+
+
+@click.group("data")
+def data():
+    """Import, split, describe and plot pair datasets (e3relax-pairs npz format)."""
+
+
+@data.command("import")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output .npz (pair format) or .extxyz.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "npz", "extxyz", "authors", "vasp", "traj", "db"]),
+)
+@click.option("--keep-splits", is_flag=True, help="Authors' layout: also write OUTPUT_<split>.npz per CSV split.")
+@click.option("--source-name", default=None, help="Metadata: where the data comes from.")
+@click.option("--teacher", default=None, help="Metadata: what relaxed the structures.")
+@click.option("--licence", default=None, help="Metadata: licence of the data.")
+@click.option("--citation", default=None, help="Metadata: how to cite the data.")
+def import_cmd(source, output, fmt, keep_splits, source_name, teacher, licence, citation):
+    """Convert SOURCE (extxyz, CIF layout, VASP runs, .traj, ASE db, npz) into a pair file."""
+    from e3relax_ase.training.importers import detect_format, import_authors_layout, import_pairs
+    from e3relax_ase.training.pairs import PairSet, save_pairs, save_pairs_extxyz
+
+    if output.suffix.lower() not in (".npz", ".extxyz", ".xyz"):
+        raise click.ClickException(f"output {output} must end in .npz or .extxyz")
+    try:
+        resolved = detect_format(source) if fmt == "auto" else fmt
+        if resolved == "authors":
+            parts = import_authors_layout(source)
+            pairset = PairSet.concatenate(list(parts.values()))
+        else:
+            parts = {}
+            pairset = import_pairs(source, format=resolved)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    extra = {"source": source_name, "teacher": teacher, "licence": licence, "citation": citation}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    written = []
+    try:
+        targets = [(output, pairset)]
+        if keep_splits and parts:
+            targets += [(output.with_name(f"{output.stem}_{name}.npz"), part) for name, part in parts.items()]
+        for path, part in targets:
+            part.metadata.update(extra)
+            part.metadata.setdefault("imported_from", str(source))
+            if path.suffix.lower() == ".npz":
+                save_pairs(path, part, inputs=[source])
+            else:
+                save_pairs_extxyz(path, part, inputs=[source])
+            written.append(f"{path} ({len(part)} pairs)")
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"imported {len(pairset)} pairs ({resolved}); wrote " + ", ".join(written), err=True)
+
+
+@data.command("split")
+@click.argument("pairs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory for train/val/test .npz files, or a .json file for indices only.",
+)
+@click.option(
+    "--method",
+    default="chemsys",
+    show_default=True,
+    type=click.Choice(["random", "chemsys"]),
+    help="random pairs, or whole chemical systems per split (unseen test chemistries).",
+)
+@click.option(
+    "--fractions", default="0.8,0.1,0.1", show_default=True, callback=_fractions, help="train,val,test fractions."
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+def split_cmd(pairs, output, method, fractions, seed):
+    """Split a pair file into train/val/test."""
+    from e3relax_ase.training.pairs import save_pairs
+    from e3relax_ase.training.splits import split_by_chemical_system, split_random
+
+    pairset = _load(pairs)
+    splitter = split_by_chemical_system if method == "chemsys" else split_random
+    splits = splitter(pairset, fractions=fractions, seed=seed)
+    record = {"method": method, "fractions": list(fractions), "seed": seed, "from": pairs.name}
+    if output.suffix.lower() == ".json":
+        if output.resolve() == pairs.resolve():
+            raise click.ClickException(f"refusing to overwrite input {pairs}")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"split": record, **{k: v.tolist() for k, v in splits.items()}}))
+    else:
+        try:
+            for name, indices in splits.items():
+                part = pairset.subset(indices)
+                part.metadata["split"] = {**record, "name": name}
+                save_pairs(output / f"{name}.npz", part, inputs=[pairs])
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+    sizes = ", ".join(f"{name} {len(idx)}" for name, idx in splits.items())
+    click.echo(f"{method} split of {len(pairset)} pairs (seed {seed}): {sizes} -> {output}", err=True)
+
+
+@data.command("card")
+@click.argument("splits", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Markdown file.")
+@click.option("--title", default="Pair dataset", show_default=True)
+@click.option("--source-name", default=None, help="Default: the files' metadata 'source'.")
+@click.option("--teacher", default=None, help="Default: the files' metadata 'teacher'.")
+@click.option("--licence", default=None, help="Default: the files' metadata 'licence'.")
+@click.option("--citation", default=None, help="Default: the files' metadata 'citation'.")
+@click.option("--how", "how_made", default=None, help="How the pairs were made.")
+@click.option("--split-rule", default=None, help="How the splits were made (default: from metadata).")
+@click.option(
+    "--match-sample",
+    default=300,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="StructureMatcher subsample per split.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+def card_cmd(splits, output, title, source_name, teacher, licence, citation, how_made, split_rule, match_sample, seed):
+    """Write a Markdown data card for SPLITS (pair files; split name = file stem)."""
+    from e3relax_ase.training.datacard import write_data_card
+
+    if any(p.resolve() == output.resolve() for p in splits):
+        raise click.ClickException(f"refusing to overwrite input {output}")
+    parts = {p.stem: _load(p) for p in splits}
+    meta = next(iter(parts.values())).metadata
+    if split_rule is None and "split" in meta:
+        s = meta["split"]
+        split_rule = f"method {s.get('method')}, fractions {s.get('fractions')}, seed {s.get('seed')}"
+    metrics = write_data_card(
+        output,
+        None,
+        parts,
+        title=title,
+        source=source_name or meta.get("source", "unknown"),
+        teacher=teacher or meta.get("teacher", "unknown"),
+        licence=licence or meta.get("licence", "unknown"),
+        citation=citation or meta.get("citation"),
+        how_made=how_made,
+        split_rule=split_rule,
+        match_sample=match_sample,
+        seed=seed,
+    )
+    for name, m in metrics.items():
+        if m.get("n_pairs"):
+            click.echo(
+                f"{name}: {m['n_pairs']} pairs, Dummy coord MAE {m['coord_mae_mean']:.3f} Å, volume MAE "
+                f"{m['volume_mae']:.1f} Å^3, match {m['match_n_matched']}/{m['match_n_tested']}",
+                err=True,
+            )
+    click.echo(f"wrote {output}", err=True)
+
+
+@data.command("plot")
+@click.argument("pairs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory.")
+@click.option("--prefix", default="", help="File name prefix.")
+def plot_cmd(pairs, output, prefix):
+    """Save displacement and volume-change histograms of PAIRS (joined) as PNG."""
+    from e3relax_ase.training.datacard import plot_statistics
+    from e3relax_ase.training.pairs import PairSet
+
+    pairset = PairSet.concatenate([_load(p) for p in pairs])
+    for path in plot_statistics(pairset, output, prefix=prefix):
+        click.echo(f"wrote {path}", err=True)

@@ -1,0 +1,592 @@
+"""The one on-disk format of (unrelaxed, relaxed) crystal pairs, and its in-memory class.
+
+A pair file is a compressed ``.npz`` holding flat arrays (``N`` = total atoms, ``n`` = pairs)::
+
+    ids                      [n]        str      | pair identifier, unique
+    n_atoms                  [n]        int64    | atoms per pair
+    offsets                  [n + 1]    int64    | atoms of pair k are offsets[k]:offsets[k + 1]
+    numbers                  [N]        int64    | atomic numbers, same order in both structures
+    pos_unrelaxed            [N, 3]     float64  | Cartesian positions of the input, Å
+    pos_relaxed              [N, 3]     float64  | Cartesian positions after relaxation, Å
+    cell_unrelaxed           [n, 3, 3]  float64  | input cell, rows are lattice vectors, Å
+    cell_relaxed             [n, 3, 3]  float64  | relaxed cell, rows are lattice vectors, Å
+    pbc                      [n, 3]     bool     | optional; absent means all True
+    energy_per_atom_relaxed  [n]        float64  | optional; eV/atom, NaN = unknown
+    format                   []         str      | optional; "e3relax-pairs"
+    format_version           []         int64    | optional; 1
+    metadata                 []         str      | optional; JSON dict for the whole dataset
+    info                     []         str      | optional; JSON list, one free dict per pair
+
+Relaxed positions are stored exactly as the source gives them (never unwrapped or aligned to the
+unrelaxed ones): consumers that compare positions must handle periodic images themselves.
+Loading needs only numpy and never unpickles (``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "e3relax-pairs"
+FORMAT_VERSION = 1
+
+# Keys of extxyz ``info`` that describe a frame's place in a pair rather than the pair itself.
+PAIR_ID_KEY = "pair_id"
+ROLE_KEY = "role"
+ROLE_UNRELAXED = "unrelaxed"
+ROLE_RELAXED = "relaxed"
+
+_REQUIRED = (
+    "ids",
+    "n_atoms",
+    "offsets",
+    "numbers",
+    "pos_unrelaxed",
+    "pos_relaxed",
+    "cell_unrelaxed",
+    "cell_relaxed",
+)
+
+
+class Pair(NamedTuple):
+    """The arrays of one pair (copies, safe to modify)."""
+
+    id: str
+    numbers: np.ndarray  # [n_atoms] int64
+    pos_unrelaxed: np.ndarray  # [n_atoms, 3] Å
+    pos_relaxed: np.ndarray  # [n_atoms, 3] Å
+    cell_unrelaxed: np.ndarray  # [3, 3] rows are lattice vectors, Å
+    cell_relaxed: np.ndarray  # [3, 3] Å
+    pbc: np.ndarray  # [3] bool
+    energy_per_atom_relaxed: float  # eV/atom, NaN = unknown
+    info: dict
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays (as ASE puts into ``info``) into plain JSON types.
+
+    Args:
+        value: any value found in an ``Atoms.info`` dict or a metadata dict.
+
+    Returns:
+        The value made of dict/list/str/int/float/bool/None; unknown objects become ``str``.
+    """
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    logger.warning("info value of type %s stored as its string", type(value).__name__)
+    return str(value)
+
+
+@dataclass
+class PairSet:
+    """A set of (unrelaxed, relaxed) crystal pairs held as flat arrays (see module docstring).
+
+    The fields are named as the arrays of the file. ``positions_unrelaxed`` and
+    ``positions_relaxed`` are read-only aliases of ``pos_unrelaxed`` / ``pos_relaxed``.
+    """
+
+    ids: np.ndarray  # [n] str
+    n_atoms: np.ndarray  # [n] int64
+    offsets: np.ndarray  # [n + 1] int64
+    numbers: np.ndarray  # [N] int64
+    pos_unrelaxed: np.ndarray  # [N, 3] Å
+    pos_relaxed: np.ndarray  # [N, 3] Å
+    cell_unrelaxed: np.ndarray  # [n, 3, 3] Å, rows are lattice vectors
+    cell_relaxed: np.ndarray  # [n, 3, 3] Å
+    pbc: np.ndarray | None = None  # [n, 3] bool
+    energy_per_atom_relaxed: np.ndarray | None = None  # [n] eV/atom, NaN = unknown
+    metadata: dict = field(default_factory=dict)
+    info: list | None = None  # n dicts
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, dtype=str).reshape(-1)
+        self.n_atoms = np.asarray(self.n_atoms, dtype=np.int64)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.numbers = np.asarray(self.numbers, dtype=np.int64)
+        self.pos_unrelaxed = np.asarray(self.pos_unrelaxed, dtype=np.float64)
+        self.pos_relaxed = np.asarray(self.pos_relaxed, dtype=np.float64)
+        self.cell_unrelaxed = np.asarray(self.cell_unrelaxed, dtype=np.float64)
+        self.cell_relaxed = np.asarray(self.cell_relaxed, dtype=np.float64)
+        n = len(self.ids)
+        if self.pbc is None:
+            self.pbc = np.ones((n, 3), dtype=bool)
+        self.pbc = np.asarray(self.pbc, dtype=bool)
+        if self.energy_per_atom_relaxed is None:
+            self.energy_per_atom_relaxed = np.full(n, np.nan)
+        self.energy_per_atom_relaxed = np.asarray(self.energy_per_atom_relaxed, dtype=np.float64)
+        self.metadata = dict(self.metadata or {})
+        self.info = [{} for _ in range(n)] if self.info is None else [dict(d) for d in self.info]
+
+    # --- sizes and aliases ------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def positions_unrelaxed(self) -> np.ndarray:
+        """[N, 3] Å, alias of ``pos_unrelaxed``."""
+        return self.pos_unrelaxed
+
+    @property
+    def positions_relaxed(self) -> np.ndarray:
+        """[N, 3] Å, alias of ``pos_relaxed``."""
+        return self.pos_relaxed
+
+    def atom_slice(self, k: int) -> slice:
+        """The slice of the per-atom arrays belonging to pair ``k``."""
+        return slice(int(self.offsets[k]), int(self.offsets[k + 1]))
+
+    def pair_index(self) -> np.ndarray:
+        """Index of the pair each atom belongs to.
+
+        Returns:
+            [N] int64.
+        """
+        return np.repeat(np.arange(len(self), dtype=np.int64), self.n_atoms)
+
+    def pair(self, k: int) -> Pair:
+        """Return the arrays of pair ``k`` (copies).
+
+        Raises:
+            IndexError: if ``k`` is out of range.
+        """
+        n = len(self)
+        if not -n <= k < n:
+            raise IndexError(f"pair index {k} out of range for {n} pairs")
+        k = k % n
+        s = self.atom_slice(k)
+        return Pair(
+            id=str(self.ids[k]),
+            numbers=self.numbers[s].copy(),
+            pos_unrelaxed=self.pos_unrelaxed[s].copy(),
+            pos_relaxed=self.pos_relaxed[s].copy(),
+            cell_unrelaxed=self.cell_unrelaxed[k].copy(),
+            cell_relaxed=self.cell_relaxed[k].copy(),
+            pbc=self.pbc[k].copy(),
+            energy_per_atom_relaxed=float(self.energy_per_atom_relaxed[k]),
+            info=dict(self.info[k]),
+        )
+
+    # --- selection and joining --------------------------------------------------------
+    def subset(self, indices: Sequence[int] | np.ndarray) -> PairSet:
+        """Return a new PairSet with the pairs at ``indices`` (ints, in that order, or a bool mask).
+
+        Raises:
+            IndexError: if an index is out of range.
+        """
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise IndexError(f"boolean mask of shape {idx.shape} for {len(self)} pairs")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"subset index out of range for {len(self)} pairs")
+        idx = idx % max(len(self), 1)
+        counts = self.n_atoms[idx]  # [m]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [m + 1]
+        # Atom j of the new set comes from old atom start[pair] + (j - new_offset[pair]).
+        atom_idx = np.repeat(self.offsets[idx] - offsets[:-1], counts) + np.arange(offsets[-1])
+        return PairSet(
+            ids=self.ids[idx],
+            n_atoms=counts,
+            offsets=offsets,
+            numbers=self.numbers[atom_idx],
+            pos_unrelaxed=self.pos_unrelaxed[atom_idx],
+            pos_relaxed=self.pos_relaxed[atom_idx],
+            cell_unrelaxed=self.cell_unrelaxed[idx],
+            cell_relaxed=self.cell_relaxed[idx],
+            pbc=self.pbc[idx],
+            energy_per_atom_relaxed=self.energy_per_atom_relaxed[idx],
+            metadata=dict(self.metadata),
+            info=[dict(self.info[i]) for i in idx],
+        )
+
+    @staticmethod
+    def concatenate(pairsets: Sequence[PairSet]) -> PairSet:
+        """Join pair sets in order.
+
+        Metadata is kept if all sets share it, else stored as ``{"concatenated_from": [...]}``.
+
+        Raises:
+            ValueError: if ``pairsets`` is empty.
+        """
+        pairsets = list(pairsets)
+        if not pairsets:
+            raise ValueError("cannot concatenate an empty list of pair sets")
+        counts = np.concatenate([p.n_atoms for p in pairsets]).astype(np.int64)
+        metadatas = [p.metadata for p in pairsets]
+        if all(m == metadatas[0] for m in metadatas):
+            metadata = dict(metadatas[0])
+        else:
+            metadata = {"concatenated_from": metadatas}
+        return PairSet(
+            ids=np.concatenate([p.ids for p in pairsets]),
+            n_atoms=counts,
+            offsets=np.concatenate([[0], np.cumsum(counts)]),
+            numbers=np.concatenate([p.numbers for p in pairsets]),
+            pos_unrelaxed=np.concatenate([p.pos_unrelaxed.reshape(-1, 3) for p in pairsets]),
+            pos_relaxed=np.concatenate([p.pos_relaxed.reshape(-1, 3) for p in pairsets]),
+            cell_unrelaxed=np.concatenate([p.cell_unrelaxed.reshape(-1, 3, 3) for p in pairsets]),
+            cell_relaxed=np.concatenate([p.cell_relaxed.reshape(-1, 3, 3) for p in pairsets]),
+            pbc=np.concatenate([p.pbc.reshape(-1, 3) for p in pairsets]),
+            energy_per_atom_relaxed=np.concatenate([p.energy_per_atom_relaxed for p in pairsets]),
+            metadata=metadata,
+            info=[d for p in pairsets for d in p.info],
+        )
+
+    # --- checks -----------------------------------------------------------------------
+    def validate(self) -> PairSet:
+        """Check shapes, offsets, finiteness, cell orientation and unique ids.
+
+        Atom count and order agree between the two structures by construction (one ``numbers``
+        array); importers check that before building a PairSet.
+
+        Returns:
+            self, so that ``PairSet(...).validate()`` chains.
+
+        Raises:
+            ValueError: with a one-line message naming the first problem found.
+        """
+        n = len(self.ids)
+        n_total = len(self.numbers)
+        expect = {
+            "n_atoms": (n,),
+            "offsets": (n + 1,),
+            "numbers": (n_total,),
+            "pos_unrelaxed": (n_total, 3),
+            "pos_relaxed": (n_total, 3),
+            "cell_unrelaxed": (n, 3, 3),
+            "cell_relaxed": (n, 3, 3),
+            "pbc": (n, 3),
+            "energy_per_atom_relaxed": (n,),
+        }
+        for name, shape in expect.items():
+            got = getattr(self, name).shape
+            if got != shape:
+                raise ValueError(f"pair set: {name} has shape {got}, expected {shape}")
+        if len(self.info) != n:
+            raise ValueError(f"pair set: info has {len(self.info)} entries for {n} pairs")
+        if self.offsets[0] != 0 or self.offsets[-1] != n_total:
+            raise ValueError(
+                f"pair set: offsets must run from 0 to {n_total}, got {self.offsets[0]}..{self.offsets[-1]}"
+            )
+        if np.any(self.n_atoms < 1):
+            k = int(np.flatnonzero(self.n_atoms < 1)[0])
+            raise ValueError(f"pair {self.ids[k]!r} (index {k}): has no atoms")
+        bad = np.flatnonzero(np.diff(self.offsets) != self.n_atoms)
+        if bad.size:
+            k = int(bad[0])
+            raise ValueError(f"pair {self.ids[k]!r} (index {k}): offsets not monotone or disagree with n_atoms")
+        bad_z = np.flatnonzero((self.numbers < 1) | (self.numbers > 118))
+        if bad_z.size:
+            k = int(np.searchsorted(self.offsets, bad_z[0], side="right") - 1)
+            raise ValueError(f"pair {self.ids[k]!r} (index {k}): atomic number out of 1..118")
+        owner = self.pair_index()
+        for name in ("pos_unrelaxed", "pos_relaxed"):
+            bad_atom = np.flatnonzero(~np.isfinite(getattr(self, name)).all(axis=1))
+            if bad_atom.size:
+                k = int(owner[bad_atom[0]])
+                raise ValueError(f"pair {self.ids[k]!r} (index {k}): {name} is not finite")
+        for name in ("cell_unrelaxed", "cell_relaxed"):
+            cells = getattr(self, name)
+            bad = np.flatnonzero(~np.isfinite(cells).reshape(n, 9).all(axis=1))
+            if bad.size:
+                k = int(bad[0])
+                raise ValueError(f"pair {self.ids[k]!r} (index {k}): {name} is not finite")
+            det = np.linalg.det(cells) if n else np.zeros(0)
+            bad = np.flatnonzero(det <= 0)
+            if bad.size:
+                k = int(bad[0])
+                raise ValueError(
+                    f"pair {self.ids[k]!r} (index {k}): det({name}) = {det[k]:.4g} <= 0 "
+                    "(cells must be right-handed, rows = lattice vectors)"
+                )
+        unique, counts = np.unique(self.ids, return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(f"pair set: id {unique[counts > 1][0]!r} occurs {counts.max()} times")
+        return self
+
+    # --- ASE conversion ---------------------------------------------------------------
+    def to_atoms_pairs(self) -> list:
+        """Convert to a list of ``(unrelaxed, relaxed)`` ``ase.Atoms`` tuples.
+
+        The unrelaxed frame carries ``pair_id`` and ``role``; the relaxed frame carries those and
+        the pair's free ``info`` and, when known, its energy as a single-point calculator.
+
+        Returns:
+            list of ``(ase.Atoms, ase.Atoms)``.
+        """
+        from ase import Atoms
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        out = []
+        for k in range(len(self)):
+            p = self.pair(k)
+            unrelaxed = Atoms(numbers=p.numbers, positions=p.pos_unrelaxed, cell=p.cell_unrelaxed, pbc=p.pbc)
+            relaxed = Atoms(numbers=p.numbers, positions=p.pos_relaxed, cell=p.cell_relaxed, pbc=p.pbc)
+            unrelaxed.info = {PAIR_ID_KEY: p.id, ROLE_KEY: ROLE_UNRELAXED}
+            relaxed.info = {PAIR_ID_KEY: p.id, ROLE_KEY: ROLE_RELAXED, **p.info}
+            if np.isfinite(p.energy_per_atom_relaxed):
+                relaxed.calc = SinglePointCalculator(relaxed, energy=p.energy_per_atom_relaxed * len(relaxed))
+            out.append((unrelaxed, relaxed))
+        return out
+
+    @classmethod
+    def from_atoms_pairs(
+        cls,
+        pairs: Iterable,
+        ids: Sequence[str] | None = None,
+        info: Sequence[dict] | None = None,
+        metadata: dict | None = None,
+    ) -> PairSet:
+        """Build a PairSet from ``(unrelaxed, relaxed)`` ``ase.Atoms`` tuples.
+
+        Args:
+            pairs: iterable of ``(ase.Atoms, ase.Atoms)``.
+            ids: one id per pair; default: the frames' ``info["pair_id"]``, else ``pair_{k}``.
+            info: one dict per pair; default: the union of both frames' ``info`` without
+                ``pair_id``/``role`` (where the two disagree the relaxed value is kept and the
+                unrelaxed one stored as ``unrelaxed_<key>``).
+            metadata: dataset-level metadata.
+
+        Returns:
+            A validated PairSet; the relaxed energy comes from the relaxed frame's calculator.
+
+        Raises:
+            ValueError: if a pair's atom counts, species or order differ (naming the pair id).
+        """
+        pairs = list(pairs)
+        if ids is not None and len(ids) != len(pairs):
+            raise ValueError(f"got {len(ids)} ids for {len(pairs)} pairs")
+        if info is not None and len(info) != len(pairs):
+            raise ValueError(f"got {len(info)} info dicts for {len(pairs)} pairs")
+        id_list, info_list, energies = [], [], []
+        numbers, pos_u, pos_r, cell_u, cell_r, pbc = [], [], [], [], [], []
+        for k, (unrelaxed, relaxed) in enumerate(pairs):
+            if ids is not None:
+                pair_id = str(ids[k])
+            else:
+                pair_id = str(relaxed.info.get(PAIR_ID_KEY, unrelaxed.info.get(PAIR_ID_KEY, f"pair_{k}")))
+            check_same_atoms(pair_id, unrelaxed, relaxed)
+            id_list.append(pair_id)
+            info_list.append(dict(info[k]) if info is not None else merge_frame_info(unrelaxed.info, relaxed.info))
+            energies.append(_energy_per_atom(relaxed))
+            numbers.append(relaxed.numbers)
+            pos_u.append(unrelaxed.positions)
+            pos_r.append(relaxed.positions)
+            cell_u.append(unrelaxed.cell.array)
+            cell_r.append(relaxed.cell.array)
+            pbc.append(relaxed.pbc)
+        counts = np.array([len(z) for z in numbers], dtype=np.int64)
+        return cls(
+            ids=np.array(id_list, dtype=str),
+            n_atoms=counts,
+            offsets=np.concatenate([[0], np.cumsum(counts)]),
+            numbers=np.concatenate(numbers) if numbers else np.zeros(0, np.int64),
+            pos_unrelaxed=np.concatenate(pos_u) if pos_u else np.zeros((0, 3)),
+            pos_relaxed=np.concatenate(pos_r) if pos_r else np.zeros((0, 3)),
+            cell_unrelaxed=np.array(cell_u).reshape(-1, 3, 3),
+            cell_relaxed=np.array(cell_r).reshape(-1, 3, 3),
+            pbc=np.array(pbc, dtype=bool).reshape(-1, 3),
+            energy_per_atom_relaxed=np.array(energies, dtype=np.float64),
+            metadata=to_jsonable(metadata or {}),
+            info=[to_jsonable(d) for d in info_list],
+        ).validate()
+
+
+def check_same_atoms(pair_id: str, unrelaxed, relaxed) -> None:
+    """Refuse a pair whose two structures differ in atom count, species or order.
+
+    Args:
+        pair_id: named in the error message.
+        unrelaxed: ``ase.Atoms``.
+        relaxed: ``ase.Atoms``.
+
+    Raises:
+        ValueError: one line naming the pair and the first difference.
+    """
+    if len(unrelaxed) != len(relaxed):
+        raise ValueError(f"pair {pair_id!r}: unrelaxed has {len(unrelaxed)} atoms but relaxed has {len(relaxed)}")
+    diff = np.flatnonzero(unrelaxed.numbers != relaxed.numbers)
+    if diff.size:
+        i = int(diff[0])
+        su, sr = unrelaxed.get_chemical_symbols()[i], relaxed.get_chemical_symbols()[i]
+        what = "order" if sorted(unrelaxed.numbers) == sorted(relaxed.numbers) else "species"
+        raise ValueError(f"pair {pair_id!r}: atom {i} is {su} unrelaxed but {sr} relaxed ({what} differ)")
+
+
+def merge_frame_info(info_unrelaxed: dict, info_relaxed: dict) -> dict:
+    """Merge the ``info`` of the two frames of a pair into one per-pair dict.
+
+    Args:
+        info_unrelaxed: ``Atoms.info`` of the unrelaxed frame.
+        info_relaxed: ``Atoms.info`` of the relaxed frame.
+
+    Returns:
+        JSON-able dict without ``pair_id``/``role``; a key whose values differ keeps the relaxed
+        value and gains ``unrelaxed_<key>`` with the unrelaxed one.
+    """
+    skip = {PAIR_ID_KEY, ROLE_KEY}
+    merged = {k: to_jsonable(v) for k, v in info_relaxed.items() if k not in skip}
+    for k, v in info_unrelaxed.items():
+        if k in skip:
+            continue
+        v = to_jsonable(v)
+        if k not in merged:
+            merged[k] = v
+        elif merged[k] != v:
+            merged[f"unrelaxed_{k}"] = v
+    return merged
+
+
+def _energy_per_atom(atoms) -> float:
+    calc = getattr(atoms, "calc", None)
+    if calc is None:
+        return float("nan")
+    try:
+        return float(calc.get_potential_energy(atoms)) / len(atoms)
+    except Exception:  # no energy stored (single-point calculators raise various errors)
+        return float("nan")
+
+
+# --- files --------------------------------------------------------------------------------
+def _refuse_input(path: Path, inputs: Iterable) -> None:
+    for item in inputs:
+        other = Path(item)
+        same = other.resolve() == path.resolve()
+        if not same and other.exists() and path.exists():
+            same = os.path.samefile(other, path)
+        if same:
+            raise ValueError(f"refusing to overwrite input file {str(other)!r}")
+
+
+def _atomic_write(path: Path, write, suffix: str) -> None:
+    """Write through ``write(fileobj)`` into a temp file next to ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb" if suffix == ".npz" else "w") as fileobj:
+            write(fileobj)
+        # mkstemp creates 0600; give the file the destination's mode, or rw-r--r--.
+        os.chmod(tmp, (path.stat().st_mode & 0o777) if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pairs(path: str | os.PathLike, pairset: PairSet, inputs: Iterable = ()) -> Path:
+    """Write ``pairset`` in the pair format (compressed npz), atomically.
+
+    Args:
+        path: destination file (written as given, no suffix added).
+        pairset: the pairs; validated first.
+        inputs: paths this data was read from; writing over any of them is refused.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: if ``path`` is one of ``inputs`` or the pair set is invalid.
+    """
+    path = Path(path)
+    _refuse_input(path, inputs)
+    pairset.validate()
+    arrays = {
+        "ids": np.asarray(pairset.ids, dtype=str),
+        "n_atoms": pairset.n_atoms,
+        "offsets": pairset.offsets,
+        "numbers": pairset.numbers,
+        "pos_unrelaxed": pairset.pos_unrelaxed,
+        "pos_relaxed": pairset.pos_relaxed,
+        "cell_unrelaxed": pairset.cell_unrelaxed,
+        "cell_relaxed": pairset.cell_relaxed,
+        "pbc": pairset.pbc,
+        "energy_per_atom_relaxed": pairset.energy_per_atom_relaxed,
+        "format": np.array(FORMAT_NAME),
+        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+        "metadata": np.array(json.dumps(to_jsonable(pairset.metadata), sort_keys=True)),
+    }
+    if any(pairset.info):
+        arrays["info"] = np.array(json.dumps([to_jsonable(d) for d in pairset.info]))
+    _atomic_write(path, lambda f: np.savez_compressed(f, **arrays), ".npz")
+    logger.info("wrote %d pairs to %s", len(pairset), path)
+    return path
+
+
+def load_pairs(path: str | os.PathLike, validate: bool = True) -> PairSet:
+    """Read a pair file (this format, or any npz with the required arrays).
+
+    Args:
+        path: the ``.npz`` file.
+        validate: run :meth:`PairSet.validate` after loading.
+
+    Returns:
+        The PairSet.
+
+    Raises:
+        ValueError: if arrays are missing, the format is foreign or newer, or validation fails.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        files = set(data.files)
+        missing = [name for name in _REQUIRED if name not in files]
+        if missing:
+            raise ValueError(f"{path}: not a pair file, missing arrays {', '.join(missing)}")
+        if "format" in files and str(data["format"]) != FORMAT_NAME:
+            raise ValueError(f"{path}: format is {str(data['format'])!r}, expected {FORMAT_NAME!r}")
+        if "format_version" in files and int(data["format_version"]) > FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {int(data['format_version'])} is newer than {FORMAT_VERSION}")
+        arrays = {name: data[name] for name in _REQUIRED}
+        pbc = data["pbc"] if "pbc" in files else None
+        energy = data["energy_per_atom_relaxed"] if "energy_per_atom_relaxed" in files else None
+        metadata = json.loads(str(data["metadata"])) if "metadata" in files else {}
+        info = json.loads(str(data["info"])) if "info" in files else None
+    pairset = PairSet(**arrays, pbc=pbc, energy_per_atom_relaxed=energy, metadata=metadata, info=info)
+    return pairset.validate() if validate else pairset
+
+
+def save_pairs_extxyz(path: str | os.PathLike, pairset: PairSet, inputs: Iterable = ()) -> Path:
+    """Write pairs as extended XYZ, frames alternating unrelaxed / relaxed, atomically.
+
+    Each frame's ``info`` carries ``pair_id`` and ``role``; the relaxed frame also carries the
+    pair's free ``info`` (e.g. ``converged``, ``steps``, ``teacher``) and its energy, so that
+    :func:`e3relax_ase.training.importers.import_extxyz` reads the file back unchanged.
+
+    Args:
+        path: destination ``.extxyz`` file.
+        pairset: the pairs.
+        inputs: paths this data was read from; writing over any of them is refused.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: if ``path`` is one of ``inputs``.
+    """
+    from ase.io import write
+
+    path = Path(path)
+    _refuse_input(path, inputs)
+    frames = [atoms for pair in pairset.to_atoms_pairs() for atoms in pair]
+    _atomic_write(path, lambda f: write(f, frames, format="extxyz"), ".extxyz")
+    logger.info("wrote %d pairs to %s", len(pairset), path)
+    return path

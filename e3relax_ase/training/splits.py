@@ -1,0 +1,127 @@
+"""Deterministic train/val/test splits of a :class:`PairSet`.
+
+Both functions return ``{name: indices}`` with sorted int64 indices into the pair set, disjoint
+and together covering every pair; the same ``seed`` always gives the same split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from e3relax_ase.training.pairs import PairSet
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMES = ("train", "val", "test")
+
+
+def _check_fractions(fractions: Sequence[float], names: Sequence[str]) -> np.ndarray:
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if len(fractions) != len(names):
+        raise ValueError(f"got {len(fractions)} fractions for {len(names)} split names")
+    if np.any(fractions < 0) or abs(fractions.sum() - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions.tolist()}")
+    return fractions
+
+
+def chemical_systems(pairset: PairSet) -> list:
+    """Chemical system of each pair: its sorted set of element symbols joined by '-'.
+
+    Returns:
+        list of str, e.g. ``"As-Ba"``.
+    """
+    from ase.data import chemical_symbols
+
+    out = []
+    for k in range(len(pairset)):
+        numbers = np.unique(pairset.numbers[pairset.atom_slice(k)])
+        out.append("-".join(sorted(chemical_symbols[z] for z in numbers)))
+    return out
+
+
+def split_random(
+    pairset: PairSet,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    names: Sequence[str] = DEFAULT_NAMES,
+) -> dict:
+    """Split pairs uniformly at random.
+
+    The pairs are permuted with ``numpy.random.default_rng(seed)``; split i takes the next
+    ``round(fraction_i * n)`` of them and the last split takes the rest.
+
+    Args:
+        pairset: the pairs.
+        fractions: one per name, summing to 1.
+        seed: random seed.
+        names: split names.
+
+    Returns:
+        dict name -> sorted int64 indices.
+
+    Raises:
+        ValueError: on bad fractions.
+    """
+    fractions = _check_fractions(fractions, names)
+    n = len(pairset)
+    order = np.random.default_rng(seed).permutation(n)
+    sizes = [int(round(f * n)) for f in fractions[:-1]]
+    bounds = np.cumsum([0] + sizes)
+    bounds = np.minimum(bounds, n)
+    out = {}
+    for i, name in enumerate(names):
+        stop = bounds[i + 1] if i + 1 < len(names) else n
+        out[name] = np.sort(order[bounds[i] : stop]).astype(np.int64)
+    return out
+
+
+def split_by_chemical_system(
+    pairset: PairSet,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    names: Sequence[str] = DEFAULT_NAMES,
+) -> dict:
+    """Split so that every chemical system lies wholly in one split (test chemistries unseen).
+
+    Rule: the chemical system of a pair is its sorted set of elements (:func:`chemical_systems`;
+    BaAs4 and Ba3As2 share ``As-Ba``, BaAs4 and SrAs4 do not). The distinct systems are shuffled
+    with ``numpy.random.default_rng(seed)`` and then, in that order, each system goes with all of
+    its pairs to the split whose pair count is furthest below its target
+    (``fraction * n_pairs``; ties go to the earlier name). Fractions are therefore met up to the
+    size of one system.
+
+    Args:
+        pairset: the pairs.
+        fractions: one per name, summing to 1.
+        seed: random seed.
+        names: split names.
+
+    Returns:
+        dict name -> sorted int64 indices.
+
+    Raises:
+        ValueError: on bad fractions.
+    """
+    fractions = _check_fractions(fractions, names)
+    systems = np.asarray(chemical_systems(pairset))
+    unique, inverse = np.unique(systems, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    counts = np.bincount(inverse, minlength=len(unique))
+    target = fractions * len(pairset)
+    filled = np.zeros(len(names))
+    assignment = np.empty(len(unique), dtype=np.int64)
+    for system in order:
+        deficit = np.where(fractions > 0, target - filled, -np.inf)
+        choice = int(np.argmax(deficit))
+        assignment[system] = choice
+        filled[choice] += counts[system]
+    split_of_pair = assignment[inverse]
+    out = {name: np.flatnonzero(split_of_pair == i).astype(np.int64) for i, name in enumerate(names)}
+    logger.info(
+        "chemical-system split: %s",
+        ", ".join(f"{name} {len(idx)} pairs" for name, idx in out.items()),
+    )
+    return out
