@@ -58,12 +58,17 @@ def configure_logging(verbosity: int) -> None:
 @click.version_option(__version__, prog_name="e3relax-ase")
 def cli():
     """e3relax-ase: predict relaxed crystal structures in one forward pass (E3Relax-H2)."""
+    # Warnings reach stderr formatted as one line each; subcommands may raise or lower the level.
+    configure_logging(0)
 
 
 def main(argv=None) -> int:
     """Run the CLI; returns the exit code (callable from tests)."""
     try:
-        cli.main(args=argv, prog_name="e3relax-ase", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit()'s code instead of raising it.
+        result = cli.main(args=argv, prog_name="e3relax-ase", standalone_mode=False)
+        if isinstance(result, int):
+            return result
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

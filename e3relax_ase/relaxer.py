@@ -1,0 +1,504 @@
+"""``OneShotRelaxer``: relax ASE Atoms or pymatgen Structures in one forward pass of E3Relax-H2.
+
+    relaxer = OneShotRelaxer()                      # "default" checkpoint, device "auto"
+    relaxed = relaxer.relax(atoms)                  # a NEW Atoms; inplace=True mutates
+    relaxed = relaxer.relax(atoms, refine=EMT())    # then real forces until fmax < 0.05
+    many = relaxer.relax_many(structures)           # batched by an edge budget
+
+Every structure is validated first (``e3relax_ase.validation``), every prediction is
+sanity-checked (``e3relax_ase.sanity``) and applied through the structure's constraints
+(``e3relax_ase.structures``); ``atoms.info`` receives the provenance keys listed in
+``e3relax_ase.structures``. docs/relaxer.md is the user guide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from e3relax_ase import __version__
+from e3relax_ase.checkpoint import CheckpointInfo, load_checkpoint
+from e3relax_ase.model import E3RelaxH2
+from e3relax_ase.predict import CrystalArrays, Prediction, predict
+from e3relax_ase.refine import refine as refine_structure
+from e3relax_ase.sanity import check_prediction, confidence
+from e3relax_ase.structures import (
+    INFO_CORRECTION_RATIO,
+    INFO_MAX_DISPLACEMENT,
+    INFO_MAX_STRAIN,
+    INFO_MODEL,
+    INFO_PROBLEMS,
+    INFO_REFINE_ADVISED,
+    INFO_RELAX_CELL,
+    INFO_SANE,
+    INFO_SHA256,
+    INFO_SPACEGROUP,
+    INFO_SPACEGROUP_INPUT,
+    INFO_UNTRAINED,
+    INFO_VERSION,
+    apply_prediction,
+    as_atoms,
+    clear_provenance,
+    crystal_arrays,
+    from_atoms,
+    spacegroup_number,
+)
+from e3relax_ase.validation import (
+    MIN_DISTANCE,
+    InvalidStructureError,
+    StructureReport,
+    structure_name,
+    validate_atoms,
+)
+
+logger = logging.getLogger(__name__)
+
+# Peak memory of a forward pass, per graph edge and feature channel, in units of the float size.
+# Measured on CPU at F = 128 and 512: about 16 float32 / 12 float64 values; 24 leaves a margin.
+BYTES_PER_EDGE_CHANNEL = 24
+MEMORY_FRACTION = 0.5  # share of the free device memory the default edge budget may use
+
+
+class PredictionError(RuntimeError):
+    """A prediction failed its sanity checks and ``on_insane="raise"`` was asked for."""
+
+
+@dataclass
+class RelaxFailure:
+    """Stands in the output of ``relax_many(errors="return")`` for a structure that failed."""
+
+    index: int
+    name: str
+    error: Exception
+
+    @property
+    def message(self) -> str:
+        return str(self.error)
+
+
+@dataclass
+class _Item:
+    """One structure on its way through ``relax_many``."""
+
+    index: int
+    name: str
+    kind: str  # "ase" | "pymatgen"
+    atoms: Any  # the Atoms that receives the prediction
+    pristine: Any  # an untouched copy of the input (trajectories, refinement fallback)
+    arrays: CrystalArrays
+    report: StructureReport
+
+
+@dataclass
+class _Options:
+    relax_cell: bool = True
+    fix_symmetry: bool = False
+    symprec: float = 0.01
+    return_trajectory: bool = False
+    on_insane: str = "warn"
+    refine: Any = None
+    refine_kwargs: dict = field(default_factory=dict)
+
+
+def _available_memory(device: torch.device) -> int:
+    """Free bytes on ``device`` (CUDA: the driver's figure; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def default_edge_budget(device: torch.device, dtype: torch.dtype, num_channels: int) -> int:
+    """Graph edges one forward pass may hold: ``MEMORY_FRACTION`` of the free memory."""
+    per_edge = BYTES_PER_EDGE_CHANNEL * torch.finfo(dtype).bits // 8 * num_channels
+    return max(1000, int(MEMORY_FRACTION * _available_memory(device) / per_edge))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available (no CUDA); use device='cpu'")
+    return device
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float64 if device.type == "cpu" else torch.float32
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype.replace("torch.", ""), dtype)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return dtype
+
+
+def _model_info(model: E3RelaxH2, name: str) -> CheckpointInfo:
+    """A CheckpointInfo for a model held in memory (its sha256 is that of its weights)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return CheckpointInfo(
+        path="<in memory>", sha256=digest.hexdigest(), config=model.config, versions={}, metadata={"name": name}, name=name
+    )
+
+
+class OneShotRelaxer:
+    """Predict relaxed structures with an E3Relax-H2 checkpoint.
+
+    Attributes:
+        model: the network, on ``device`` in ``dtype``.
+        info: the checkpoint's ``CheckpointInfo`` (name, sha256, metadata, untrained).
+        device, dtype: where and in which precision the network runs.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | E3RelaxH2 = "default",
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        *,
+        batch_size: int | None = None,
+        max_atoms: int | None = None,
+        max_edges: int | None = None,
+        min_distance: float = MIN_DISTANCE,
+        reduce_cell: bool = True,
+    ):
+        """
+        Args:
+            checkpoint: "default", a registry name, a checkpoint path, or an ``E3RelaxH2``.
+            device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+            dtype: "auto" (float64 on CPU, float32 on CUDA), float32 or float64.
+            batch_size: most structures per forward pass; default 1 on CPU (bitwise results
+                whatever the batch; batching gains little there), unlimited on CUDA.
+            max_atoms: most atoms per forward pass (None: no limit beyond ``max_edges``).
+            max_edges: most graph edges per forward pass; default from the free memory.
+                A structure alone over it is refused (``InvalidStructureError``).
+            min_distance: inputs with atoms closer than this (Å) are refused.
+            reduce_cell: Niggli-reduce 3D-periodic cells before the network.
+
+        Raises:
+            CheckpointError: the checkpoint cannot be loaded.
+            ValueError: an unavailable device or unsupported dtype.
+        """
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        if isinstance(checkpoint, E3RelaxH2):
+            model, info = checkpoint, _model_info(checkpoint, "in-memory")
+        else:
+            model, info = load_checkpoint(checkpoint, map_location="cpu")
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.info = info
+        self.batch_size = batch_size if batch_size is not None else (1 if self.device.type == "cpu" else None)
+        self.max_atoms = max_atoms
+        self.max_edges = max_edges or default_edge_budget(self.device, self.dtype, self.model.config.num_channels)
+        self._batch_edges = self.max_edges  # lowered after an out-of-memory split
+        self.min_distance = min_distance
+        self.reduce_cell = reduce_cell
+        if info.untrained:
+            logger.warning("checkpoint %r is UNTRAINED (random weights): its predictions are meaningless", info.name)
+
+    def __repr__(self) -> str:
+        return f"OneShotRelaxer(checkpoint={self.info.name!r}, device={str(self.device)!r}, dtype={self.dtype})"
+
+    # --- validation ------------------------------------------------------------------------
+    def validate(self, structure, name: str | None = None) -> StructureReport:
+        """Check a structure as ``relax`` would, without running the network.
+
+        Raises:
+            InvalidStructureError: naming the structure and the problem.
+        """
+        atoms, _ = as_atoms(structure)
+        config = self.model.config
+        return validate_atoms(
+            atoms,
+            name=name,
+            cutoff=config.cutoff,
+            max_neighbors=config.max_neighbors,
+            elements=self.info.metadata.get("elements"),
+            max_atomic_number=config.max_atomic_number,
+            min_distance=self.min_distance,
+            max_edges=self.max_edges,
+        )
+
+    # --- public API ------------------------------------------------------------------------
+    def relax(self, structure, **options):
+        """Relax one structure; returns the same type it was given (a new object by default).
+
+        Keyword arguments are those of :meth:`relax_many` (``errors`` and ``names``
+        excepted; ``name=`` sets how messages call the structure). With
+        ``return_trajectory=True`` returns ``(relaxed, frames)``: the input, then one frame
+        per network layer.
+
+        Raises:
+            InvalidStructureError: the input is refused (message names the problem).
+            PredictionError: with ``on_insane="raise"`` and a failed sanity check.
+        """
+        if "errors" in options:
+            raise TypeError("relax() raises on failure; use relax_many(errors='return') to collect failures")
+        return self.relax_many([structure], names=[options.pop("name", None) or _name_of(structure, None)], **options)[0]
+
+    def relax_many(
+        self,
+        structures: Iterable,
+        *,
+        relax_cell: bool = True,
+        fix_symmetry: bool = False,
+        symprec: float = 0.01,
+        inplace: bool = False,
+        return_trajectory: bool = False,
+        on_insane: str = "warn",
+        errors: str = "raise",
+        names: list[str] | None = None,
+        batch_size: int | None = None,
+        max_atoms: int | None = None,
+        max_edges: int | None = None,
+        refine=None,
+        fmax: float = 0.05,
+        steps: int = 500,
+        optimizer="FIRE",
+        cell_filter="FrechetCellFilter",
+        scalar_pressure: float = 0.0,
+        mask=None,
+        trajectory: str | None = None,
+        logfile=None,
+    ) -> list:
+        """Relax many structures, batched on the device within the atom/edge budget.
+
+        Args:
+            structures: ASE Atoms and/or pymatgen Structures (any iterable, read lazily).
+            relax_cell: apply the predicted cell; False keeps each input cell (the predicted
+                fractional coordinates are placed in it).
+            fix_symmetry: keep each input's space group (found at ``symprec``) through
+                ASE's FixSymmetry, during the jump and any refinement; the constraint is
+                removed again afterwards and the space group is checked with spglib.
+            symprec: symmetry tolerance, Å.
+            inplace: change the given Atoms instead of returning new ones (ASE input only).
+            return_trajectory: return ``(relaxed, frames)`` per structure.
+            on_insane: a prediction failing a sanity check is "warn" (kept, flagged, logged;
+                a non-finite one falls back to the input geometry), "input" (input geometry
+                kept, flagged) or "raise" (``PredictionError``).
+            errors: "raise" stops at the first failing structure; "return" puts a
+                :class:`RelaxFailure` in its place and carries on.
+            names: how messages name each structure (default: ``info["name"]`` or formula).
+            batch_size, max_atoms, max_edges: this call's budget per forward pass (default:
+                the relaxer's); a structure over it still runs alone, validation keeps the
+                relaxer's ``max_edges`` as the per-structure limit.
+            refine: an ASE calculator (or factory, or name) to continue from the prediction
+                with real forces; then fmax, steps, optimizer, cell_filter, scalar_pressure
+                (eV/Å^3), mask, trajectory (path; "{index}" is replaced for many
+                structures) and logfile apply, as in :func:`e3relax_ase.refine.refine`.
+
+        Returns:
+            One result per input, in input order, of the type given.
+        """
+        if on_insane not in ("warn", "input", "raise"):
+            raise ValueError(f"on_insane must be 'warn', 'input' or 'raise', got {on_insane!r}")
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        refine_kwargs = {
+            "fmax": fmax,
+            "steps": steps,
+            "optimizer": optimizer,
+            "cell_filter": cell_filter,
+            "scalar_pressure": scalar_pressure,
+            "mask": mask,
+            "trajectory": trajectory,
+            "logfile": logfile,
+        }
+        options = _Options(relax_cell, fix_symmetry, symprec, return_trajectory, on_insane, refine, refine_kwargs)
+        budget = (
+            batch_size if batch_size is not None else self.batch_size,
+            max_atoms if max_atoms is not None else self.max_atoms,
+            min(max_edges, self._batch_edges) if max_edges is not None else self._batch_edges,
+        )
+        results: dict[int, Any] = {}
+        pending: list[_Item] = []
+        for index, structure in enumerate(structures):
+            try:
+                name = names[index] if names is not None else _name_of(structure, index)
+                item = self._prepare(index, name, structure, inplace)
+            except Exception as exc:
+                if errors == "raise":
+                    raise
+                results[index] = RelaxFailure(index, names[index] if names is not None else _name_of(structure, index), exc)
+                continue
+            if pending and not self._fits(pending + [item], *budget):
+                results.update(self._run_chunk(pending, options, errors))
+                pending = []
+            pending.append(item)
+        if pending:
+            results.update(self._run_chunk(pending, options, errors))
+        if trajectory and "{index}" not in str(trajectory) and len(results) > 1:
+            logger.warning("one refinement trajectory file for %d structures keeps only the last; put {index} in its name", len(results))
+        return [results[index] for index in sorted(results)]
+
+    # --- internals -------------------------------------------------------------------------
+    def _prepare(self, index: int, name: str, structure, inplace: bool) -> _Item:
+        atoms, kind = as_atoms(structure)
+        if inplace and kind != "ase":
+            raise ValueError("inplace=True works on ASE Atoms only; pymatgen input always returns a new Structure")
+        report = self.validate(atoms, name=name)
+        pristine = atoms.copy()
+        work = atoms if (inplace or kind != "ase") else atoms.copy()
+        return _Item(index, name, kind, work, pristine, crystal_arrays(atoms), report)
+
+    def _fits(self, items: list[_Item], batch_size, max_atoms, max_edges) -> bool:
+        if batch_size is not None and len(items) > batch_size:
+            return False
+        if max_atoms is not None and sum(i.report.n_atoms for i in items) > max_atoms:
+            return False
+        return sum(i.report.n_edges for i in items) <= min(max_edges, self._batch_edges)
+
+    def _predict(self, items: list[_Item]) -> list[Prediction]:
+        """One forward pass; on out-of-memory split the batch in two and retry each half."""
+        try:
+            return predict(self.model, [i.arrays for i in items], self.device, self.dtype, self.reduce_cell)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            edges = sum(i.report.n_edges for i in items)
+            if len(items) == 1:
+                raise InvalidStructureError(
+                    f"{items[0].name}: out of memory on {self.device} with {items[0].report.n_atoms} atoms and about {edges} edges"
+                ) from None
+            # Later batches start below the size that failed (a lone structure always runs).
+            self._batch_edges = max(1, min(self._batch_edges, edges // 2))
+            half = len(items) // 2
+            logger.info("out of memory on %d structures (%d edges); splitting the batch", len(items), edges)
+            return self._predict(items[:half]) + self._predict(items[half:])
+
+    def _run_chunk(self, items: list[_Item], options: _Options, errors: str) -> dict:
+        try:
+            predictions = self._predict(items)
+        except Exception as exc:
+            if errors == "raise":
+                raise
+            if len(items) == 1:
+                return {items[0].index: RelaxFailure(items[0].index, items[0].name, exc)}
+            # Isolate the structure that broke the batch: every other one still gets its result.
+            logger.warning("a batch of %d structures failed (%s); retrying them one at a time", len(items), exc)
+            out = {}
+            for item in items:
+                out.update(self._run_chunk([item], options, errors))
+            return out
+        out = {}
+        for item, prediction in zip(items, predictions):
+            try:
+                out[item.index] = self._finish(item, prediction, options)
+            except Exception as exc:
+                if errors == "raise":
+                    raise
+                out[item.index] = RelaxFailure(item.index, item.name, exc)
+        return out
+
+    def _finish(self, item: _Item, prediction: Prediction, options: _Options):
+        """Sanity-check, apply, optionally refine, record provenance; return the caller's type."""
+        positions, cell = prediction.positions[-1], prediction.cell[-1]
+        cell_input = item.arrays.cell
+        if options.relax_cell:
+            final_positions, final_cell = positions, cell
+        else:
+            final_positions, final_cell = positions @ np.linalg.solve(cell, cell_input), cell_input
+        sanity = check_prediction(final_positions, final_cell, item.arrays.pbc, cell_input, self.min_distance)
+        signal = confidence(prediction.positions, prediction.cell, item.arrays.positions, cell_input)
+        use_prediction = sanity.ok or (options.on_insane == "warn" and "NaN" not in " ".join(sanity.problems))
+        if not sanity.ok:
+            message = f"{item.name}: prediction failed sanity checks: {'; '.join(sanity.problems)}"
+            if options.on_insane == "raise":
+                raise PredictionError(message)
+            logger.warning("%s%s", message, "" if use_prediction else "; keeping the input geometry")
+
+        atoms = item.atoms
+        clear_provenance(atoms)
+        symmetry, spacegroup_input = None, None
+        if options.fix_symmetry:
+            from ase.constraints import FixSymmetry
+
+            spacegroup_input = spacegroup_number(atoms, options.symprec)
+            symmetry = FixSymmetry(atoms, symprec=options.symprec)
+            atoms.set_constraint(list(atoms.constraints) + [symmetry])
+        frames = None
+        try:
+            if use_prediction:
+                apply_prediction(atoms, positions, cell, options.relax_cell)
+            if options.return_trajectory:
+                frames = self._frames(item, prediction, options, symmetry)
+            if options.refine is not None:
+                kwargs = dict(options.refine_kwargs)
+                if kwargs.get("trajectory") and "{index}" in str(kwargs["trajectory"]):
+                    kwargs["trajectory"] = str(kwargs["trajectory"]).format(index=item.index)
+                refine_structure(atoms, options.refine, relax_cell=options.relax_cell, **kwargs)
+        finally:
+            if symmetry is not None:
+                atoms.set_constraint([c for c in atoms.constraints if c is not symmetry])
+
+        info = atoms.info
+        info[INFO_MODEL] = self.info.name or os.path.basename(self.info.path)
+        info[INFO_SHA256] = self.info.sha256
+        info[INFO_VERSION] = __version__
+        info[INFO_UNTRAINED] = bool(self.info.untrained)
+        info[INFO_RELAX_CELL] = bool(options.relax_cell)
+        info[INFO_MAX_DISPLACEMENT] = signal.max_displacement
+        info[INFO_MAX_STRAIN] = signal.max_strain
+        info[INFO_SANE] = bool(sanity.ok)
+        info[INFO_PROBLEMS] = "; ".join(sanity.problems)
+        info[INFO_CORRECTION_RATIO] = signal.correction_ratio
+        info[INFO_REFINE_ADVISED] = bool(signal.refine_advised or not sanity.ok)
+        if options.fix_symmetry:
+            info[INFO_SPACEGROUP_INPUT] = spacegroup_input
+            info[INFO_SPACEGROUP] = spacegroup_number(atoms, options.symprec)
+            if info[INFO_SPACEGROUP] != spacegroup_input:
+                logger.warning(
+                    "%s: space group changed from %d to %d despite fix_symmetry", item.name, spacegroup_input, info[INFO_SPACEGROUP]
+                )
+        result = atoms if item.kind == "ase" else from_atoms(atoms, item.kind)
+        return (result, frames) if options.return_trajectory else result
+
+    def _frames(self, item: _Item, prediction: Prediction, options: _Options, symmetry) -> list:
+        """The input, then every layer's structure, applied through the same constraints."""
+        frames = [item.pristine.copy()]
+        for layer in range(prediction.positions.shape[0]):
+            frame = item.pristine.copy()
+            if symmetry is not None:
+                frame.set_constraint(list(frame.constraints) + [symmetry])
+            apply_prediction(frame, prediction.positions[layer], prediction.cell[layer], options.relax_cell)
+            if symmetry is not None:
+                frame.set_constraint([c for c in frame.constraints if c is not symmetry])
+            frame.info["e3relax_layer"] = layer + 1
+            frames.append(frame)
+        return [from_atoms(f, item.kind) for f in frames]
+
+
+def _name_of(structure, index: int | None) -> str:
+    try:
+        atoms, _ = as_atoms(structure)
+    except Exception:
+        return "structure" if index is None else f"structure {index}"
+    return structure_name(atoms, index)

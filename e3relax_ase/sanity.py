@@ -1,0 +1,136 @@
+"""Checks on every prediction, and a per-structure signal of when refinement is advisable.
+
+Sanity (``check_prediction``): a prediction is flagged when it holds NaN/inf, when two atoms
+come closer than ``SANE_MIN_DISTANCE``, when the volume changes by more than the factors in
+``SANE_VOLUME_RATIO``, when det(cell) vanishes or changes sign (the ASE rule "det > 0", written
+for left-handed inputs too), or when a vacuum lattice vector moved.
+
+Confidence (``confidence``): the network refines the structure layer by layer. When its last
+layer still makes a large share of the total correction, the sequence has not settled and a
+force-based refinement is advisable. The share is
+
+    correction_ratio = max(d_last / d_total, s_last / s_total)
+
+with d the largest non-affine atom displacement (Å) and s the largest deformation-gradient
+entry |F - I|, "last" from layer T-1 to T and "total" from the input to layer T. A term whose
+total is below ``MIN_DISPLACEMENT`` / ``MIN_STRAIN`` counts as 0 (nothing to refine).
+``REFINE_ADVISED_RATIO`` is a documented placeholder: the threshold is to be calibrated on
+the trained checkpoint's validation set (refinement steps saved versus ratio).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SANE_MIN_DISTANCE = 0.5  # Å | same floor as input validation
+SANE_VOLUME_RATIO = (0.5, 2.0)  # predicted / input volume outside this is flagged
+REFINE_ADVISED_RATIO = 0.5  # correction_ratio above this advises refinement (to be calibrated)
+MIN_DISPLACEMENT = 0.01  # Å | below this total displacement the ratio's atom term is 0
+MIN_STRAIN = 0.002  # below this total strain the ratio's cell term is 0
+
+
+@dataclass
+class SanityReport:
+    """Outcome of the sanity checks on one prediction."""
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    min_distance: float = math.nan  # Å, shortest pair in the prediction (inf: none under the floor)
+    volume_ratio: float = math.nan  # predicted / input volume
+
+
+@dataclass
+class Confidence:
+    """How settled one prediction is."""
+
+    max_displacement: float  # Å | largest non-affine atom displacement, input -> prediction
+    max_strain: float  # largest |F - I| entry, input -> prediction
+    correction_ratio: float  # last layer's share of the total correction, in [0, inf)
+    refine_advised: bool
+
+
+def check_prediction(positions, cell, pbc, cell_input, min_distance: float = SANE_MIN_DISTANCE) -> SanityReport:
+    """Run the sanity checks on one predicted structure.
+
+    Args:
+        positions: [n_atoms, 3] predicted positions, Å.
+        cell: [3, 3] predicted cell (rows), Å.
+        pbc: [3] bool.
+        cell_input: [3, 3] the input cell, Å.
+        min_distance: shortest acceptable pair distance, Å.
+
+    Returns:
+        A :class:`SanityReport` (``ok`` False with the problems listed).
+    """
+    from e3relax_ase.validation import neighbor_pairs
+
+    positions = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(cell))):
+        return SanityReport(False, ["prediction contains NaN or infinite values"])
+    problems = []
+    det_input = float(np.linalg.det(cell_input))
+    det = float(np.linalg.det(cell))
+    ratio = det / det_input
+    if det * det_input <= 0 or abs(det) <= 1e-6 * float(np.prod(np.linalg.norm(cell, axis=1))):
+        problems.append(f"det(cell) vanished or changed sign ({det_input:.4g} -> {det:.4g} Å^3)")
+        return SanityReport(False, problems, volume_ratio=ratio)
+    low, high = SANE_VOLUME_RATIO
+    if not low <= ratio <= high:
+        problems.append(f"volume changed by a factor {ratio:.3g} (outside [{low}, {high}])")
+    for axis in np.flatnonzero(~pbc):
+        if not np.allclose(cell[axis], cell_input[axis], rtol=1e-9, atol=1e-9):
+            problems.append(f"vacuum lattice vector {axis} changed")
+    receivers, senders, distances = neighbor_pairs(positions, cell, pbc, min_distance)
+    closest = float(distances.min()) if len(distances) else math.inf
+    if len(distances):
+        k = int(np.argmin(distances))
+        i, j = sorted((int(receivers[k]), int(senders[k])))
+        problems.append(f"atoms {i} and {j} are {closest:.3f} Å apart (< {min_distance} Å)")
+    return SanityReport(not problems, problems, closest, ratio)
+
+
+def _displacement(positions_a, cell_a, positions_b, cell_b) -> float:
+    """Largest non-affine displacement (Å) from structure a to b: fractional change in b's cell."""
+    fractional_a = np.linalg.solve(cell_a.T, positions_a.T).T
+    fractional_b = np.linalg.solve(cell_b.T, positions_b.T).T
+    moves = (fractional_b - fractional_a) @ cell_b  # [n_atoms, 3]
+    return float(np.sqrt((moves**2).sum(axis=1)).max()) if len(moves) else 0.0
+
+
+def _strain(cell_a, cell_b) -> float:
+    """Largest entry of |F - I|, with F the deformation taking cell a to cell b."""
+    return float(np.abs(np.linalg.solve(cell_a, cell_b) - np.eye(3)).max())
+
+
+def confidence(positions_layers, cell_layers, positions_input, cell_input) -> Confidence:
+    """The refinement signal of one prediction (module docstring).
+
+    Args:
+        positions_layers: [T, n_atoms, 3] every layer's positions, Å.
+        cell_layers: [T, 3, 3] every layer's cell, Å.
+        positions_input: [n_atoms, 3] Å.
+        cell_input: [3, 3] Å.
+
+    Returns:
+        A :class:`Confidence`; non-finite predictions get ratio inf and refinement advised.
+    """
+    positions_layers = np.asarray(positions_layers, dtype=np.float64)
+    cell_layers = np.asarray(cell_layers, dtype=np.float64)
+    if not (np.all(np.isfinite(positions_layers[-1])) and np.all(np.isfinite(cell_layers[-1]))):
+        return Confidence(math.nan, math.nan, math.inf, True)
+    try:
+        d_total = _displacement(positions_input, cell_input, positions_layers[-1], cell_layers[-1])
+        s_total = _strain(cell_input, cell_layers[-1])
+        if len(positions_layers) < 2:
+            return Confidence(d_total, s_total, math.nan, False)
+        d_last = _displacement(positions_layers[-2], cell_layers[-2], positions_layers[-1], cell_layers[-1])
+        s_last = _strain(cell_layers[-2], cell_layers[-1])
+    except np.linalg.LinAlgError:  # a singular predicted cell; sanity flags it
+        return Confidence(math.nan, math.nan, math.inf, True)
+    ratio = max(d_last / d_total if d_total > MIN_DISPLACEMENT else 0.0, s_last / s_total if s_total > MIN_STRAIN else 0.0)
+    return Confidence(d_total, s_total, ratio, ratio > REFINE_ADVISED_RATIO)

@@ -1,0 +1,171 @@
+"""The ASE / pymatgen side of the relaxer: conversions, applying a prediction, provenance keys.
+
+A prediction is applied the way ASE applies any geometry change, so constraints act on it:
+``atoms.set_cell(cell, scale_atoms=True)`` then ``atoms.set_positions(positions)``. Writing into
+``atoms.positions[:]`` would bypass FixAtoms / FixCartesian / FixSymmetry.
+
+Consequences worth knowing (docs/relaxer.md):
+* with the cell relaxed, a FixAtoms atom keeps its fractional coordinates (it moves with the
+  cell, as under ASE's cell filters); with ``relax_cell=False`` it does not move at all;
+* with ``relax_cell=False`` the predicted fractional coordinates are placed in the input cell;
+* FixSymmetry can only symmetrise small cell steps (ASE refuses deformation steps over 0.25),
+  so a large predicted cell change is applied in steps of at most ``MAX_SYMMETRY_STEP``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from e3relax_ase.predict import CrystalArrays
+
+# Keys written into ``atoms.info`` (and pymatgen ``Structure.properties``); every key the
+# relaxer writes starts with INFO_PREFIX, and old ones are removed before new ones are written.
+INFO_PREFIX = "e3relax_"
+INFO_MODEL = "e3relax_model"  # str | checkpoint name
+INFO_SHA256 = "e3relax_checkpoint_sha256"  # str | sha256 of the checkpoint file
+INFO_VERSION = "e3relax_version"  # str | e3relax-ase version
+INFO_UNTRAINED = "e3relax_untrained"  # bool | the checkpoint is an untrained placeholder
+INFO_RELAX_CELL = "e3relax_relax_cell"  # bool | the predicted cell was applied
+INFO_MAX_DISPLACEMENT = "e3relax_max_displacement"  # float | Å, largest non-affine atom move
+INFO_MAX_STRAIN = "e3relax_max_strain"  # float | largest entry of |F - I|, F = deformation
+INFO_SANE = "e3relax_sane"  # bool | the prediction passed every sanity check
+INFO_PROBLEMS = "e3relax_problems"  # str | "; "-joined sanity problems ("" when sane)
+INFO_CORRECTION_RATIO = "e3relax_correction_ratio"  # float | last layer's share of the correction
+INFO_REFINE_ADVISED = "e3relax_refine_advised"  # bool | correction ratio above the threshold
+INFO_SPACEGROUP_INPUT = "e3relax_spacegroup_input"  # int | with fix_symmetry only
+INFO_SPACEGROUP = "e3relax_spacegroup"  # int | with fix_symmetry only, after relaxation
+INFO_CALCULATOR = "e3relax_refine_calculator"  # str | refinement only
+INFO_CONVERGED = "e3relax_converged"  # bool | refinement only: fmax < target at the end
+INFO_NSTEPS = "e3relax_nsteps"  # int | refinement only: optimizer steps taken
+INFO_FMAX = "e3relax_fmax"  # float | refinement only: final max force (cell rows included), eV/Å
+
+MAX_SYMMETRY_STEP = 0.1  # largest deformation-gradient entry per step under FixSymmetry
+
+
+def as_atoms(structure):
+    """Return (Atoms, kind) for an ASE ``Atoms`` or a pymatgen ``Structure`` (kind "ase"/"pymatgen").
+
+    Raises:
+        TypeError: for anything else.
+    """
+    from ase import Atoms
+
+    if isinstance(structure, Atoms):
+        return structure, "ase"
+    try:
+        from pymatgen.core import Structure
+    except ImportError:  # pymatgen is optional for ASE users
+        Structure = None
+    if Structure is not None and isinstance(structure, Structure):
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        return AseAtomsAdaptor.get_atoms(structure), "pymatgen"
+    raise TypeError(f"expected an ase.Atoms or a pymatgen Structure, got {type(structure).__name__}")
+
+
+def from_atoms(atoms, kind: str):
+    """Back to the caller's type: the Atoms itself, or a pymatgen Structure (magmoms, selective
+    dynamics and ``info`` become site properties and ``Structure.properties``)."""
+    if kind == "ase":
+        return atoms
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    return AseAtomsAdaptor.get_structure(atoms)
+
+
+def crystal_arrays(atoms) -> CrystalArrays:
+    """The plain arrays of an Atoms (copies, float64)."""
+    return CrystalArrays(
+        numbers=np.array(atoms.numbers, dtype=np.int64),
+        positions=np.array(atoms.positions, dtype=np.float64),
+        cell=np.array(atoms.cell.array, dtype=np.float64),
+        pbc=np.array(atoms.pbc, dtype=bool),
+    )
+
+
+def clear_provenance(atoms) -> None:
+    """Remove every key an earlier run wrote, so no stale flag (e.g. converged) survives."""
+    for key in [k for k in atoms.info if str(k).startswith(INFO_PREFIX)]:
+        del atoms.info[key]
+
+
+def _set_cell_in_steps(atoms, cell: np.ndarray) -> None:
+    """``set_cell(scale_atoms=True)``, split into small steps when a constraint adjusts cells."""
+    adjusts_cell = any(type(c).__name__ == "FixSymmetry" for c in atoms.constraints)
+    n_steps = 1
+    if adjusts_cell:
+        start = atoms.cell.array.copy()
+        deformation = np.linalg.solve(start, cell).T - np.eye(3)
+        n_steps = max(1, math.ceil(float(np.abs(deformation).max()) / MAX_SYMMETRY_STEP))
+    start = atoms.cell.array.copy()
+    for step in range(1, n_steps):
+        atoms.set_cell(start + (cell - start) * (step / n_steps), scale_atoms=True)
+    atoms.set_cell(cell, scale_atoms=True)  # the last step exactly, not start + (cell - start)
+
+
+def apply_prediction(atoms, positions: np.ndarray, cell: np.ndarray, relax_cell: bool = True) -> None:
+    """Move ``atoms`` (in place) to a predicted structure through its constraints.
+
+    Args:
+        atoms: the structure to change.
+        positions: [n_atoms, 3] predicted positions, Å (the caller's images).
+        cell: [3, 3] predicted cell (rows), Å.
+        relax_cell: apply the predicted cell; if False the cell is kept and the predicted
+            fractional coordinates are placed in it.
+    """
+    cell = np.asarray(cell, dtype=np.float64)
+    positions = np.asarray(positions, dtype=np.float64)
+    if relax_cell:
+        _set_cell_in_steps(atoms, cell)
+    applied = atoms.cell.array
+    if not np.array_equal(applied, cell):
+        # Constraints (FixSymmetry) or relax_cell=False changed the cell: keep the predicted
+        # fractional coordinates in the cell actually applied.
+        positions = positions @ np.linalg.solve(cell, applied)
+    atoms.set_positions(positions)
+
+
+def spacegroup_number(atoms, symprec: float) -> int:
+    """spglib's space-group number of ``atoms`` (1 when spglib finds no symmetry)."""
+    import warnings
+
+    import spglib
+
+    cell = (atoms.cell.array, atoms.get_scaled_positions(wrap=True), atoms.numbers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # spglib's notice about its error API
+        try:
+            dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
+        except Exception:  # spglib >= 2.5 may raise where it used to return None
+            dataset = None
+    return int(dataset.number) if dataset is not None else 1
+
+
+def vacuum_cell_mask(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray | None:
+    """A 3x3 cell-filter mask that freezes the vacuum axes of a slab or 2D cell.
+
+    ASE's cell filters mask Cartesian components of the deformation gradient, so a vacuum axis
+    can be frozen exactly only when its lattice vector lies along a Cartesian axis k and the
+    periodic vectors are perpendicular to k (the layout of ``ase.build`` slabs).
+
+    Returns:
+        The mask (1 = free), None when every axis is periodic.
+
+    Raises:
+        ValueError: if a vacuum vector is not along a Cartesian axis (pass a mask yourself).
+    """
+    pbc = np.asarray(pbc, dtype=bool)
+    if pbc.all():
+        return None
+    mask = np.ones((3, 3))
+    for axis in np.flatnonzero(~pbc):
+        direction = cell[axis] / np.linalg.norm(cell[axis])
+        k = int(np.argmax(np.abs(direction)))
+        others = [cell[c] for c in range(3) if c != axis]
+        if abs(direction[k]) < 1 - 1e-6 or any(abs(v[k]) > 1e-6 * max(1.0, np.linalg.norm(v)) for v in others):
+            raise ValueError(f"vacuum axis {axis} is not along a Cartesian axis; pass a cell-filter mask explicitly")
+        mask[k, :] = 0.0
+        mask[:, k] = 0.0
+    return mask
