@@ -54,7 +54,8 @@ def relaxation_loss(output, positions_target, cell_target, batch, layer_weights=
         layer_weights: alpha_t, [T]; ones by default.
 
     Returns:
-        (total loss, dict of the last layer's PACD and lattice terms as floats)
+        (total loss, dict of the last layer's PACD and lattice terms as detached tensors;
+        kept on the device so a training step needs no host synchronisation)
     """
     pacd = pacd_loss(output.positions, positions_target, cell_target, batch)  # [T]
     lattice = lattice_loss(output.cell, cell_target)  # [T]
@@ -63,4 +64,4 @@ def relaxation_loss(output, positions_target, cell_target, batch, layer_weights=
     else:
         layer_weights = torch.as_tensor(layer_weights, dtype=pacd.dtype, device=pacd.device)
     total = (layer_weights * (pacd + lattice)).sum()
-    return total, {"pacd": float(pacd[-1].detach()), "lattice": float(lattice[-1].detach())}
+    return total, {"pacd": pacd[-1].detach(), "lattice": lattice[-1].detach()}

@@ -31,6 +31,9 @@ class TrainConfig:
         time_budget_minutes: stop cleanly at an epoch boundary before this much wall time
             (for 10-minute GPU calls); 0 means no budget. A resumed run continues.
         val_max_pairs: evaluate on at most this many validation pairs (0 = all).
+        cache_dir: keep prepared (canonicalised, graph-built) data here between runs; "" = off.
+        init_from: start from the weights of this checkpoint (name or path; fine-tuning); its
+            model config must equal ``model``. "" = random initialisation.
     """
 
     train_data: tuple = ()
@@ -53,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     time_budget_minutes: float = 0.0
     val_max_pairs: int = 0
+    cache_dir: str = ""
+    init_from: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "train_data", tuple([self.train_data] if isinstance(self.train_data, str) else self.train_data))

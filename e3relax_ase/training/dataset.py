@@ -142,3 +142,40 @@ def prepare_pairs(pairset, cutoff: float, max_neighbors: int, dtype=torch.float3
         edge_shift=torch.cat(shifts).to(dtype),
         edge_offsets=torch.as_tensor(edge_offsets, dtype=torch.long),
     )
+
+
+def load_or_prepare(paths, cutoff: float, max_neighbors: int, cache_dir=None, center_targets: bool = True, max_pairs: int = 0) -> PreparedPairs:
+    """Prepared pairs of one or more pair files, cached on disk under ``cache_dir``.
+
+    The cache key is the files' sha256, the graph settings and the options, so a changed file
+    or cutoff never reuses a stale cache.
+    """
+    import hashlib
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from e3relax_ase.training.pairs import PairSet, load_pairs
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    cache_path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(Path(path).read_bytes())
+        digest.update(f"{cutoff}|{max_neighbors}|{center_targets}|{max_pairs}".encode())
+        cache_path = Path(cache_dir) / f"prepared_{digest.hexdigest()[:20]}.pt"
+        if cache_path.exists():
+            return PreparedPairs(**torch.load(cache_path, weights_only=True))
+    sets = [load_pairs(p) for p in paths]
+    pairs = sets[0] if len(sets) == 1 else PairSet.concatenate(sets)
+    if max_pairs and len(pairs) > max_pairs:
+        pairs = pairs.subset(range(max_pairs))
+    prepared = prepare_pairs(pairs, cutoff, max_neighbors, center_targets=center_targets)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")
+        with os.fdopen(handle, "wb") as stream:
+            torch.save({f.name: getattr(prepared, f.name) for f in fields(prepared)}, stream)
+        os.replace(tmp, cache_path)
+    return prepared

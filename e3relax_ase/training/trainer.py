@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-from e3relax_ase.checkpoint import save_checkpoint
+from e3relax_ase.checkpoint import load_checkpoint, save_checkpoint
 from e3relax_ase.loss import relaxation_loss
 from e3relax_ase.metrics import structure_errors
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.training.config import TrainConfig
-from e3relax_ase.training.dataset import PreparedPairs, prepare_pairs
-from e3relax_ase.training.pairs import PairSet, load_pairs
+from e3relax_ase.training.dataset import PreparedPairs, load_or_prepare
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +53,6 @@ class Distributed:
         return self.rank == 0
 
 
-def load_pairsets(paths) -> PairSet:
-    sets = [load_pairs(p) for p in paths]
-    return sets[0] if len(sets) == 1 else PairSet.concatenate(sets)
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of an epoch: a function of (seed, epoch) only, so resumes reproduce it."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -69,8 +63,7 @@ def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float,
     # Warm-up: early on, average over fewer steps so the EMA does not drag the initial weights.
     decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
-        for ema_param, param in zip(ema_model.parameters(), model.parameters()):
-            ema_param.lerp_(param.detach(), 1 - decay)
+        torch._foreach_lerp_(list(ema_model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def take_step(model, optimizer, graph, positions_target, cell_target, config: TrainConfig, device) -> dict:
@@ -85,11 +78,15 @@ def take_step(model, optimizer, graph, positions_target, cell_target, config: Tr
     loss, parts = relaxation_loss(output, positions_target, cell_target, graph.batch, layer_weights)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    else:
-        logger.warning("non-finite gradient norm; step skipped")
-    return {"loss": float(loss.detach()), **parts}
+    # A non-finite gradient zeroes the step instead of corrupting the weights; done on the
+    # device (no `if` on a GPU value) so the host never waits for the GPU inside an epoch.
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finite = torch.isfinite(grad_norm)
+    torch._foreach_mul_(grads, finite.to(grads[0].dtype))
+    for g in grads:
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    optimizer.step()
+    return {"loss": loss.detach(), "skipped": (~finite).float(), **parts}
 
 
 @torch.no_grad()
@@ -114,7 +111,7 @@ def train_one_epoch(model, ddp_model, ema_model, optimizer, data: PreparedPairs,
     order = epoch_order(len(data), config.seed, epoch)
     order = order[dist.rank :: dist.world_size]  # each rank its own shard of the same permutation
     n_batches = math.ceil(len(order) / config.batch_size)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     for b in range(n_batches):
         graph, positions_target, cell_target = data.batch(order[b * config.batch_size : (b + 1) * config.batch_size])
         parts = take_step(ddp_model, optimizer, graph, positions_target, cell_target, config, device)
@@ -122,7 +119,11 @@ def train_one_epoch(model, ddp_model, ema_model, optimizer, data: PreparedPairs,
         ema_update(ema_model, model, config.ema_decay, step)
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value
-    return {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}, step
+    metrics = {f"train_{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
+    metrics["train_skipped"] = metrics["train_skipped"] * max(n_batches, 1)  # a count, not a mean
+    if metrics["train_skipped"]:
+        logger.warning("epoch %d: %d steps with a non-finite gradient were skipped", epoch, metrics["train_skipped"])
+    return metrics, step
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -148,7 +149,7 @@ def _write_log(out_dir: Path, history: list[dict]) -> None:
 
 
 # Operational settings a resumed run may change; everything else must match the saved run.
-_RESUMABLE_CHANGES = ("time_budget_minutes", "max_epochs", "early_stop_patience")
+_RESUMABLE_CHANGES = ("time_budget_minutes", "max_epochs", "early_stop_patience", "cache_dir")
 
 
 def _resume_key(values: dict) -> dict:
@@ -177,19 +178,25 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
     model_config = config.model_config
 
     if prepared is None:
-        train_set = prepare_pairs(load_pairsets(config.train_data), model_config.cutoff, model_config.max_neighbors)
-        val_pairs = load_pairsets(config.val_data)
-        if config.val_max_pairs and len(val_pairs) > config.val_max_pairs:
-            val_pairs = val_pairs.subset(range(config.val_max_pairs))
-        val_set = prepare_pairs(val_pairs, model_config.cutoff, model_config.max_neighbors)
+        cache = config.cache_dir or None
+        train_set = load_or_prepare(config.train_data, model_config.cutoff, model_config.max_neighbors, cache)
+        val_set = load_or_prepare(config.val_data, model_config.cutoff, model_config.max_neighbors, cache, max_pairs=config.val_max_pairs)
     else:
         train_set, val_set = prepared
     train_set, val_set = train_set.to(device), val_set.to(device)
 
     torch.manual_seed(config.seed)
-    model = E3RelaxH2(model_config).to(device)
+    model = E3RelaxH2(model_config)
+    if config.init_from:
+        initial, info = load_checkpoint(config.init_from)
+        if info.config != model_config:
+            raise ValueError(f"init_from {config.init_from}: its model config differs from this run's model config")
+        model.load_state_dict(initial.state_dict())
+    model = model.to(device)
     ema_model = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
     )
@@ -234,7 +241,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         if best is None or val_metrics["coord_mae"] < best["val_coord_mae"]:
             best, stale = dict(row), 0
             if dist.is_main:
-                _atomic_save({"ema": ema_model.state_dict(), "epoch": epoch}, out_dir / "best_ema.pt")
+                _atomic_save({"ema": {k: v.cpu() for k, v in ema_model.state_dict().items()}, "epoch": epoch}, out_dir / "best_ema.pt")
         else:
             stale += 1
         if dist.is_main:
