@@ -154,3 +154,17 @@ def test_float32_matches_float64(model, crystal):
     out64 = predict(model, [crystal], dtype=torch.float64)[0]
     out32 = predict(model.float(), [crystal], dtype=torch.float32)[0]
     np.testing.assert_allclose(out32.positions, out64.positions, atol=1e-4)
+
+
+def test_prediction_keeps_the_inputs_fractional_centroid(model, crystal, rng):
+    """Output convention: the rigid translation is that of DFT codes (fractional centroid kept)."""
+    out = predict(model, [crystal], dtype=torch.float64)[0]
+    frac_in = np.linalg.solve(crystal.cell.T, crystal.positions.T).T.mean(0)
+    frac_out = np.linalg.solve(out.cell[-1].T, out.positions[-1].T).T.mean(0)
+    np.testing.assert_allclose(frac_out, frac_in, atol=1e-10)
+    # so translating the input by t translates the output by t L_in^-1 L_pred
+    shift = rng.normal(size=3) * 0.01  # small: no atom crosses a cell face
+    moved = predict(model, [CrystalArrays(crystal.numbers, crystal.positions + shift, crystal.cell, crystal.pbc)], dtype=torch.float64)[0]
+    expected = shift @ np.linalg.solve(crystal.cell, out.cell[-1])
+    np.testing.assert_allclose(moved.positions[-1] - out.positions[-1], np.broadcast_to(expected, out.positions[-1].shape), atol=1e-9)
+    np.testing.assert_allclose(moved.cell, out.cell, atol=1e-10)
