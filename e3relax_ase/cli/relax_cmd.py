@@ -151,6 +151,11 @@ def _write(job: _FileJob) -> None:
 @click.option("--pressure", default=0.0, show_default=True, help="Refinement external pressure, GPa.")
 @click.option("--batch-size", type=int, default=None, help="Structures per forward pass [default: 1 on CPU, by memory on GPU].")
 @click.option("--resume", is_flag=True, help="Skip inputs whose outputs already exist.")
+@click.option(
+    "--distributed/--no-distributed",
+    default=None,
+    help="Share the structures between the processes of a torchrun job (rank 0 writes) [default: when started by torchrun].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", count=True, help="Errors only.")
@@ -171,6 +176,7 @@ def relax(
     pressure,
     batch_size,
     resume,
+    distributed,
     as_json,
     verbose,
     quiet,
@@ -186,6 +192,7 @@ def relax(
     from ase.io.formats import ioformats
     from ase.units import GPa
 
+    from e3relax_ase import distributed as torchrun_job
     from e3relax_ase.checkpoint import CheckpointError
     from e3relax_ase.fileio import InputFileError, expand_inputs, read_structures
     from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure
@@ -202,6 +209,14 @@ def relax(
             factory = resolve_calculator(refine_spec)
         except (ImportError, ValueError) as exc:
             raise click.BadParameter(str(exc), param_hint="--refine") from None
+    if distributed and not torchrun_job.launched_by_torchrun():
+        raise click.BadParameter("needs a launch by torchrun with more than one process", param_hint="--distributed")
+    world = torchrun_job.World()
+    if distributed is not False and torchrun_job.launched_by_torchrun():
+        world = torchrun_job.join()
+        click.get_current_context().call_on_close(torchrun_job.leave)
+        device = world.device(device)
+        logger.disabled = not world.is_main  # rank 0 reports inputs, outputs and failures for all
     relaxer_logger = logging.getLogger("e3relax_ase.relaxer")
     quiet_filter = _DropUntrainedWarning()
     relaxer_logger.addFilter(quiet_filter)
@@ -211,7 +226,7 @@ def relax(
         raise click.ClickException(str(exc)) from None
     finally:
         relaxer_logger.removeFilter(quiet_filter)
-    if relaxer.info.untrained:
+    if relaxer.info.untrained and world.is_main:
         click.echo(f"WARNING: checkpoint {relaxer.info.name!r} is UNTRAINED (random weights): its predictions are meaningless.", err=True)
 
     files = expand_inputs(inputs)
@@ -231,13 +246,16 @@ def relax(
         "scalar_pressure": pressure * GPa,
     }
     queue: list[tuple[_FileJob, int]] = []
+    n_flushed = 0  # structures sent to the relaxer so far: their index decides their rank
 
     def flush():
+        nonlocal n_flushed
         if not queue:
             return
         atoms = [job.frames[i] for job, i in queue]
         names = [job.label(i) for job, i in queue]
-        results = relaxer.relax_many(atoms, names=names, **options)
+        results = torchrun_job.relax_sharded(relaxer, atoms, world, names=names, start=n_flushed, **options) or []
+        n_flushed += len(atoms)
         for (job, i), result in zip(queue, results):
             job.results[i] = result
             if isinstance(result, RelaxFailure):
@@ -251,7 +269,7 @@ def relax(
                     logger.error("%s", job.error)
         queue.clear()
 
-    show_progress = len(jobs) > 1 and quiet == 0
+    show_progress = len(jobs) > 1 and quiet == 0 and world.is_main
     with click.progressbar(jobs, label="relaxing", file=sys.stderr, show_pos=True) if show_progress else _nullbar(jobs) as bar:
         for job in bar:
             try:
@@ -276,9 +294,11 @@ def relax(
                 logger.info("%s: output exists, skipped (--resume)", job.path)
                 continue
             queue.extend((job, i) for i in range(len(job.frames)))
-            if len(queue) >= max(FLUSH_SIZE, batch_size or 0):
+            if len(queue) >= max(FLUSH_SIZE, batch_size or 0) * world.world_size:
                 flush()
         flush()
+    if not world.is_main:
+        return  # its results went to rank 0, which writes them and reports
 
     summary = _summary(jobs, relaxer)
     if as_json:

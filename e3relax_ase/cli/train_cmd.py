@@ -23,8 +23,7 @@ def train(config_path, device, export_path, name, time_budget):
     import dataclasses
     import os
 
-    import torch
-
+    from e3relax_ase import distributed
     from e3relax_ase.cli.main import configure_logging
     from e3relax_ase.training.config import TrainConfig
     from e3relax_ase.training.trainer import export_checkpoint, train as run_training
@@ -36,20 +35,11 @@ def train(config_path, device, export_path, name, time_budget):
         raise click.ClickException(f"{config_path}: {exc}") from None
     if time_budget is not None:
         config = dataclasses.replace(config, time_budget_minutes=time_budget)
-    distributed = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            device = f"cuda:{local_rank}"
-        torch.distributed.init_process_group(backend)
-    try:
-        summary = run_training(config, device=device)
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
-    if export_path and (not distributed or int(os.environ.get("RANK", "0")) == 0):
-        sha = export_checkpoint(config.out_dir, export_path, {"name": name or os.path.splitext(os.path.basename(export_path))[0]})
-        summary["exported"] = {"path": export_path, "sha256": sha}
+    with distributed.process_group() as world:
+        summary = run_training(config, device=world.device(device))
+        if export_path and world.is_main:
+            sha = export_checkpoint(config.out_dir, export_path, {"name": name or os.path.splitext(os.path.basename(export_path))[0]})
+            summary["exported"] = {"path": export_path, "sha256": sha}
+    if not world.is_main:
+        return
     click.echo(json.dumps(summary, indent=2, default=str), file=sys.stdout)

@@ -52,6 +52,25 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank.
+
+        Decisions that must be the same everywhere (early stop, LR plateau, time budget) are
+        taken from rank 0's view: a rank leaving the loop alone would hang the others in DDP's
+        next all-reduce.
+        """
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (on the device the backend expects)."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of an epoch: a function of (seed, epoch) only, so resumes reproduce it."""
@@ -109,6 +128,10 @@ def evaluate(model, data: PreparedPairs, batch_size: int, device) -> dict:
 
 def train_one_epoch(model, ddp_model, ema_model, optimizer, data: PreparedPairs, config, epoch, step, device, dist: Distributed):
     order = epoch_order(len(data), config.seed, epoch)
+    # Every rank must take the same number of steps (an extra step waits forever in DDP's
+    # all-reduce), so the epoch drops its last len % world_size structures: fewer than
+    # world_size, and different ones each epoch since the permutation changes.
+    order = order[: len(order) - len(order) % dist.world_size]
     order = order[dist.rank :: dist.world_size]  # each rank its own shard of the same permutation
     n_batches = math.ceil(len(order) / config.batch_size)
     sums: dict[str, torch.Tensor] = {}
@@ -119,8 +142,12 @@ def train_one_epoch(model, ddp_model, ema_model, optimizer, data: PreparedPairs,
         ema_update(ema_model, model, config.ema_decay, step)
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value
+    if dist.world_size > 1 and sums:  # the log reports the whole epoch, not rank 0's shard
+        names = sorted(sums)
+        totals = dist.all_reduce_sum(torch.stack([sums[k].float() for k in names]))
+        sums = {k: totals[i] / dist.world_size for i, k in enumerate(names)}
     metrics = {f"train_{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
-    metrics["train_skipped"] = metrics["train_skipped"] * max(n_batches, 1)  # a count, not a mean
+    metrics["train_skipped"] = metrics["train_skipped"] * max(n_batches, 1) * dist.world_size  # a count, not a mean
     if metrics["train_skipped"]:
         logger.warning("epoch %d: %d steps with a non-finite gradient were skipped", epoch, metrics["train_skipped"])
     return metrics, step
@@ -214,7 +241,12 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         logger.info("resumed %s at epoch %d", out_dir, epoch)
     ddp_model = model
     if dist.world_size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # static_graph: the last layer's lattice-mixing weights never reach the loss (their
+        # output is not read), which plain DDP reports as an error; the set of parameters used
+        # is the same every step, so DDP learns it once instead of searching every step.
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
+        )
 
     status = "finished"
     epoch_seconds = 0.0
@@ -225,12 +257,17 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
             break
         elapsed = (time.monotonic() - started) / 60
         # At least one epoch per call, so a budget shorter than an epoch still makes progress.
-        if config.time_budget_minutes and epochs_this_call and elapsed + 1.2 * epoch_seconds / 60 > config.time_budget_minutes:
+        # Clocks differ between ranks: rank 0 decides for all.
+        over_budget = bool(config.time_budget_minutes and epochs_this_call and elapsed + 1.2 * epoch_seconds / 60 > config.time_budget_minutes)
+        if dist.broadcast(over_budget):
             status = "paused"
             break
         tick = time.monotonic()
         train_metrics, step = train_one_epoch(model, ddp_model, ema_model, optimizer, train_set, config, epoch, step, device, dist)
-        val_metrics = evaluate(ema_model, val_set, 4 * config.batch_size, device)
+        # The EMA weights are the same on every rank; evaluating once and sharing the result keeps
+        # the LR scheduler, the best epoch and early stopping identical on all ranks (GPU
+        # scatter-adds are not bitwise reproducible, so per-rank evaluations could disagree).
+        val_metrics = dist.broadcast(evaluate(ema_model, val_set, 4 * config.batch_size, device) if dist.is_main else None)
         scheduler.step(val_metrics["coord_mae"])
         epoch += 1
         epochs_this_call += 1
