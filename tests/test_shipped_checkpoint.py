@@ -1,0 +1,66 @@
+"""The shipped checkpoint: loads offline from the tree and from a built wheel, and reproduces
+the figures of its model card."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from e3relax_ase.checkpoint import CHECKPOINT_DIR, load_checkpoint, read_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_is_a_trained_registered_checkpoint():
+    registry = read_registry()
+    name = registry["default"]
+    model, info = load_checkpoint("default")  # verifies the registry sha256
+    assert info.name == name and not info.untrained
+    assert info.sha256 == registry["checkpoints"][name]["sha256"]
+    assert model.count_parameters() == registry["checkpoints"][name]["parameters"]
+    assert {14, 33, 51, 56} <= set(info.metadata["elements"])  # Si As Sb Ba from the DFT pairs
+    assert (CHECKPOINT_DIR / registry["checkpoints"][name]["card"]).exists()
+
+
+def test_evaluate_reproduces_the_model_cards_per_structure_figures(tmp_path):
+    from e3relax_ase.training.evaluate import evaluate_checkpoint
+    from e3relax_ase.training.pairs import load_pairs, save_pairs
+
+    name = read_registry()["default"]
+    card_dir = CHECKPOINT_DIR / "cards" / name
+    with open(card_dir / "per_structure.csv") as handle:
+        card_rows = {row["id"]: row for row in csv.DictReader(handle)}
+    pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
+    subset = tmp_path / "first.npz"
+    save_pairs(subset, pairs.subset(range(40)))
+    torch.set_num_threads(1)
+    summary = evaluate_checkpoint("default", subset, out_dir=tmp_path / "out", match_sample=0)
+    with open(tmp_path / "out" / "per_structure.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 40
+    for row in rows:
+        expected = card_rows[row["id"]]
+        for key in ("coord_mae", "coord_mae_paper", "volume_abs", "dummy_coord_mae"):
+            assert float(row[key]) == pytest.approx(float(expected[key]), abs=1e-5), (row["id"], key)
+    assert summary["model"]["coord_mae"] < summary["dummy"]["coord_mae"]
+
+
+def test_installed_wheel_loads_the_default_checkpoint(tmp_path):
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(ROOT)],
+                   check=True, capture_output=True)
+    wheel = next(wheel_dir.glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import e3relax_ase, json; from e3relax_ase.checkpoint import load_checkpoint; m, i = load_checkpoint('default'); "
+            "print(json.dumps([e3relax_ase.__file__, i.name, i.untrained]))")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+    path, name, untrained = json.loads(out.stdout.strip().splitlines()[-1])
+    assert path.startswith(str(target)) and name == read_registry()["default"] and not untrained
