@@ -99,3 +99,26 @@ def test_prepared_targets_are_centred_nearest_images(pair_files):
     frac_in = torch.linalg.solve(graph.cell[graph.batch].transpose(1, 2), graph.positions.unsqueeze(-1)).squeeze(-1)
     frac_out = torch.linalg.solve(cell_target[graph.batch].transpose(1, 2), target.unsqueeze(-1)).squeeze(-1)
     assert (frac_out - frac_in).abs().max() < 0.75
+
+
+def test_finetune_from_a_checkpoint_starts_from_its_weights(pair_files, tmp_path):
+    """The documented fine-tuning path: init_from a checkpoint, then train on user pairs."""
+    import yaml
+
+    from e3relax_ase.checkpoint import save_checkpoint
+    from e3relax_ase.model import E3RelaxH2
+    from e3relax_ase.config import ModelConfig
+
+    torch.manual_seed(11)
+    base = E3RelaxH2(ModelConfig(**TINY))
+    save_checkpoint(tmp_path / "base.pt", base, {"name": "base"})
+    documented = yaml.safe_load((Path(__file__).parents[1] / "examples" / "finetune" / "finetune.yaml").read_text())
+    assert documented["init_from"] == "default" and "model" in documented
+    config = _config(pair_files, tmp_path / "ft", max_epochs=1, init_from=str(tmp_path / "base.pt"), lr=1e-9, ema_decay=0.0)
+    train(config, device="cpu")
+    state = torch.load(tmp_path / "ft" / STATE_FILE, weights_only=True)
+    for key, value in base.state_dict().items():  # lr ~ 0: still the base weights
+        assert torch.allclose(state["model"][key], value, atol=1e-6), key
+    with pytest.raises(ValueError, match="model config differs"):
+        train(_config(pair_files, tmp_path / "bad", max_epochs=1, init_from=str(tmp_path / "base.pt"),
+                      model={**TINY, "num_channels": 12}), device="cpu")
