@@ -137,6 +137,9 @@ def sevennet_fire(crystals, device, n, fmax=0.05):
 
 def forward_throughput(config, crystals, device, batch):
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = E3RelaxH2(config).to(device).eval()
     forms = [canonicalize(c.positions, c.cell, c.pbc) for c in crystals[:batch]]
     graph = graph_from_canonical(crystals[:batch], forms, config.cutoff, config.max_neighbors, device, torch.float32)
