@@ -6,6 +6,16 @@ import dataclasses
 from dataclasses import dataclass
 
 
+def from_dict_strict(cls, values: dict, what: str):
+    """Build dataclass ``cls`` from ``values``, rejecting unknown keys (a typo must not
+    silently fall back to a default)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {', '.join(unknown)}")
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every hyperparameter of E3Relax-H2 (defaults: the paper's F = 512, T = 4, D = 6, K = 50).
@@ -68,9 +78,5 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        """Build a config, rejecting unknown keys (a typo must not silently use a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {', '.join(unknown)}")
-        return cls(**values)
+        """Build a config, rejecting unknown keys."""
+        return from_dict_strict(cls, values, "ModelConfig")

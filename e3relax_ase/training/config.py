@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from e3relax_ase.config import ModelConfig
+from e3relax_ase.config import ModelConfig, from_dict_strict
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
-        return cls(**values)
+        return from_dict_strict(cls, values, "training config")
 
     @classmethod
     def from_yaml(cls, path) -> "TrainConfig":
