@@ -7,9 +7,12 @@ from its current positions and cell in every layer.
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass, fields
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from e3relax_ase.keys import SHELL_TOLERANCE
@@ -130,6 +133,121 @@ def neighbor_edges(
     return src[order].long(), dst[order].long(), shift[order].to(positions.dtype)
 
 
+def _neighbor_list(cutoff: float):
+    """A vesin-torch calculator for ``cutoff``, reused within a thread and process.
+
+    A calculator holds no state between ``compute`` calls that affects the result (it is
+    created with the same options as a fresh one, and ``compute`` returns copies), so reusing
+    it only saves its construction; one per thread keeps concurrent callers apart.
+    """
+    import vesin_torch
+
+    key = (os.getpid(), float(cutoff))
+    cache = getattr(_CALCULATORS, "cache", None)
+    if cache is None:
+        cache = _CALCULATORS.cache = {}
+    calculator = cache.get(key)
+    if calculator is None:
+        if len(cache) > 16:  # many different cutoffs: do not grow without bound
+            cache.clear()
+        calculator = cache[key] = vesin_torch.NeighborList(cutoff=float(cutoff), full_list=True)
+    return calculator
+
+
+_CALCULATORS = threading.local()
+
+
+def periodic_pairs(positions, cell, pbc, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs within ``cutoff`` of one crystal, searched on the CPU in float64.
+
+    The search ``neighbor_edges`` does before capping (full list, periodic images included,
+    true self pair excluded), with the same vesin call on the same float64 numbers, so the
+    pairs come in the same order with the same distances.
+
+    Args:
+        positions: [n_atoms, 3] Å (numpy or torch; taken as float64).
+        cell: [3, 3] rows are lattice vectors, Å.
+        pbc: [3] bool.
+        cutoff: Å.
+
+    Returns:
+        (receiver i, sender j, shift [n, 3] int, distance) numpy arrays in vesin's order.
+    """
+    positions = torch.as_tensor(positions).detach().to("cpu", torch.float64)
+    cell = torch.as_tensor(cell).detach().to("cpu", torch.float64)
+    pbc = torch.as_tensor(pbc).detach().to("cpu", torch.bool)
+    dst, src, shift, distances = _neighbor_list(cutoff).compute(positions, cell, pbc, "ijSd")
+    dst, src, shift, distances = dst.numpy(), src.numpy(), shift.numpy(), distances.numpy()
+    not_self = (src != dst) | (shift != 0).any(axis=1)
+    if not_self.all():
+        return dst, src, shift, distances
+    return dst[not_self], src[not_self], shift[not_self], distances[not_self]
+
+
+def capped_edges(
+    dst: np.ndarray, src: np.ndarray, shift: np.ndarray, distances: np.ndarray, n_atoms: int, max_neighbors: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``neighbor_edges``'s cap and ordering, applied to pairs from ``periodic_pairs``, in numpy.
+
+    The rule of ``cap_neighbors`` (same comparisons in float64) and the order of
+    ``neighbor_edges`` (by receiver, then distance, then search order: stable sorts give a
+    unique permutation), so the edges are those of ``neighbor_edges`` for the same search,
+    bit for bit (tests/test_pipeline_speed_equivalence.py); about 10x faster on small cells,
+    where torch's per-op overhead dominates.
+
+    Returns:
+        (edge_src int64, edge_dst int64, edge_shift int) numpy arrays, local atom indices.
+    """
+    order = np.argsort(distances, kind="stable")
+    order = order[np.argsort(dst[order], kind="stable")]
+    sorted_dst = dst[order]
+    counts = np.bincount(sorted_dst, minlength=n_atoms)
+    if len(dst) and int(counts.max()) > max_neighbors:
+        # cap_neighbors's rule, on the order computed above (sorted by receiver, distance,
+        # search order): the kept edges, in that order, are neighbor_edges's final order.
+        first = np.cumsum(counts) - counts
+        rank = np.arange(len(dst)) - first[sorted_dst]
+        sorted_distances = distances[order]
+        kth = np.full(n_atoms, np.inf, dtype=distances.dtype)
+        at_k = rank == max_neighbors - 1
+        kth[sorted_dst[at_k]] = sorted_distances[at_k]
+        order = order[(rank < max_neighbors) | (sorted_distances <= kth[sorted_dst] + SHELL_TOLERANCE)]
+    return src[order].astype(np.int64), dst[order].astype(np.int64), shift[order]
+
+
+def graph_from_edges(
+    numbers: Sequence[np.ndarray],
+    positions: Sequence[np.ndarray],
+    cells: Sequence[np.ndarray],
+    pbcs: Sequence[np.ndarray],
+    edges: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    dtype: torch.dtype,
+) -> CrystalGraph:
+    """Batch crystals whose edges are already known (``capped_edges``) into one CPU graph.
+
+    The same graph ``build_graph`` makes from CPU tensors of ``dtype`` (one concatenation per
+    field instead of one tensor per crystal); move it to a device in one go with
+    ``graph.pin_memory().to(device, non_blocking=True)``.
+    """
+    if len(positions) == 0:
+        raise ValueError("graph_from_edges needs at least one crystal")
+    n_atoms = np.array([len(p) for p in positions], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
+    n_edges = np.array([len(e[0]) for e in edges], dtype=np.int64)
+    edge_offsets = np.repeat(offsets, n_edges)
+    return CrystalGraph(
+        numbers=torch.from_numpy(np.concatenate([np.asarray(n, dtype=np.int64) for n in numbers])),
+        positions=torch.from_numpy(np.concatenate(positions).astype(np.float64, copy=False)).to(dtype),
+        cell=torch.from_numpy(np.stack(cells).astype(np.float64, copy=False)).to(dtype),
+        pbc=torch.from_numpy(np.stack([np.asarray(p, dtype=bool) for p in pbcs])),
+        batch=torch.from_numpy(np.repeat(np.arange(len(positions), dtype=np.int64), n_atoms)),
+        n_atoms=torch.from_numpy(n_atoms),
+        edge_src=torch.from_numpy(np.concatenate([e[0] for e in edges]) + edge_offsets),
+        edge_dst=torch.from_numpy(np.concatenate([e[1] for e in edges]) + edge_offsets),
+        edge_shift=torch.from_numpy(np.concatenate([np.asarray(e[2]).reshape(-1, 3) for e in edges])).to(dtype),
+    )
+
+
 def build_graph(
     numbers: Sequence[torch.Tensor],
     positions: Sequence[torch.Tensor],
@@ -139,6 +257,10 @@ def build_graph(
     max_neighbors: int,
 ) -> CrystalGraph:
     """Batch several crystals into one graph.
+
+    The neighbour search runs on the CPU (one vesin call per crystal, on the float64 values
+    of the given positions, as ``neighbor_edges``), and the edges reach the crystals' device
+    in one transfer: per-crystal searches on CUDA cost a few ms of launches each.
 
     Args:
         numbers: per crystal, [n_atoms] atomic numbers.
@@ -155,25 +277,36 @@ def build_graph(
         raise ValueError("build_graph needs at least one crystal")
     device = positions[0].device
     dtype = positions[0].dtype
-    srcs, dsts, shifts, batch = [], [], [], []
+    # Each crystal searched on the float64 values of its own positions, as neighbor_edges does.
+    host_positions = torch.cat([p.detach().to(torch.float64) for p in positions]).cpu().numpy()
+    host_cells = torch.stack([c.detach().to(torch.float64) for c in cells]).cpu().numpy()
+    host_pbcs = torch.stack([torch.as_tensor(p).to("cpu").bool() for p in pbcs]).numpy()
+    sizes = [p.shape[0] for p in positions]
+    srcs, dsts, shifts = [], [], []
     offset = 0
-    for index, (pos, cell, pbc) in enumerate(zip(positions, cells, pbcs)):
-        src, dst, shift = neighbor_edges(pos, cell, pbc, cutoff, max_neighbors)
+    for index, size in enumerate(sizes):
+        pairs = periodic_pairs(host_positions[offset : offset + size], host_cells[index], host_pbcs[index], cutoff)
+        src, dst, shift = capped_edges(*pairs, size, max_neighbors)
         srcs.append(src + offset)
         dsts.append(dst + offset)
-        shifts.append(shift)
-        batch.append(torch.full((pos.shape[0],), index, dtype=torch.long, device=device))
-        offset += pos.shape[0]
+        shifts.append(shift.reshape(-1, 3))
+        offset += size
+    edges = torch.from_numpy(np.stack([np.concatenate(srcs), np.concatenate(dsts)]))
+    shift = torch.from_numpy(np.concatenate(shifts))
+    batch = torch.from_numpy(np.repeat(np.arange(len(sizes), dtype=np.int64), sizes))
+    if device.type == "cuda":
+        edges, shift, batch = edges.pin_memory(), shift.pin_memory(), batch.pin_memory()
+    edges = edges.to(device, non_blocking=True)
     return CrystalGraph(
         numbers=torch.cat([torch.as_tensor(n, device=device).long() for n in numbers]),
         positions=torch.cat([p.to(dtype) for p in positions]),
         cell=torch.stack([c.to(dtype) for c in cells]),
         pbc=torch.stack([torch.as_tensor(p, device=device).bool() for p in pbcs]),
-        batch=torch.cat(batch),
-        n_atoms=torch.tensor([p.shape[0] for p in positions], dtype=torch.long, device=device),
-        edge_src=torch.cat(srcs),
-        edge_dst=torch.cat(dsts),
-        edge_shift=torch.cat(shifts),
+        batch=batch.to(device, non_blocking=True),
+        n_atoms=torch.tensor(sizes, dtype=torch.long, device=device),
+        edge_src=edges[0],
+        edge_dst=edges[1],
+        edge_shift=shift.to(device=device, dtype=dtype, non_blocking=True),
     )
 
 

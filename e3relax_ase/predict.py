@@ -85,6 +85,9 @@ def predict(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     reduce_cell: bool = True,
+    *,
+    forms: Sequence[CanonicalForm] | None = None,
+    graph: CrystalGraph | None = None,
 ) -> list[Prediction]:
     """Predict the relaxed structures of a batch of crystals in one forward pass.
 
@@ -93,12 +96,20 @@ def predict(
         crystals: the inputs.
         device, dtype: where and in which precision to run.
         reduce_cell: Niggli-reduce 3D-periodic cells before the network.
+        forms: the crystals' canonical forms if already computed (``canonicalize`` with
+            ``reduce_cell``, or ``validation.prepare_arrays``); computed here otherwise.
+        graph: their graph if already built (``graph_from_canonical`` of ``forms``, or
+            ``graph.graph_from_edges``), on any device; moved to ``device`` in one transfer.
 
     Returns:
         One ``Prediction`` per crystal, in the caller's lattice basis and atom images.
     """
-    forms = [canonicalize(c.positions, c.cell, c.pbc, reduce=reduce_cell) for c in crystals]
-    graph = graph_from_canonical(crystals, forms, model.config.cutoff, model.config.max_neighbors, device, dtype)
+    if forms is None:
+        forms = [canonicalize(c.positions, c.cell, c.pbc, reduce=reduce_cell) for c in crystals]
+    if graph is None:
+        graph = graph_from_canonical(crystals, forms, model.config.cutoff, model.config.max_neighbors, device, dtype)
+    else:
+        graph = to_device(graph, device, dtype)
     output = model(graph)
     positions = keep_fractional_centroid(output.positions, output.cell, graph.positions, graph.cell, graph.batch)
     positions = positions.to(torch.float64).cpu().numpy()  # [T, n_atoms, 3]
@@ -109,3 +120,13 @@ def predict(
         p, c = form.restore(positions[:, bounds[index] : bounds[index + 1]], cells[:, index])
         predictions.append(Prediction(p, c))
     return predictions
+
+
+def to_device(graph: CrystalGraph, device, dtype: torch.dtype) -> CrystalGraph:
+    """A graph on ``device`` in ``dtype``: one pinned, asynchronous copy per field to CUDA."""
+    device = torch.device(device)
+    if graph.positions.device == device:
+        return graph.to(device, dtype)
+    if device.type == "cuda" and graph.positions.device.type == "cpu":
+        graph = graph.pin_memory()
+    return graph.to(device, dtype, non_blocking=True)

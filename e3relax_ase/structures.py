@@ -33,7 +33,8 @@ INFO_MAX_STRAIN = "e3relax_max_strain"  # float | largest entry of |F - I|, F = 
 INFO_SANE = "e3relax_sane"  # bool | the prediction passed every sanity check
 INFO_PROBLEMS = "e3relax_problems"  # str | "; "-joined sanity problems ("" when sane)
 INFO_CORRECTION_RATIO = "e3relax_correction_ratio"  # float | last layer's share of the correction
-INFO_REFINE_ADVISED = "e3relax_refine_advised"  # bool | correction ratio above the threshold
+INFO_LAST_CORRECTION = "e3relax_last_correction"  # float | Å, largest atom move of the last layer
+INFO_REFINE_ADVISED = "e3relax_refine_advised"  # bool | last correction above the threshold, or not sane
 INFO_SPACEGROUP_INPUT = "e3relax_spacegroup_input"  # int | with fix_symmetry only
 INFO_SPACEGROUP = "e3relax_spacegroup"  # int | with fix_symmetry only, after relaxation
 INFO_CALCULATOR = "e3relax_refine_calculator"  # str | refinement only
@@ -117,14 +118,31 @@ def apply_prediction(atoms, positions: np.ndarray, cell: np.ndarray, relax_cell:
     """
     cell = np.asarray(cell, dtype=np.float64)
     positions = np.asarray(positions, dtype=np.float64)
+    # Without constraints, set_cell(scale_atoms=True) then set_positions leave exactly the given
+    # cell and positions behind (the scaled positions are overwritten): write them directly.
+    plain = _plain(atoms)
     if relax_cell:
-        _set_cell_in_steps(atoms, cell)
+        if plain:
+            atoms.cell[:] = cell
+        else:
+            _set_cell_in_steps(atoms, cell)
     applied = atoms.cell.array
     if not np.array_equal(applied, cell):
         # Constraints (FixSymmetry) or relax_cell=False changed the cell: keep the predicted
         # fractional coordinates in the cell actually applied.
         positions = positions @ np.linalg.solve(cell, applied)
-    atoms.set_positions(positions)
+    if plain and positions.shape == atoms.arrays["positions"].shape:
+        atoms.arrays["positions"][:] = positions
+    else:
+        atoms.set_positions(positions)
+
+
+def _plain(atoms) -> bool:
+    """An ase.Atoms without constraints, whose set_cell / set_positions are ASE's own."""
+    from ase import Atoms
+
+    cls = type(atoms)
+    return not atoms.constraints and cls.set_cell is Atoms.set_cell and cls.set_positions is Atoms.set_positions
 
 
 def spacegroup_number(atoms, symprec: float) -> int:
