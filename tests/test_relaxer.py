@@ -14,7 +14,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 import e3relax_ase.relaxer as relaxer_module
 from e3relax_ase.predict import Prediction
 from e3relax_ase.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
-from e3relax_ase.sanity import REFINE_ADVISED_RATIO, check_prediction, confidence
+from e3relax_ase.sanity import REFINE_ADVISED_CORRECTION, check_prediction, confidence
 from e3relax_ase.structures import spacegroup_number
 from e3relax_ase.testing import tiny_model
 from e3relax_ase.validation import InvalidStructureError
@@ -254,10 +254,12 @@ def test_confidence_signal():
     result = confidence(settled, np.stack([cell, cell]), start, cell)
     assert result.max_displacement == pytest.approx(0.31)
     assert result.correction_ratio == pytest.approx(0.01 / 0.31)
+    assert result.last_correction == pytest.approx(0.01)
     assert not result.refine_advised
     unsettled = np.stack([start + [[0, 0, 0], [0.05, 0, 0]], start + [[0, 0, 0], [0.3, 0, 0]]])
     result = confidence(unsettled, np.stack([cell, cell]), start, cell)
-    assert result.correction_ratio > REFINE_ADVISED_RATIO and result.refine_advised
+    assert result.last_correction == pytest.approx(0.25)
+    assert result.last_correction > REFINE_ADVISED_CORRECTION and result.refine_advised
     tiny = np.stack([start, start + [[0, 0, 0], [0.001, 0, 0]]])
     assert not confidence(tiny, np.stack([cell, cell]), start, cell).refine_advised  # nothing to refine
     strained = np.stack([cell, cell * 1.02])
