@@ -73,7 +73,11 @@ def canonicalize(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, reduc
     cell = np.asarray(cell, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
     transform = reduce_cell(cell, pbc) if reduce else np.eye(3, dtype=np.int64)
-    cell_reduced = transform @ cell
+    return wrap_into(positions, transform @ cell, transform, pbc)
+
+
+def wrap_into(positions: np.ndarray, cell_reduced: np.ndarray, transform: np.ndarray, pbc: np.ndarray) -> CanonicalForm:
+    """Wrap float64 ``positions`` into ``cell_reduced`` along periodic axes (module docstring)."""
     fractional = np.linalg.solve(cell_reduced.T, positions.T).T
     image_shift = np.floor(fractional + WRAP_TOLERANCE).astype(np.int64)
     image_shift[:, ~pbc] = 0

@@ -356,15 +356,11 @@ def canonical_form(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, tra
     tests/test_pipeline_speed_equivalence.py); ``cell_reduced`` is ``transform @ cell`` if
     the caller has it.
     """
-    from e3relax_ase.canonical import WRAP_TOLERANCE, CanonicalForm
+    from e3relax_ase.canonical import wrap_into
 
     if cell_reduced is None:
         cell_reduced = transform @ cell
-    fractional = np.linalg.solve(cell_reduced.T, positions.T).T
-    image_shift = np.floor(fractional + WRAP_TOLERANCE).astype(np.int64)
-    image_shift[:, ~pbc] = 0
-    wrapped = positions - image_shift @ cell_reduced
-    return CanonicalForm(wrapped, cell_reduced, transform, image_shift)
+    return wrap_into(positions, cell_reduced, transform, pbc)
 
 
 def validate_atoms(atoms, name: str | None = None, **kwargs) -> StructureReport:
