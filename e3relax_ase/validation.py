@@ -39,6 +39,7 @@ import numpy as np
 MIN_DISTANCE = 0.5  # Å | closer atoms are a broken input (shortest real bond, H2, is 0.74 Å)
 MIN_CELL_ANGLE = 5.0  # degrees | lattice vectors closer than this to (anti)parallel are refused
 MIN_VOLUME_FRACTION = 1e-6  # |det| / (|a| |b| |c|) below this is a degenerate (flat) cell
+MAX_VACUUM_EXTENT = 1000.0  # Å | atoms spread wider than this along a vacuum axis are refused
 MAX_PAIRS_SEARCHED = 50_000_000  # neighbour pairs a search may produce before it is refused
 
 
@@ -241,6 +242,15 @@ def prepare_arrays(
     det = float(np.linalg.det(cell))
     if abs(det) <= MIN_VOLUME_FRACTION * float(np.prod(lengths)):
         _fail(name, f"has a degenerate cell (volume {det:.3g} Å^3, det(cell) ~ 0): its lattice vectors are coplanar")
+
+    # Along a vacuum axis nothing wraps: an atom written 1e6 Å out makes the neighbour search
+    # build a huge grid (vesin-torch dies with SIGFPE), so refuse before searching.
+    for axis in np.flatnonzero(~pbc):
+        fractional = np.linalg.solve(cell.T, positions.T).T[:, axis]
+        height = abs(det) / float(np.linalg.norm(np.cross(cell[(axis + 1) % 3], cell[(axis + 2) % 3])))
+        extent = float(fractional.max() - fractional.min()) * height
+        if extent > MAX_VACUUM_EXTENT:
+            _fail(name, f"has atoms spread over {extent:.3g} Å along vacuum axis {axis} (> {MAX_VACUUM_EXTENT:g} Å); center them, e.g. atoms.center(axis={axis})")
 
     allowed = _allowed(elements, max_atomic_number)
     bad = sorted(z for z in {int(z) for z in np.unique(numbers).tolist()} if z not in allowed)
