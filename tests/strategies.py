@@ -3,11 +3,11 @@
 Used by tests/test_fuzz.py. A drawn crystal is a :class:`Fuzzed`: an ASE ``Atoms`` plus the
 defect that was planted in it (if any). The strategy covers
 
-* lattices: lengths 2-30 Å, angles 20-150 degrees (any valid triple, left-handed cells too,
-  nearly coplanar cells at the edges), scaled to a density drawn log-uniformly between 4 and
+* lattices: lengths 2-30 Å, angles 20-150 degrees (any valid triple; nearly coplanar cells
+  now and then; left-handed cells, whose flipped vector makes angles up to 160), scaled to a density drawn log-uniformly between 4 and
   80 Å^3 per atom (or left as drawn); randomly oriented;
 * periodicity: mostly 3D, often slabs (pbc [T, T, F] with 0-20 Å of vacuum), now and then
-  slabs along another axis or wires (pbc [T, F, F]);
+  slabs along another axis or wires (pbc [T, F, F]); vacuum vectors need not be perpendicular;
 * sizes: 1-500 atoms, most small (``SIZE_BUCKETS``), so 10,000 structures run in minutes;
 * positions: a jittered grid (jitter 0 gives symmetric, tie-rich structures), random points
   pushed apart to a drawn minimum distance, plain uniform points (often overlapping), or,
@@ -16,9 +16,10 @@ defect that was planted in it (if any). The strategy covers
   images;
 * species: drawn from the checkpoint's elements (``allowed_elements``);
 * defects that validation must refuse: two atoms closer than 0.5 Å (0 Å included), an atom
-  on top of another's periodic image, an atom far from everything, an element the
-  checkpoint does not know (Z = 0 at least), a NaN position, a per-atom array of the wrong
-  length.
+  on top of another's periodic image, an element the checkpoint does not know (Z = 0 at
+  least), a NaN position, a per-atom array of the wrong length, an atom 10^3-10^9 Å out along
+  a vacuum axis; and an atom put as far from the others as the cell allows (refused only when
+  the brute-force ``oracle_problem`` finds it isolated).
 
 Large structures take their coordinates from a numpy generator seeded by hypothesis (drawing
 1,500 floats one by one would overrun hypothesis's buffer); everything that decides the kind
@@ -28,6 +29,7 @@ of structure is drawn by hypothesis, so failing examples still shrink.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 from ase import Atoms
 from hypothesis import strategies as st
@@ -42,11 +44,11 @@ COMMON_ELEMENTS = (
 )  # fmt: skip
 
 # (share in percent, smallest, largest atom count): most structures are small.
-SIZE_BUCKETS = ((62, 1, 8), (27, 9, 32), (9, 33, 128), (2, 129, 500))
+SIZE_BUCKETS = ((70, 1, 8), (24, 9, 32), (5, 33, 128), (1, 129, 500))
 
 MIN_LENGTH, MAX_LENGTH = 2.0, 30.0  # Å
 MIN_ANGLE, MAX_ANGLE = 20.0, 150.0  # degrees
-DEFECTS = ("close-pair", "image-overlap", "isolated", "foreign-element", "nan-position", "bad-array")
+DEFECTS = ("close-pair", "image-overlap", "isolated", "foreign-element", "nan-position", "bad-array", "far-out")
 
 
 class Fuzzed:
@@ -240,6 +242,8 @@ def crystals(draw, elements, accepted=None, max_atoms: int = 500, defects: bool 
         atoms.set_initial_magnetic_moments(rng.uniform(-2, 2, size=n_atoms))
 
     defect = draw(st.sampled_from([None] * 4 + list(DEFECTS))) if defects else None
+    if defect == "far-out" and pbc.all():
+        defect = "close-pair"  # needs a vacuum axis
     if defect is not None:
         _plant(draw, rng, atoms, defect, accepted if accepted is not None else elements)
     return Fuzzed(atoms, defect, layout)
@@ -279,6 +283,13 @@ def _plant(draw, rng, atoms: Atoms, defect: str, accepted) -> None:
         atoms.numbers[host] = draw(st.sampled_from(sorted(set(range(119)) - set(accepted))))
     elif defect == "nan-position":
         atoms.positions[host, draw(st.integers(0, 2))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    elif defect == "far-out":  # more than 1,000 Å out along a vacuum axis: refused before searching
+        axis = draw(st.sampled_from(np.flatnonzero(~atoms.pbc).tolist()))
+        cell = atoms.cell.array
+        normal = np.cross(cell[(axis + 1) % 3], cell[(axis + 2) % 3])
+        normal *= np.sign(np.dot(normal, cell[axis])) / np.linalg.norm(normal)
+        atoms.append(atoms[host])
+        atoms.positions[-1] = atoms.positions[host] + 10 ** draw(st.floats(3.01, 9.0)) * normal
     elif defect == "bad-array":  # as if edited by hand: ASE itself would refuse a wrong length
         atoms.arrays["initial_magmoms"] = np.zeros(n_atoms + draw(st.sampled_from([-1, 1, 5])))
 
@@ -303,7 +314,7 @@ def brute_force_distances(atoms: Atoms, cutoff: float, max_vectors: float = 3e6)
         return None
     h = heights(cell)
     # |f_i + k_i| * h_i <= |vector| < cutoff, with f_i in [-0.5, 0.5) after wrapping.
-    reach = [int(math.ceil(cutoff / h[i] + 0.5)) if pbc[i] else 0 for i in range(3)]
+    reach = [math.ceil(cutoff / h[i] + 0.5) if pbc[i] else 0 for i in range(3)]
     n_atoms = len(atoms)
     if n_atoms * n_atoms * np.prod([2.0 * r + 1 for r in reach]) > max_vectors:
         return None

@@ -4,12 +4,14 @@ Properties:
 1. ``relax_many(errors="return")`` and ``relax`` raise nothing but the documented exceptions:
    ``InvalidStructureError`` for a refused input, ``PredictionError`` only with
    ``on_insane="raise"``; both calls agree (same outcome, same bits);
-2. a planted defect, or an overlap / isolated atom that ASE's own neighbour list finds, is
-   refused; a distance refusal that ASE's neighbour list contradicts is a bug;
+2. a planted defect, or an overlap / isolated atom that an independent brute-force search
+   (``strategies.oracle_problem``) finds, is refused; a distance refusal that the brute-force
+   search contradicts is a bug;
 3. every returned structure has finite positions and cell, the same atoms in the same order
    and the same pbc; det(cell) keeps the input's sign unless the prediction is flagged
    insane (and never with ``on_insane="input"``); ``relax_cell=False`` keeps the cell bits;
-4. outputs are rotation-equivariant and permutation-equivariant (1e-6 Å, float64);
+4. outputs are rotation-equivariant and permutation-equivariant (1e-6 Å, float64): the input
+   is rotated and permuted at once, and only on a failure separately, to say which broke;
 5. the input object is never mutated.
 
 Two profiles. The fast one runs in the default suite (derandomized, so CI is deterministic).
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import re
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.constraints import FixAtoms
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from e3relax_ase.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
@@ -42,26 +43,32 @@ from e3relax_ase.validation import InvalidStructureError
 from tests.strategies import accepted_numbers, allowed_elements, crystals, oracle_clear, oracle_problem
 
 EQUIVARIANCE_ATOL = 1e-6  # Å
-GUARANTEED_DEFECTS = {"close-pair", "image-overlap", "foreign-element", "nan-position", "bad-array"}
+GUARANTEED_DEFECTS = {"close-pair", "image-overlap", "foreign-element", "nan-position", "bad-array", "far-out"}
 HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 
 FAST = settings(max_examples=50, derandomize=True, deadline=None, database=None, suppress_health_check=HEALTH)
-FULL_CRASH = settings(max_examples=4500, deadline=None, database=None, suppress_health_check=HEALTH)
-FULL_EQUIVARIANCE = settings(max_examples=2500, deadline=None, database=None, suppress_health_check=HEALTH)
+FULL_CRASH = settings(max_examples=4000, deadline=None, database=None, suppress_health_check=HEALTH)
+FULL_EQUIVARIANCE = settings(max_examples=4500, deadline=None, database=None, suppress_health_check=HEALTH)
 
 COUNTS: Counter = Counter()  # structures drawn, per test
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts(request):
+    """Print how many structures were drawn; the full profile must draw at least 10,000."""
     start = time.perf_counter()
     yield
-    if COUNTS:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        parts = ", ".join(f"{name}: {count}" for name, count in sorted(COUNTS.items()))
-        line = f"fuzz: {sum(COUNTS.values())} structures drawn in {time.perf_counter() - start:.1f} s ({parts})"
-        if reporter is not None:
+    if not COUNTS:
+        return
+    parts = ", ".join(f"{name}: {count}" for name, count in sorted(COUNTS.items()))
+    line = f"fuzz: {sum(COUNTS.values())} structures drawn in {time.perf_counter() - start:.1f} s ({parts})"
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
             reporter.write_line(line)
+    if {"crash-full", "equivariance-full"} <= COUNTS.keys():
+        assert COUNTS["crash-full"] + COUNTS["equivariance-full"] >= 10_000, line
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -160,7 +167,7 @@ def check_output(given_structure, result, on_insane: str, relax_cell: bool) -> N
 
 
 def check_refusal_is_right(fuzzed, error: Exception) -> None:
-    """A distance refusal must not be contradicted by ASE's own neighbour list."""
+    """A distance refusal must not be contradicted by the brute-force search."""
     text = problem_of(error)
     cutoff, min_distance = DEFAULT.model.config.cutoff, DEFAULT.min_distance
     distance_refusal = "Å apart" in text or "own periodic image" in text
@@ -168,20 +175,20 @@ def check_refusal_is_right(fuzzed, error: Exception) -> None:
     if facts is None:
         return
     if distance_refusal:
-        assert facts["closest"] < min_distance + 1e-6, f"refused as overlapping, but ASE's closest pair is {facts['closest']:.6f} Å: {error}"
+        assert facts["closest"] < min_distance + 1e-6, f"refused as overlapping, but the brute-force closest pair is {facts['closest']:.6f} Å: {error}"
     else:
-        assert len(facts["lonely"]), f"refused as isolated, but ASE finds a neighbour for every atom: {error}"
+        assert len(facts["lonely"]), f"refused as isolated, but the brute-force search finds a neighbour for every atom: {error}"
 
 
 # --- 1-3, 5: no crash, no NaN, documented errors only ------------------------------------------------
 
 
-crash_inputs = dict(
-    batch=st.lists(crystals_for(DEFAULT), min_size=1, max_size=3),
-    relax_cell=st.booleans(),
-    on_insane=st.sampled_from(["warn", "input", "raise"]),
-    decorate=st.integers(0, 9),
-)
+crash_inputs = {
+    "batch": st.lists(crystals_for(DEFAULT), min_size=1, max_size=3),
+    "relax_cell": st.booleans(),
+    "on_insane": st.sampled_from(["warn", "input", "raise"]),
+    "decorate": st.integers(0, 9),  # 0: FixAtoms on the first structure, 1: pymatgen input
+}
 
 
 def check_no_crash(batch, relax_cell, on_insane, decorate, test_name) -> None:
@@ -218,12 +225,15 @@ def check_no_crash(batch, relax_cell, on_insane, decorate, test_name) -> None:
                 event("PredictionError")
         else:
             assert not must_refuse, f"planted defect {fuzzed.defect!r} was not refused"
-            assert verdict not in ("close", "isolated"), f"ASE's neighbour list finds the input {verdict}, but it was accepted"
+            assert verdict not in ("close", "isolated"), f"the brute-force search finds the input {verdict}, but it was accepted"
             assert result is not structure
             check_output(structure, result, on_insane, relax_cell)
 
     # relax() on the first structure: the same outcome, the same bits (CPU, one per pass).
+    # Skipped for large accepted structures: the forward pass is most of the run time.
     first, expected = inputs[0], results[0]
+    if len(batch[0].atoms) > 32 and not isinstance(expected, RelaxFailure):
+        return
     try:
         single = DEFAULT.relax(first, relax_cell=relax_cell, on_insane=on_insane)
     except documented as exc:
@@ -253,7 +263,7 @@ def test_fuzz_documented_errors_only_full(batch, relax_cell, on_insane, decorate
 # --- 4: rotation and permutation equivariance ----------------------------------------------------
 
 
-equivariance_inputs = dict(fuzzed=crystals_for(TINY, defects=False, regular=True), seed=st.integers(0, 2**32 - 1))
+equivariance_inputs = {"fuzzed": crystals_for(TINY, defects=False, regular=True), "seed": st.integers(0, 2**32 - 1)}
 
 
 def _outcome(structure):
@@ -263,40 +273,52 @@ def _outcome(structure):
         return exc
 
 
+def _transformed(atoms, rotation, permutation):
+    out = atoms[permutation] if permutation is not None else atoms.copy()
+    if rotation is not None:
+        out.set_cell(atoms.cell.array @ rotation.T)
+        out.positions = out.positions @ rotation.T
+    return out
+
+
+def _deviation(reference, output, rotation, permutation) -> tuple[float, float]:
+    """Largest |output - P R reference| over positions, and over the cell (Å)."""
+    positions, cell = reference.positions, reference.cell.array
+    if permutation is not None:
+        positions = positions[permutation]
+    if rotation is not None:
+        positions, cell = positions @ rotation.T, cell @ rotation.T
+    return float(np.abs(output.positions - positions).max()), float(np.abs(output.cell.array - cell).max())
+
+
 def check_equivariance(fuzzed, seed, test_name) -> None:
+    """Rotate and permute at once (one extra forward pass); on failure, tell which broke."""
     COUNTS[test_name] += 1
     atoms = fuzzed.atoms
     rng = np.random.default_rng(seed)
     rotation = random_rotation(rng)
     permutation = rng.permutation(len(atoms))
-    rotated = atoms.copy()
-    rotated.set_cell(atoms.cell.array @ rotation.T)
-    rotated.positions = atoms.positions @ rotation.T
-    permuted = atoms[permutation]
     before = snapshot(atoms)
-
     reference = _outcome(atoms)
     assert_unchanged(atoms, before)
-    out_rotated, out_permuted = _outcome(rotated), _outcome(permuted)
+    both = _outcome(_transformed(atoms, rotation, permutation))
     if isinstance(reference, Exception):
         event("refused")
-        note(f"refused: {reference}")
-        assert isinstance(out_rotated, Exception), f"refused, but accepted once rotated: {reference}"
-        assert isinstance(out_permuted, Exception), f"refused, but accepted once permuted: {reference}"
+        assert isinstance(both, Exception), f"refused, but accepted once rotated and permuted: {reference}"
         return
     event(f"accepted, {fuzzed.layout}")
-    assert not isinstance(out_rotated, Exception), f"accepted, but refused once rotated: {out_rotated}"
-    assert not isinstance(out_permuted, Exception), f"accepted, but refused once permuted: {out_permuted}"
+    assert not isinstance(both, Exception), f"accepted, but refused once rotated and permuted: {both}"
+    if max(_deviation(reference, both, rotation, permutation)) <= EQUIVARIANCE_ATOL:
+        return
     moved = np.abs(reference.positions - atoms.positions).max()
-    note(f"largest move {moved:.3g} Å")
-    errors = {
-        "rotation, positions": np.abs(out_rotated.positions - reference.positions @ rotation.T).max(),
-        "rotation, cell": np.abs(out_rotated.cell.array - reference.cell.array @ rotation.T).max(),
-        "permutation, positions": np.abs(out_permuted.positions - reference.positions[permutation]).max(),
-        "permutation, cell": np.abs(out_permuted.cell.array - reference.cell.array).max(),
-    }
-    for what, error in errors.items():
-        assert error <= EQUIVARIANCE_ATOL, f"{what}: off by {error:.3g} Å (prediction moved atoms up to {moved:.3g} Å)"
+    for what, r, p in (("rotation", rotation, None), ("permutation", None, permutation), ("both", rotation, permutation)):
+        output = _outcome(_transformed(atoms, r, p))
+        if isinstance(output, Exception):
+            pytest.fail(f"{what}: refused once transformed: {output}")
+        positions, cell = _deviation(reference, output, r, p)
+        assert max(positions, cell) <= EQUIVARIANCE_ATOL, (
+            f"{what}: positions off by {positions:.3g} Å, cell by {cell:.3g} Å (the prediction moved atoms up to {moved:.3g} Å)"
+        )
 
 
 @FAST
@@ -331,8 +353,8 @@ else:
 
 
 def test_atom_far_out_along_a_vacuum_axis_does_not_kill_the_process():
-    """In a subprocess: the failure kills the interpreter. Refusal or acceptance are both fine."""
-    result = subprocess.run([sys.executable, "-c", FAR_OUT, "1e6"], capture_output=True, text=True, timeout=120)
+    """In a subprocess, as the failure killed the interpreter (SIGFPE inside vesin-torch)."""
+    result = subprocess.run([sys.executable, "-c", FAR_OUT, "1e6"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, f"exit code {result.returncode} (-8 is SIGFPE): {result.stderr[-300:]}"
     assert result.stdout.startswith(("refused:", "accepted"))
     assert "along vacuum axis 2" in result.stdout  # refused before the neighbour search
