@@ -27,6 +27,7 @@ from e3relax_ase.structures import (
     INFO_NSTEPS,
     vacuum_cell_mask,
 )
+from e3relax_ase.threads import single_threaded_blas
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ def refine(
         logger.warning("scalar_pressure is ignored when the cell is not relaxed")
     opt = optimizer_class(optimizer)(target, logfile=logfile, trajectory=trajectory)
     try:
-        converged = bool(opt.run(fmax=fmax, steps=steps))
+        with single_threaded_blas():  # the cell filter's 3x3 algebra (e3relax_ase/threads.py)
+            converged = bool(opt.run(fmax=fmax, steps=steps))
     finally:
         if getattr(opt, "trajectory", None) is not None and hasattr(opt.trajectory, "close"):
             opt.trajectory.close()

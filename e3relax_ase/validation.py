@@ -114,36 +114,11 @@ def estimate_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     return n_atoms * n_atoms / max(volume, 1e-12) * (4.0 / 3.0 * math.pi * cutoff**3)
 
 
-def validate_arrays(
-    numbers,
-    positions,
-    cell,
-    pbc,
-    *,
-    name: str = "structure",
-    cutoff: float = 6.0,
-    max_neighbors: int = 50,
-    elements=None,
-    max_atomic_number: int = 118,
-    min_distance: float = MIN_DISTANCE,
-    max_edges: int | None = None,
-    per_atom_arrays: dict | None = None,
-) -> StructureReport:
+def validate_arrays(numbers, positions, cell, pbc, **options) -> StructureReport:
     """Check one crystal given as arrays (see the module docstring for the checks).
 
     Args:
-        numbers: [n_atoms] atomic numbers.
-        positions: [n_atoms, 3] Å.
-        cell: [3, 3] rows are lattice vectors, Å.
-        pbc: [3] bool.
-        name: how messages name the structure.
-        cutoff: neighbour cutoff of the model, Å.
-        max_neighbors: the model's neighbour cap K.
-        elements: atomic numbers seen in training, or None for 1..max_atomic_number.
-        max_atomic_number: the model's largest atomic number.
-        min_distance: closest allowed pair distance, Å.
-        max_edges: memory budget in graph edges, or None for no limit.
-        per_atom_arrays: other per-atom arrays (name -> array) whose length must match.
+        numbers, positions, cell, pbc, **options: as :func:`prepare_arrays`.
 
     Returns:
         A :class:`StructureReport`.
@@ -151,20 +126,7 @@ def validate_arrays(
     Raises:
         InvalidStructureError: naming the structure and the first problem found.
     """
-    return prepare_arrays(
-        numbers,
-        positions,
-        cell,
-        pbc,
-        name=name,
-        cutoff=cutoff,
-        max_neighbors=max_neighbors,
-        elements=elements,
-        max_atomic_number=max_atomic_number,
-        min_distance=min_distance,
-        max_edges=max_edges,
-        per_atom_arrays=per_atom_arrays,
-    ).report
+    return prepare_arrays(numbers, positions, cell, pbc, **options).report
 
 
 def prepare_arrays(
@@ -183,7 +145,7 @@ def prepare_arrays(
     per_atom_arrays: dict | None = None,
     reduce: bool = True,
 ) -> PreparedCrystal:
-    """``validate_arrays``, keeping the canonical form and the neighbour search for the network.
+    """Check one crystal (``validate_arrays``), keeping its canonical form and neighbour search for the network.
 
     The distance checks search the crystal in canonical form (``reduce``: Niggli-reduced when
     periodic in 3D, then wrapped), which holds the same pairs as the input as written; the

@@ -27,3 +27,14 @@ def crystal(rng):
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """BLAS limited to one thread for a module that runs ASE optimisers itself (the library
+    does so around its own loops, e3relax_ase/threads.py); threaded BLAS spin-waits on a busy
+    2-core machine."""
+    from e3relax_ase.threads import single_threaded_blas
+
+    with single_threaded_blas():
+        yield

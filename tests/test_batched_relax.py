@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from e3relax_ase.threads import single_threaded_blas
 from e3relax_ase.training.batched_relax import (
     FireParams,
     RelaxInput,
@@ -75,22 +76,11 @@ def _inputs(crystals):
     return [RelaxInput(a.numbers, a.positions, a.cell.array, key=i) for i, a in enumerate(crystals)]
 
 
-def _one_blas_thread():
-    """ASE's filter solves many 3x3 systems; threaded BLAS on a busy 2-core box makes that 20x slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def _ase_relax(atoms: Atoms, fmax: float, steps: int):
     atoms = atoms.copy()
     atoms.calc = EMT()
     opt = FIRE(FrechetCellFilter(atoms), logfile=None)
-    with _one_blas_thread():
+    with single_threaded_blas():
         converged = opt.run(fmax=fmax, steps=steps)
     return atoms, bool(converged), opt.nsteps
 

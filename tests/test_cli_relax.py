@@ -21,16 +21,7 @@ from e3relax_ase.testing import tiny_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """scipy's BLAS threads spin-wait on a busy 2-core machine (FrechetCellFilter uses expm)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,12 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
+
+
 @pytest.fixture(autouse=True)
 def _examples_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1):  # scipy's BLAS threads spin-wait on a busy 2-core machine
-        yield
 
 
 def run_example(name, out, monkeypatch):

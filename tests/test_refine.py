@@ -24,16 +24,7 @@ from e3relax_ase.testing import tiny_model
 FCC_METALS = {"Cu": 3.61, "Al": 4.05, "Ni": 3.52, "Pd": 3.89, "Ag": 4.09, "Pt": 3.92, "Au": 4.08}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """scipy's BLAS threads spin-wait on a busy 2-core machine (FrechetCellFilter uses expm)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")

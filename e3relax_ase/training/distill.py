@@ -20,7 +20,6 @@ work is dispatched, so results do not depend on ``n_workers``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -28,6 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from e3relax_ase.threads import single_threaded_blas
 
 from e3relax_ase.training.calculators import resolve_calculator
 from e3relax_ase.training.pairs import PairSet
@@ -100,20 +101,6 @@ def max_generalised_force(atoms) -> float:
     return float(np.linalg.norm(forces, axis=1).max())
 
 
-def _single_threaded_openblas():
-    """Limit OpenBLAS to one thread, if threadpoolctl is importable.
-
-    The cell filter does 3x3 linear algebra (expm, logm, solves) every step; waking OpenBLAS
-    threads for that costs ~100x the arithmetic (measured: 12 s vs 1.5 s for a 4-atom EMT
-    relaxation on 2 cores). Only OpenBLAS is limited, so a teacher's own threads are left alone.
-    """
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return contextlib.nullcontext()
-    return ThreadpoolController().select(internal_api="openblas").limit(limits=1)
-
-
 def relax_structure(atoms, calculator, fmax: float = 0.02, steps: int = 500) -> tuple:
     """Relax positions and cell with FIRE + FrechetCellFilter until honestly converged.
 
@@ -132,7 +119,7 @@ def relax_structure(atoms, calculator, fmax: float = 0.02, steps: int = 500) -> 
     atoms = atoms.copy()
     atoms.calc = calculator
     n_steps = 0
-    with _single_threaded_openblas():
+    with single_threaded_blas():
         for _ in range(_MAX_ROUNDS):
             force = max_generalised_force(atoms)
             if force <= fmax or n_steps >= steps:
