@@ -47,8 +47,13 @@ class InteractionLayer(nn.Module):
         self.w_lattice = nn.Parameter(torch.randn(f) * config.output_init_scale)
 
     def lattice_step(self, u: torch.Tensor) -> torch.Tensor:
-        """[n_graphs, 3, F, 3] -> [n_graphs, 3, 3]: axis c's displacement becomes ROW c of the cell."""
-        return torch.einsum("gcfx,f->gcx", u, self.w_lattice.to(u.dtype))
+        """[n_graphs, 3, F, 3] -> [n_graphs, 3, 3]: axis c's displacement becomes ROW c of the cell.
+
+        Geometry (this head, the position head, the affine carry, edge vectors) is written with
+        elementwise products and sums, not einsum: under bfloat16 autocast einsum would round
+        coordinates of ~10 Å to ~0.04 Å, while elementwise ops keep their inputs' float32.
+        """
+        return (u * self.w_lattice.to(u.dtype)[:, None]).sum(dim=-2)
 
     def forward(self, graph: CrystalGraph, state: dict) -> dict:
         h, v, s, u = state["h"], state["v"], state["s"], state["u"]
@@ -68,8 +73,8 @@ class InteractionLayer(nn.Module):
             # (r - c) L^-1 L' + c; the centroid keeps it translation equivariant.
             deformation = torch.linalg.solve(cell, new_cell)  # [n_graphs, 3, 3] = L^-1 L'
             centroid = scatter_mean(positions, graph.batch, graph.n_graphs)[graph.batch]
-            positions = centroid + torch.einsum("nx,nxy->ny", positions - centroid, deformation[graph.batch])
-        positions = positions + torch.einsum("nfx,f->nx", v, self.w_position.to(v.dtype))
+            positions = centroid + ((positions - centroid).unsqueeze(-1) * deformation[graph.batch]).sum(dim=-2)
+        positions = positions + (v * self.w_position.to(v.dtype)[:, None]).sum(dim=-2)
         return {"h": h, "v": v, "s": s, "u": u, "positions": positions, "cell": new_cell}
 
 

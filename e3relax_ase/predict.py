@@ -16,6 +16,7 @@ from e3relax_ase.canonical import CanonicalForm, canonicalize
 from e3relax_ase.graph import CrystalGraph, build_graph
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.nn.scatter import scatter_mean
+from e3relax_ase.precision import matmul_precision
 
 
 @dataclass
@@ -88,6 +89,7 @@ def predict(
     *,
     forms: Sequence[CanonicalForm] | None = None,
     graph: CrystalGraph | None = None,
+    precision: str = "float32",
 ) -> list[Prediction]:
     """Predict the relaxed structures of a batch of crystals in one forward pass.
 
@@ -100,6 +102,8 @@ def predict(
             ``reduce_cell``, or ``validation.prepare_arrays``); computed here otherwise.
         graph: their graph if already built (``graph_from_canonical`` of ``forms``, or
             ``graph.graph_from_edges``), on any device; moved to ``device`` in one transfer.
+        precision: "float32", "tf32" or "bf16" for the network's channel mixing
+            (``e3relax_ase.precision``).
 
     Returns:
         One ``Prediction`` per crystal, in the caller's lattice basis and atom images.
@@ -110,7 +114,8 @@ def predict(
         graph = graph_from_canonical(crystals, forms, model.config.cutoff, model.config.max_neighbors, device, dtype)
     else:
         graph = to_device(graph, device, dtype)
-    output = model(graph)
+    with matmul_precision(precision, device):
+        output = model(graph)
     positions = keep_fractional_centroid(output.positions, output.cell, graph.positions, graph.cell, graph.batch)
     positions = positions.to(torch.float64).cpu().numpy()  # [T, n_atoms, 3]
     cells = output.cell.to(torch.float64).cpu().numpy()  # [T, n_graphs, 3, 3]

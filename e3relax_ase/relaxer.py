@@ -32,7 +32,9 @@ from e3relax_ase.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.canonical import CanonicalForm
 from e3relax_ase.graph import capped_edges, graph_from_edges, periodic_pairs
+from e3relax_ase.heap import keep_freed_heap
 from e3relax_ase.predict import CrystalArrays, Prediction, predict
+from e3relax_ase.precision import check_precision
 from e3relax_ase.refine import refine as refine_structure
 from e3relax_ase.sanity import check_prediction, confidence
 from e3relax_ase.structures import (
@@ -41,6 +43,7 @@ from e3relax_ase.structures import (
     INFO_MAX_DISPLACEMENT,
     INFO_MAX_STRAIN,
     INFO_MODEL,
+    INFO_PRECISION,
     INFO_PROBLEMS,
     INFO_REFINE_ADVISED,
     INFO_RELAX_CELL,
@@ -209,6 +212,7 @@ class OneShotRelaxer:
         max_edges: int | None = None,
         min_distance: float = MIN_DISTANCE,
         reduce_cell: bool = True,
+        precision: str = "float32",
     ):
         """
         Args:
@@ -222,6 +226,9 @@ class OneShotRelaxer:
                 A structure alone over it is refused (``InvalidStructureError``).
             min_distance: inputs with atoms closer than this (Å) are refused.
             reduce_cell: Niggli-reduce 3D-periodic cells before the network.
+            precision: "float32" (default), "tf32" (CUDA tensor cores) or "bf16" (autocast)
+                for the network's channel mixing; geometry stays float32. Needs dtype
+                float32. docs/relaxer.md gives the measured speed and deviation of each.
 
         Raises:
             CheckpointError: the checkpoint cannot be loaded.
@@ -229,11 +236,14 @@ class OneShotRelaxer:
         """
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
+        self.precision = check_precision(precision, self.dtype)
         if isinstance(checkpoint, E3RelaxH2):
             model, info = checkpoint, _model_info(checkpoint, "in-memory")
         else:
             model, info = load_checkpoint(checkpoint, map_location="cpu")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.device.type == "cpu":
+            keep_freed_heap()  # no page faults on every forward pass (e3relax_ase.heap)
         self.info = info
         self.batch_size = batch_size if batch_size is not None else (1 if self.device.type == "cpu" else None)
         self.max_atoms = max_atoms
@@ -245,7 +255,8 @@ class OneShotRelaxer:
             logger.warning("checkpoint %r is UNTRAINED (random weights): its predictions are meaningless", info.name)
 
     def __repr__(self) -> str:
-        return f"OneShotRelaxer(checkpoint={self.info.name!r}, device={str(self.device)!r}, dtype={self.dtype})"
+        extra = "" if self.precision == "float32" else f", precision={self.precision!r}"
+        return f"OneShotRelaxer(checkpoint={self.info.name!r}, device={str(self.device)!r}, dtype={self.dtype}{extra})"
 
     # --- validation ------------------------------------------------------------------------
     def validate(self, structure, name: str | None = None) -> StructureReport:
@@ -535,7 +546,8 @@ class OneShotRelaxer:
     def _predict(self, items: list[_Item]) -> list[Prediction]:
         """One forward pass; on out-of-memory split the batch in two and retry each half."""
         try:
-            return self._forward(items)
+            with torch.inference_mode():  # not even no_grad's bookkeeping: ~3 % of a small CPU pass
+                return self._forward(items)
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
@@ -556,7 +568,7 @@ class OneShotRelaxer:
         """``predict`` on the items, with the canonical forms and edges prepared for them."""
         crystals = [i.arrays for i in items]
         if any(i.form is None or i.edges is None for i in items):
-            return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell)
+            return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, precision=self.precision)
         graph = graph_from_edges(
             [c.numbers for c in crystals],
             [i.form.positions for i in items],
@@ -566,7 +578,7 @@ class OneShotRelaxer:
             self.dtype,
         )
         forms = [i.form for i in items]
-        return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, forms=forms, graph=graph)
+        return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, forms=forms, graph=graph, precision=self.precision)
 
     def _run_chunk(self, items: list[_Item], options: _Options, errors: str) -> dict:
         try:
@@ -686,6 +698,8 @@ class OneShotRelaxer:
         info[INFO_CORRECTION_RATIO] = signal.correction_ratio
         info[INFO_LAST_CORRECTION] = signal.last_correction
         info[INFO_REFINE_ADVISED] = bool(signal.refine_advised or not sanity.ok)
+        if self.precision != "float32":
+            info[INFO_PRECISION] = self.precision
         if options.fix_symmetry:
             info[INFO_SPACEGROUP_INPUT] = spacegroup_input
             info[INFO_SPACEGROUP] = spacegroup_number(atoms, options.symprec)

@@ -35,6 +35,7 @@ INFO_PROBLEMS = "e3relax_problems"  # str | "; "-joined sanity problems ("" when
 INFO_CORRECTION_RATIO = "e3relax_correction_ratio"  # float | last layer's share of the correction
 INFO_LAST_CORRECTION = "e3relax_last_correction"  # float | Å, largest atom move of the last layer
 INFO_REFINE_ADVISED = "e3relax_refine_advised"  # bool | last correction above the threshold, or not sane
+INFO_PRECISION = "e3relax_precision"  # str | "tf32" or "bf16", only when not float32
 INFO_SPACEGROUP_INPUT = "e3relax_spacegroup_input"  # int | with fix_symmetry only
 INFO_SPACEGROUP = "e3relax_spacegroup"  # int | with fix_symmetry only, after relaxation
 INFO_CALCULATOR = "e3relax_refine_calculator"  # str | refinement only

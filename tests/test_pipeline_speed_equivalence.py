@@ -278,7 +278,11 @@ CHANGED_ON_PURPOSE = ("e3relax_refine_advised", "e3relax_last_correction")
 
 def test_relax_many_matches_the_baseline_revision(tmp_path):
     """The relaxer as it was (git revision BASELINE, run from a copy of its package) gives the
-    same bits in float64 for the same batches (the shipped checkpoint, real inputs)."""
+    same results in float64 for the same batches (the shipped checkpoint, real inputs).
+
+    Bit for bit until the model's geometric einsums became elementwise sums (so that bfloat16
+    autocast cannot round coordinates): the same arithmetic summed in another order, hence
+    agreement to 1e-12 Å rather than to the bit."""
     try:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE, "e3relax_ase"], capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
@@ -296,7 +300,7 @@ def test_relax_many_matches_the_baseline_revision(tmp_path):
         "relaxer = OneShotRelaxer('default', device='cpu', dtype='float64', batch_size=8)\n"
         f"skip = {CHANGED_ON_PURPOSE!r}\n"
         "out = [str(r.error) if isinstance(r, RelaxFailure) else [r.positions.tolist(), r.cell.array.tolist(),\n"
-        "       repr({k: v for k, v in r.info.items() if k not in skip})]\n"
+        "       {k: (float(v) if isinstance(v, (float, np.floating)) else repr(v)) for k, v in r.info.items() if k not in skip}]\n"
         "       for r in relaxer.relax_many(atoms, errors='return')]\n"
         "print(json.dumps({'package': e3relax_ase.__file__, 'results': out}))\n"
     )
@@ -316,6 +320,13 @@ def test_relax_many_matches_the_baseline_revision(tmp_path):
             if isinstance(before, str):
                 assert isinstance(after, RelaxFailure) and str(after.error) == before
             else:
-                assert np.array_equal(np.array(before[0]), after.positions) and np.array_equal(np.array(before[1]), after.cell.array)
-                assert before[2] == repr({k: v for k, v in after.info.items() if k not in CHANGED_ON_PURPOSE})
+                np.testing.assert_allclose(after.positions, np.array(before[0]), rtol=0, atol=1e-12)
+                np.testing.assert_allclose(after.cell.array, np.array(before[1]), rtol=0, atol=1e-12)
+                info = {k: v for k, v in after.info.items() if k not in CHANGED_ON_PURPOSE}
+                assert info.keys() == before[2].keys()
+                for key, value in before[2].items():
+                    if isinstance(value, float):
+                        assert info[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+                    else:
+                        assert repr(info[key]) == value, key
     relaxer.close()

@@ -46,8 +46,14 @@ def test_evaluate_reproduces_the_model_cards_per_structure_figures(tmp_path):
     assert len(rows) == 40
     for row in rows:
         expected = card_rows[row["id"]]
-        for key in ("coord_mae", "coord_mae_paper", "volume_abs", "dummy_coord_mae"):
-            assert float(row[key]) == pytest.approx(float(expected[key]), abs=1e-5), (row["id"], key)
+        # float32 evaluation: 1e-5 Å on coordinates. Volumes of 100-600 Å^3 carry float32 ulps
+        # of 1e-5 to 6e-5 Å^3, and the same arithmetic summed in another order (the geometry
+        # became elementwise sums, see e3relax_ase/precision.py) moves them by a few ulps per
+        # layer.
+        # Relative 1e-5 on the volume error: 8e-4 Å^3 of 166 Å^3 on the worst structure.
+        for key, tolerance in (("coord_mae", 1e-5), ("coord_mae_paper", 1e-5), ("volume_abs", 1e-4), ("dummy_coord_mae", 1e-5)):
+            relative = 1e-5 if key == "volume_abs" else 0.0
+            assert float(row[key]) == pytest.approx(float(expected[key]), abs=tolerance, rel=relative), (row["id"], key)
     assert summary["model"]["coord_mae"] < summary["dummy"]["coord_mae"]
 
 

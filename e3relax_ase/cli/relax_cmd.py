@@ -142,6 +142,13 @@ def _write(job: _FileJob) -> None:
 @click.option("--checkpoint", default="default", show_default=True, help="Registry name or checkpoint path.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float64"]), default="auto", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "tf32", "bf16"]),
+    default="float32",
+    show_default=True,
+    help="Channel-mixing arithmetic on the GPU (tf32/bf16 need --dtype float32 or auto on CUDA; see docs/relaxer.md).",
+)
 @click.option("--no-relax-cell", is_flag=True, help="Keep every input cell (positions only).")
 @click.option("--fix-symmetry", is_flag=True, help="Keep each input's space group (spglib at --symprec).")
 @click.option("--symprec", default=0.01, show_default=True, help="Symmetry tolerance, Å.")
@@ -150,6 +157,13 @@ def _write(job: _FileJob) -> None:
 @click.option("--steps", default=500, show_default=True, help="Refinement step limit.")
 @click.option("--pressure", default=0.0, show_default=True, help="Refinement external pressure, GPa.")
 @click.option("--batch-size", type=int, default=None, help="Structures per forward pass [default: 1 on CPU, by memory on GPU].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Processes that prepare structures (validation, neighbour search) while the network runs; worth it on a GPU.",
+)
 @click.option("--resume", is_flag=True, help="Skip inputs whose outputs already exist.")
 @click.option(
     "--distributed/--no-distributed",
@@ -167,6 +181,7 @@ def relax(
     checkpoint,
     device,
     dtype,
+    precision,
     no_relax_cell,
     fix_symmetry,
     symprec,
@@ -175,6 +190,7 @@ def relax(
     steps,
     pressure,
     batch_size,
+    workers,
     resume,
     distributed,
     as_json,
@@ -221,7 +237,7 @@ def relax(
     quiet_filter = _DropUntrainedWarning()
     relaxer_logger.addFilter(quiet_filter)
     try:
-        relaxer = OneShotRelaxer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
+        relaxer = OneShotRelaxer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, precision=precision)
     except (CheckpointError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -245,6 +261,8 @@ def relax(
         "steps": steps,
         "scalar_pressure": pressure * GPa,
     }
+    if workers:
+        options["num_workers"] = workers
     queue: list[tuple[_FileJob, int]] = []
     n_flushed = 0  # structures sent to the relaxer so far: their index decides their rank
 

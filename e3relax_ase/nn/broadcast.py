@@ -49,7 +49,7 @@ class LatticeToAtom(nn.Module):
         centred = positions - scatter_mean(positions, batch, n_graphs)[batch]  # [n_atoms, 3]
         lattice = cell[batch]  # [n_atoms, 3(c), 3(xyz)]
         length = safe_norm(lattice)  # [n_atoms, 3]
-        parallel = torch.einsum("nx,ncx->nc", centred, lattice) / length
+        parallel = (centred.unsqueeze(1) * lattice).sum(dim=-1) / length  # not einsum: see lattice_step
         cross = torch.linalg.cross(centred.unsqueeze(1).expand_as(lattice), lattice, dim=-1)
         perpendicular = safe_norm(cross) / length  # [n_atoms, 3]
         geometry = self.geometry(

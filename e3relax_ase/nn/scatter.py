@@ -7,8 +7,11 @@ import torch
 
 def scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Sum rows of ``values`` [n, ...] into ``size`` buckets given by ``index`` [n]."""
-    out = values.new_zeros((size,) + values.shape[1:])
-    return out.index_add_(0, index, values)
+    # Sums accumulate in at least float32: under bfloat16 autocast the summands stay bfloat16,
+    # but a bfloat16 running sum of ~40 neighbour messages loses most of its 8 significant bits.
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    out = values.new_zeros((size,) + values.shape[1:], dtype=dtype)
+    return out.index_add_(0, index, values.to(dtype))
 
 
 def scatter_mean(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
