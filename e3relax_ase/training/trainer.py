@@ -264,6 +264,9 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
             break
         tick = time.monotonic()
         train_metrics, step = train_one_epoch(model, ddp_model, ema_model, optimizer, train_set, config, epoch, step, device, dist)
+        # The epoch's metrics were read back from the device, so the training work is done here:
+        # train_seconds is the optimisation alone (the samples/s of scaling measurements).
+        train_seconds = time.monotonic() - tick
         # The EMA weights are the same on every rank; evaluating once and sharing the result keeps
         # the LR scheduler, the best epoch and early stopping identical on all ranks (GPU
         # scatter-adds are not bitwise reproducible, so per-rank evaluations could disagree).
@@ -273,7 +276,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         epochs_this_call += 1
         epoch_seconds = time.monotonic() - tick
         row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": round(epoch_seconds, 3),
-               **train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
+               "train_seconds": round(train_seconds, 3), **train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
         history.append(row)
         if best is None or val_metrics["coord_mae"] < best["val_coord_mae"]:
             best, stale = dict(row), 0
