@@ -387,6 +387,7 @@ class OneShotRelaxer:
         )
         results: dict[int, Any] = {}
         pending: list[_Item] = []
+        pending_atoms = pending_edges = 0  # running totals: the budget check stays O(1) per structure
         keep_pristine = bool(return_trajectory)
         if num_workers and num_workers > 0:
             options.pool = self._worker_pool(int(num_workers))
@@ -400,10 +401,13 @@ class OneShotRelaxer:
                 if isinstance(item, RelaxFailure):
                     results[index] = item
                     continue
-                if pending and not self._fits(pending + [item], *budget):
+                n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
+                if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
                     results.update(self._run_chunk(pending, options, errors))
-                    pending = []
+                    pending, pending_atoms, pending_edges = [], 0, 0
                 pending.append(item)
+                pending_atoms += n_atoms
+                pending_edges += n_edges
             if pending:
                 results.update(self._run_chunk(pending, options, errors))
         finally:
@@ -536,12 +540,13 @@ class OneShotRelaxer:
                 return _Raise(exc)
             return RelaxFailure(index, names[index] if names is not None else _name_of(structure, index), exc)
 
-    def _fits(self, items: list[_Item], batch_size, max_atoms, max_edges) -> bool:
-        if batch_size is not None and len(items) > batch_size:
+    def _fits(self, n_structures: int, n_atoms: int, n_edges: int, batch_size, max_atoms, max_edges) -> bool:
+        """Whether one forward pass may take this many structures, atoms and edges."""
+        if batch_size is not None and n_structures > batch_size:
             return False
-        if max_atoms is not None and sum(i.report.n_atoms for i in items) > max_atoms:
+        if max_atoms is not None and n_atoms > max_atoms:
             return False
-        return sum(i.report.n_edges for i in items) <= min(max_edges, self._batch_edges)
+        return n_edges <= min(max_edges, self._batch_edges)
 
     def _predict(self, items: list[_Item]) -> list[Prediction]:
         """One forward pass; on out-of-memory split the batch in two and retry each half."""

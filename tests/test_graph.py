@@ -4,6 +4,8 @@ import torch
 from ase.build import bulk, fcc111
 
 from e3relax_ase.graph import build_graph, cap_neighbors, edge_vectors, neighbor_edges
+from e3relax_ase.predict import CrystalArrays
+from e3relax_ase.testing import random_crystal
 
 
 def _edges(atoms, cutoff=6.0, k=50, dtype=torch.float64):
@@ -97,3 +99,32 @@ def test_graph_dtype_preserved(dtype):
     atoms = bulk("Al", "fcc", a=4.05)
     src, dst, shift = _edges(atoms, dtype=dtype)
     assert shift.dtype == dtype
+
+
+def test_build_graph_device_search_path_gives_the_host_edges(monkeypatch):
+    """build_graph's per-crystal search on the device (large cells on CUDA) joins with the host
+    searches of the other crystals into the same graph; run here on the CPU by forcing the path."""
+    import e3relax_ase.graph as graph_module
+    from ase.build import bulk
+
+    rng = np.random.default_rng(5)
+    big = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 2))
+    big.rattle(0.05, seed=2)
+    crystals = [random_crystal(rng, n_atoms=4), CrystalArrays(big.numbers, big.positions, big.cell.array, big.pbc),
+                random_crystal(rng, n_atoms=6), random_crystal(rng, n_atoms=3)]
+
+    def build():
+        return build_graph(
+            [torch.as_tensor(c.numbers) for c in crystals],
+            [torch.as_tensor(c.positions, dtype=torch.float64) for c in crystals],
+            [torch.as_tensor(c.cell, dtype=torch.float64) for c in crystals],
+            [torch.as_tensor(c.pbc) for c in crystals],
+            6.0,
+            50,
+        )
+
+    host = build()
+    monkeypatch.setattr(graph_module, "_search_on_device", lambda device, n_atoms: n_atoms >= 20)
+    mixed = build()
+    for field in ("edge_src", "edge_dst", "edge_shift", "batch"):
+        assert torch.equal(getattr(mixed, field), getattr(host, field)), field
