@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Final training round (annealing from round 2) then the GPU inference benchmarks with the
+# Final training round (round 3: NREL + distilled pairs from the round-2 weights) then the GPU inference benchmarks with the
 # resulting weights, in one device call. Usage: scripts/gpu_final_round.sh BUDGET_MINUTES
 set -u
 bash scripts/gpu_train_round.sh "$1" checkpoints/configs/e3relax_h2_f128.yaml > "$OUT/round.txt" 2>&1
