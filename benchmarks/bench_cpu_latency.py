@@ -35,7 +35,7 @@ DTYPES = ("float32", "float64")
 STAGES = (
     # (label, what is timed): see child()
     ("validate", "prepare_atoms: checks, Niggli reduction, canonical form, neighbour search (float64)"),
-    ("edges", "_graph_edges: neighbour cap (and, in float32, the search again in float32)"),
+    ("edges", "graph_edges: neighbour cap (and, in float32, the search again in float32)"),
     ("graph", "graph_from_edges: the batched CPU graph"),
     ("network", "the model's forward pass"),
     ("predict_rest", "predict minus the forward pass: centroid correction, back to the caller's basis"),
@@ -107,6 +107,8 @@ def _stages(relaxer, module, atoms, repeats: int) -> dict:
     """Per-stage times of ``repeats`` more relax calls, from timers wrapped around each step."""
     import numpy as np
 
+    import e3relax_ase.workers as workers_module  # judge_prediction's home: its checks are looked up there
+
     spent: dict[str, list[float]] = {}
     originals = []
 
@@ -124,12 +126,12 @@ def _stages(relaxer, module, atoms, repeats: int) -> dict:
         setattr(owner, attribute, wrapper)
 
     timed(module, "prepare_atoms", "validate")
-    timed(module, "_graph_edges", "edges")
+    timed(module, "graph_edges", "edges")
     timed(module, "graph_from_edges", "graph")
     timed(relaxer.model, "forward", "network")  # instance attribute: nn.Module.__call__ finds it
     timed(module, "predict", "_predict_total")
-    timed(module, "check_prediction", "sanity")
-    timed(module, "confidence", "confidence")
+    timed(workers_module, "check_prediction", "sanity")
+    timed(workers_module, "confidence", "confidence")
     timed(type(relaxer), "_finish", "_finish_total")
     totals = []
     try:

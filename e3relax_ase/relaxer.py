@@ -16,10 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
-import threading
 import weakref
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +28,11 @@ from e3relax_ase import __version__
 from e3relax_ase.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.canonical import CanonicalForm
-from e3relax_ase.graph import capped_edges, graph_from_edges, periodic_pairs
+from e3relax_ase.graph import graph_from_edges
 from e3relax_ase.heap import keep_freed_heap
 from e3relax_ase.predict import CrystalArrays, Prediction, predict
 from e3relax_ase.precision import check_precision
 from e3relax_ase.refine import refine as refine_structure
-from e3relax_ase.sanity import check_prediction, confidence
 from e3relax_ase.structures import (
     INFO_CORRECTION_RATIO,
     INFO_LAST_CORRECTION,
@@ -63,11 +59,21 @@ from e3relax_ase.structures import (
 from e3relax_ase.validation import (
     MIN_DISTANCE,
     InvalidStructureError,
-    PreparedCrystal,
     StructureReport,
-    prepare_arrays,
     prepare_atoms,
     structure_name,
+)
+from e3relax_ase.workers import (
+    PREFETCH_ITEMS,
+    PreparationSettings,
+    StructureSpec,
+    graph_edges,
+    judge_in_pool,
+    judge_prediction,
+    pool_is_broken,
+    prefetched,
+    prepared_in_pool,
+    start_worker_pool,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,9 +82,6 @@ logger = logging.getLogger(__name__)
 # Measured on CPU at F = 128 and 512: about 16 float32 / 12 float64 values; 24 leaves a margin.
 BYTES_PER_EDGE_CHANNEL = 24
 MEMORY_FRACTION = 0.5  # share of the free device memory the default edge budget may use
-PREFETCH_ITEMS = 4096  # most structures prepared ahead of the network by the background thread
-TASK_STRUCTURES = 32  # structures per task sent to a preparation worker (num_workers > 0)
-_UNNAMED = "\x00unnamed\x00"  # stands for a structure's name in a worker (named on failure only)
 
 
 class PredictionError(RuntimeError):
@@ -130,6 +133,13 @@ class _Options:
     refine: Any = None
     refine_kwargs: dict = field(default_factory=dict)
     pool: Any = None  # worker processes (num_workers > 0) that also judge predictions
+
+
+@dataclass
+class _Raise:
+    """An exception to raise in order (``errors="raise"``) when its structure's turn comes."""
+
+    error: Exception
 
 
 def _available_memory(device: torch.device) -> int:
@@ -268,7 +278,7 @@ class OneShotRelaxer:
         atoms, _ = as_atoms(structure)
         return prepare_atoms(atoms, name=name, **self._settings().checks).report
 
-    def _settings(self) -> "_Settings":
+    def _settings(self) -> PreparationSettings:
         config = self.model.config
         checks = {
             "cutoff": config.cutoff,
@@ -279,7 +289,7 @@ class OneShotRelaxer:
             "max_edges": self.max_edges,
             "reduce": self.reduce_cell,
         }
-        return _Settings(checks, str(self.dtype).replace("torch.", ""))
+        return PreparationSettings(checks, str(self.dtype).replace("torch.", ""))
 
     # --- public API ------------------------------------------------------------------------
     def relax(self, structure, **options):
@@ -395,7 +405,7 @@ class OneShotRelaxer:
         else:
             source = self._prepared(structures, names, inplace, keep_pristine, errors)
             if prefetch and not (hasattr(structures, "__len__") and len(structures) <= 1):
-                source = _prefetched(source, PREFETCH_ITEMS)
+                source = prefetched(source, PREFETCH_ITEMS)
         try:
             for index, item in source:
                 if isinstance(item, RelaxFailure):
@@ -412,7 +422,7 @@ class OneShotRelaxer:
                 results.update(self._run_chunk(pending, options, errors))
         finally:
             source.close()
-            if options.pool is not None and getattr(options.pool, "_broken", False):
+            if options.pool is not None and pool_is_broken(options.pool):
                 self.close()  # a worker died: start afresh next time
         if trajectory and "{index}" not in str(trajectory) and len(results) > 1:
             logger.warning("one refinement trajectory file for %d structures keeps only the last; put {index} in its name", len(results))
@@ -430,10 +440,10 @@ class OneShotRelaxer:
     def _worker_pool(self, num_workers: int):
         """The worker processes, started on first use and kept while ``num_workers`` is the same."""
         workers = getattr(self, "_workers", None)
-        if workers is not None and workers[0] == num_workers and not getattr(workers[1], "_broken", False):
+        if workers is not None and workers[0] == num_workers and not pool_is_broken(workers[1]):
             return workers[1]
         self.close()
-        pool = _worker_pool(num_workers)
+        pool = start_worker_pool(num_workers)
         self._workers = (num_workers, pool, weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True))
         return pool
 
@@ -444,7 +454,7 @@ class OneShotRelaxer:
         settings = self._settings()
         prepared = prepare_atoms(atoms, name=name, **settings.checks)
         arrays = crystal_arrays(atoms)
-        edges = _graph_edges(prepared, arrays.pbc, settings)
+        edges = graph_edges(prepared, arrays.pbc, settings)
         pristine = atoms.copy() if keep_pristine else None
         work = atoms if (inplace or kind != "ase") else atoms.copy()
         return _Item(index, name, kind, work, pristine, arrays, prepared.report, prepared.form, edges)
@@ -464,49 +474,35 @@ class OneShotRelaxer:
     def _pooled(self, structures, names, inplace: bool, keep_pristine: bool, errors: str, pool, num_workers: int) -> Iterator:
         """``_prepared``, with validation, canonical form and neighbour search in worker processes.
 
-        This process converts and copies each structure and sends its arrays, packed
-        ``TASK_STRUCTURES`` at a time; the workers run the same functions on the same numbers,
-        so the items are the same. At most ``4 * num_workers`` tasks are in flight.
+        This process converts and copies each structure (``_shell``) and sends its arrays; the
+        workers run the same functions on the same numbers, so the items are the same
+        (e3relax_ase.workers).
         """
-        settings = self._settings()
-        in_flight: deque = deque()  # (entries, future or None)
-        entries: list = []  # (index, (shell _Item, spec) or a finished _Item / RelaxFailure / _Raise)
-        waiting = 0  # entries waiting for a worker
-        failure = None
+
+        def shell(index: int, structure):
+            return self._shell(index, structure, names, inplace, keep_pristine, errors)
+
+        entries = prepared_in_pool(structures, shell, pool, num_workers, self._settings())
         try:
-            iterator = enumerate(structures)
-            while True:
-                try:
-                    index, structure = next(iterator)
-                except StopIteration:
-                    break
-                except Exception as exc:  # the input itself failed: what came before still runs
-                    failure = exc
-                    break
-                entry = self._shell(index, structure, names, inplace, keep_pristine, errors)
-                entries.append((index, entry))
-                waiting += isinstance(entry, tuple)
-                if waiting >= TASK_STRUCTURES:
-                    in_flight.append(_submit(pool, entries, settings))
-                    entries, waiting = [], 0
-                while len(in_flight) > 4 * num_workers:
-                    yield from _collect(*in_flight.popleft(), errors)
-            if entries:
-                in_flight.append(_submit(pool, entries, settings))
-            while in_flight:
-                yield from _collect(*in_flight.popleft(), errors)
-            if failure is not None:
-                raise failure
+            for index, entry, outcome in entries:
+                if isinstance(entry, _Raise):
+                    raise entry.error
+                if isinstance(outcome, Exception):
+                    if errors == "raise":
+                        raise outcome
+                    entry = RelaxFailure(index, entry.name, outcome)
+                elif outcome is not None:
+                    entry.report, entry.form, entry.edges = outcome
+                yield index, entry
         finally:
-            for _, task in in_flight:
-                if task is not None:
-                    task.cancel()
+            entries.close()  # cancels the tasks still in flight
 
     def _shell(self, index: int, structure, names, inplace: bool, keep_pristine: bool, errors: str):
         """Everything of ``_prepare`` that needs the Atoms object, and the arrays a worker checks.
 
-        Returns (shell _Item, spec) for a worker, or a finished _Item / RelaxFailure when the
-        structure fails here or its arrays are not regular (prepared here, as ``_prepared``).
+        Returns (shell _Item, StructureSpec) for a worker, or a finished _Item / RelaxFailure
+        (a _Raise for ``errors="raise"``) when the structure fails here or its arrays are not
+        regular (prepared here, as ``_prepared``).
         """
         try:
             name = names[index] if names is not None else None  # named on demand
@@ -533,8 +529,7 @@ class OneShotRelaxer:
             pristine = atoms.copy() if keep_pristine else None
             work = atoms if (inplace or kind != "ase") else atoms.copy()
             shell = _Item(index, name, kind, work, pristine, arrays, None, source=structure)
-            spec_name = name if name is not None else _UNNAMED
-            return shell, (numbers.astype(np.int64, copy=False), positions, cell, pbc, spec_name, lengths)
+            return shell, StructureSpec(numbers.astype(np.int64, copy=False), positions, cell, pbc, name, lengths)
         except Exception as exc:
             if errors == "raise":
                 return _Raise(exc)
@@ -616,23 +611,10 @@ class OneShotRelaxer:
         return out
 
     def _judge_in_pool(self, items: list[_Item], predictions: list[Prediction], options: _Options) -> list:
-        """``_judge`` of every item, in the worker processes: (sanity, confidence) or the exception."""
-        tasks = []
-        for start in range(0, len(items), TASK_STRUCTURES):
-            group = range(start, min(start + TASK_STRUCTURES, len(items)))
-            packed = (
-                np.concatenate([predictions[k].positions for k in group], axis=1),
-                np.stack([predictions[k].cell for k in group], axis=1),
-                np.concatenate([items[k].arrays.positions for k in group]),
-                np.stack([items[k].arrays.cell for k in group]),
-                np.stack([items[k].arrays.pbc for k in group]),
-                np.array([self._closest(items[k]) for k in group], dtype=np.float64),
-                np.array([len(items[k].arrays.positions) for k in group], dtype=np.int64),
-                options.relax_cell,
-                self.min_distance,
-            )
-            tasks.append(options.pool.submit(_judge_task, packed))
-        return [verdict for task in tasks for verdict in _unpack_verdicts(task.result())]
+        """``judge_prediction`` of every item, in the worker processes: (sanity, confidence) or the exception."""
+        crystals = [item.arrays for item in items]
+        closest = [self._closest(item) for item in items]
+        return judge_in_pool(options.pool, predictions, crystals, closest, options.relax_cell, self.min_distance)
 
     def _closest(self, item: _Item) -> float:
         """A lower bound on every input pair distance: validation's closest pair, or the cutoff."""
@@ -641,12 +623,12 @@ class OneShotRelaxer:
     def _finish(self, item: _Item, prediction: Prediction, options: _Options, verdict=None):
         """Sanity-check, apply, optionally refine, record provenance; return the caller's type.
 
-        ``verdict``: ``_judge``'s result if already computed (in a worker), or its exception.
+        ``verdict``: ``judge_prediction``'s result if already computed (in a worker), or its exception.
         """
         positions, cell = prediction.positions[-1], prediction.cell[-1]
         if verdict is None:
             arrays = item.arrays
-            verdict = _judge(
+            verdict = judge_prediction(
                 prediction.positions,
                 prediction.cell,
                 arrays.positions,
@@ -728,287 +710,6 @@ class OneShotRelaxer:
             frame.info["e3relax_layer"] = layer + 1
             frames.append(frame)
         return [from_atoms(f, item.kind) for f in frames]
-
-
-@dataclass
-class _Settings:
-    """What preparing a structure needs from the relaxer (picklable, for worker processes)."""
-
-    checks: dict  # keyword arguments of validation.prepare_arrays
-    dtype: str  # "float32" | "float64": the network's, hence the graph's positions
-
-
-@dataclass
-class _Raise:
-    """An exception to raise in order (``errors="raise"``) when its structure's turn comes."""
-
-    error: Exception
-
-
-def _graph_edges(prepared: PreparedCrystal, pbc: np.ndarray, settings: _Settings) -> tuple:
-    """The graph edges ``graph_from_canonical`` would build for the prepared crystal.
-
-    Its neighbour search runs on the canonical positions rounded to the network's dtype; in
-    float64 that is the search validation already ran, reused.
-    """
-    form = prepared.form
-    pairs = prepared.pairs
-    if settings.dtype != "float64":
-        dtype = getattr(torch, settings.dtype)
-        pairs = periodic_pairs(
-            torch.as_tensor(form.positions, dtype=dtype), torch.as_tensor(form.cell, dtype=dtype), pbc, settings.checks["cutoff"]
-        )
-    return capped_edges(*pairs, len(form.positions), settings.checks["max_neighbors"])
-
-
-def _prefetched(source: Iterator, depth: int) -> Iterator:
-    """Run ``source`` in a background thread, up to ``depth`` entries ahead of the consumer.
-
-    Entries come out in order; an exception in ``source`` is raised at its place. Closing the
-    returned generator stops the thread after the entry it is working on.
-    """
-    entries: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                entries.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for entry in source:
-                if not put((True, entry)):
-                    return
-            put((False, None))
-        except BaseException as exc:  # raised in the consumer, in order
-            put((False, exc))
-
-    thread = threading.Thread(target=work, name="e3relax-prepare", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, entry = entries.get()
-            if ok:
-                yield entry
-            elif entry is None:
-                return
-            else:
-                raise entry
-    finally:
-        stop.set()
-        thread.join(timeout=5.0)
-
-
-def _judge(positions_layers, cell_layers, positions_input, cell_input, pbc, closest: float, relax_cell: bool, min_distance: float):
-    """Sanity report and confidence of one prediction (every layer's positions and cell)."""
-    positions, cell = positions_layers[-1], cell_layers[-1]
-    if relax_cell:
-        final_positions, final_cell = positions, cell
-    else:
-        final_positions, final_cell = positions @ np.linalg.solve(cell, cell_input), cell_input
-    sanity = check_prediction(
-        final_positions, final_cell, pbc, cell_input, min_distance, positions_input=positions_input, closest_input=closest
-    )
-    return sanity, confidence(positions_layers, cell_layers, positions_input, cell_input)
-
-
-def _judge_task(packed: tuple) -> tuple:
-    """In a worker: ``_judge`` for a packed group; the same arrays (C-ordered copies, as in the
-    relaxer) give the same numbers."""
-    positions, cells, positions_input, cells_input, pbcs, closest, sizes, relax_cell, min_distance = packed
-    floats = np.full((len(sizes), 6), np.nan)
-    flags = np.zeros((len(sizes), 2), dtype=bool)
-    problems, errors = [], {}
-    start = 0
-    for k, size in enumerate(sizes.tolist()):
-        stop = start + size
-        try:
-            sanity, signal = _judge(
-                np.ascontiguousarray(positions[:, start:stop]),
-                np.ascontiguousarray(cells[:, k]),
-                np.ascontiguousarray(positions_input[start:stop]),
-                np.ascontiguousarray(cells_input[k]),
-                pbcs[k],
-                float(closest[k]),
-                relax_cell,
-                min_distance,
-            )
-            floats[k] = (sanity.min_distance, sanity.volume_ratio, signal.max_displacement, signal.max_strain, signal.correction_ratio, signal.last_correction)
-            flags[k] = (sanity.ok, signal.refine_advised)
-            problems.append(sanity.problems)
-        except Exception as exc:
-            errors[k] = _picklable(exc)
-            problems.append([])
-        start = stop
-    return floats, flags, problems, errors
-
-
-def _unpack_verdicts(packed: tuple) -> list:
-    from e3relax_ase.sanity import Confidence, SanityReport
-
-    floats, flags, problems, errors = packed
-    verdicts = []
-    for k in range(len(floats)):
-        if k in errors:
-            verdicts.append(errors[k])
-            continue
-        row = floats[k].tolist()
-        sanity = SanityReport(bool(flags[k, 0]), problems[k], row[0], row[1])
-        verdicts.append((sanity, Confidence(row[2], row[3], row[4], bool(flags[k, 1]), row[5])))
-    return verdicts
-
-
-def _worker_pool(num_workers: int):
-    """Worker processes for ``relax_many(num_workers=...)``.
-
-    Forked where the platform allows (like torch's DataLoader): no re-import of the caller's
-    script, no start-up cost. The workers run numpy, vesin and CPU torch with one thread and
-    never touch CUDA, which is what makes forking a process with torch threads safe.
-    Elsewhere spawned (then the caller's script needs the ``if __name__ == "__main__"`` guard).
-    A worker that dies raises ``BrokenProcessPool`` instead of hanging.
-    """
-    import multiprocessing
-    import warnings
-    from concurrent.futures import ProcessPoolExecutor
-
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() and os.name == "posix" and not _is_macos() else "spawn"
-    with warnings.catch_warnings():
-        # Python >= 3.12 warns on fork() in a process with threads (torch's); see above.
-        warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks.*", category=DeprecationWarning)
-        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init)
-        pool.submit(int).result()  # start the workers now, inside the filter
-    return pool
-
-
-def _is_macos() -> bool:
-    import sys
-
-    return sys.platform == "darwin"
-
-
-def _worker_init() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-
-
-def _submit(pool, entries: list, settings: _Settings):
-    """Send the specs among ``entries`` to the pool as one packed task."""
-    specs = [entry[1][1] for entry in entries if isinstance(entry[1], tuple)]
-    if not specs:
-        return entries, None
-    packed = (
-        np.concatenate([s[0] for s in specs]),
-        np.concatenate([s[1] for s in specs]),
-        np.stack([s[2] for s in specs]),
-        np.stack([s[3] for s in specs]),
-        np.array([len(s[0]) for s in specs], dtype=np.int64),
-        [s[4] for s in specs],
-        [s[5] for s in specs],
-    )
-    return entries, pool.submit(_prepare_task, packed, settings)
-
-
-def _collect(entries: list, task, errors: str) -> Iterator:
-    """(index, _Item or RelaxFailure) for ``entries``, with the worker's results filled in."""
-    outcomes = _unpack_outcomes(task.result()) if task is not None else iter(())
-    for index, entry in entries:
-        if isinstance(entry, tuple):
-            shell = entry[0]
-            outcome = next(outcomes)
-            if isinstance(outcome, InvalidStructureError) and str(outcome).startswith(_UNNAMED):
-                outcome = InvalidStructureError(shell.name + str(outcome)[len(_UNNAMED) :])  # the name, now
-            if isinstance(outcome, Exception):
-                if errors == "raise":
-                    raise outcome
-                entry = RelaxFailure(index, shell.name, outcome)
-            else:
-                shell.report, shell.form, shell.edges = outcome
-                entry = shell
-        elif isinstance(entry, _Raise):
-            raise entry.error
-        yield index, entry
-
-
-def _prepare_task(packed: tuple, settings: _Settings) -> tuple:
-    """In a worker: ``prepare_arrays`` and ``_graph_edges`` for a packed group of structures."""
-    numbers, positions, cells, pbcs, sizes, names, lengths = packed
-    outcomes = []
-    start = 0
-    for k, size in enumerate(sizes.tolist()):
-        stop = start + size
-        try:
-            prepared = prepare_arrays(
-                numbers[start:stop],
-                positions[start:stop],
-                cells[k],
-                pbcs[k],
-                name=names[k],
-                per_atom_arrays={key: range(n) for key, n in lengths[k].items()},
-                **settings.checks,
-            )
-            outcomes.append((prepared.report, prepared.form, _graph_edges(prepared, pbcs[k], settings)))
-        except Exception as exc:
-            outcomes.append(_picklable(exc))
-        start = stop
-    return _pack_outcomes(outcomes)
-
-
-def _picklable(exc: Exception) -> Exception:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
-def _pack_outcomes(outcomes: list) -> tuple:
-    """Worker results as a few concatenated arrays (cheap to send), exceptions apart."""
-    errors = {k: o for k, o in enumerate(outcomes) if isinstance(o, Exception)}
-    done = [o for o in outcomes if not isinstance(o, Exception)]
-    if not done:
-        return len(outcomes), errors, None
-    reports = np.array([(r.n_atoms, r.n_edges) for r, _, _ in done], dtype=np.int64)
-    closest = np.array([r.min_distance for r, _, _ in done], dtype=np.float64)
-    forms = (
-        np.concatenate([f.positions for _, f, _ in done]),
-        np.stack([f.cell for _, f, _ in done]),
-        np.stack([f.transform for _, f, _ in done]),
-        np.concatenate([f.image_shift for _, f, _ in done]),
-    )
-    edges = (
-        np.concatenate([e[0] for _, _, e in done]),
-        np.concatenate([e[1] for _, _, e in done]),
-        np.concatenate([e[2].reshape(-1, 3) for _, _, e in done]),
-        np.array([len(e[0]) for _, _, e in done], dtype=np.int64),
-    )
-    return len(outcomes), errors, (reports, closest, forms, edges)
-
-
-def _unpack_outcomes(packed: tuple) -> Iterator:
-    """The worker's outcomes again: (report, form, edges) or the exception, in order."""
-    count, errors, arrays = packed
-    if arrays is not None:
-        reports, closest, (wrapped, cells, transforms, shifts), (src, dst, edge_shift, edge_counts) = arrays
-        atom_bounds = np.concatenate([[0], np.cumsum(reports[:, 0])]).tolist()
-        edge_bounds = np.concatenate([[0], np.cumsum(edge_counts)]).tolist()
-    k = 0
-    for position in range(count):
-        if position in errors:
-            yield errors[position]
-            continue
-        a, b = atom_bounds[k], atom_bounds[k + 1]
-        e, f = edge_bounds[k], edge_bounds[k + 1]
-        report = StructureReport(n_atoms=int(reports[k, 0]), n_edges=int(reports[k, 1]), min_distance=float(closest[k]))
-        form = CanonicalForm(wrapped[a:b], cells[k], transforms[k], shifts[a:b])
-        yield report, form, (src[e:f], dst[e:f], edge_shift[e:f])
-        k += 1
 
 
 def _name_of(structure, index: int | None) -> str:

@@ -1,0 +1,405 @@
+"""Preparing structures and judging predictions beside the network: the machinery behind
+``relax_many(prefetch=True)`` and ``relax_many(num_workers=N)``.
+
+``prefetch=True`` runs the relaxer's own preparation in a background thread (``prefetched``).
+``num_workers=N`` has N worker processes validate each structure, find its canonical form and
+its graph edges (``prepared_in_pool``), and later run the sanity checks and confidence of its
+prediction (``judge_in_pool``); the main process keeps the Atoms objects and the network.
+
+Every path gives the same results because every path runs the same functions on the same
+numbers: ``graph_edges`` and ``judge_prediction`` are defined here once, and the relaxer calls
+them in its own process as the workers do in theirs. What a worker runs is module-level (the
+pool pickles functions by name), and this module never imports ``e3relax_ase.relaxer``: a
+spawned worker imports only what the work needs, and the relaxer can import this module.
+Arrays travel packed, ``TASK_STRUCTURES`` structures to a task, as a few concatenated arrays:
+cheap to send, where a list of small objects is not.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from e3relax_ase.canonical import CanonicalForm
+from e3relax_ase.graph import capped_edges, periodic_pairs
+from e3relax_ase.sanity import Confidence, SanityReport, check_prediction, confidence
+from e3relax_ase.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
+
+PREFETCH_ITEMS = 4096  # most structures prepared ahead of the network by the background thread
+TASK_STRUCTURES = 32  # structures per task sent to a worker process
+TASKS_IN_FLIGHT_PER_WORKER = 4  # keeps every worker busy, yet bounds how far the input is read ahead
+_UNNAMED = "\x00unnamed\x00"  # stands for a structure's name in a worker (named on failure only)
+
+
+# --- the work, run by the relaxer itself or by a worker --------------------------------------------
+
+
+@dataclass
+class PreparationSettings:
+    """What preparing a structure needs from the relaxer (picklable, for worker processes)."""
+
+    checks: dict  # keyword arguments of validation.prepare_arrays
+    dtype: str  # "float32" | "float64": the network's, hence the graph's positions
+
+
+def graph_edges(prepared: PreparedCrystal, pbc: np.ndarray, settings: PreparationSettings) -> tuple:
+    """The graph edges ``graph_from_canonical`` would build for the prepared crystal.
+
+    Its neighbour search runs on the canonical positions rounded to the network's dtype; in
+    float64 that is the search validation already ran, reused.
+    """
+    form = prepared.form
+    pairs = prepared.pairs
+    if settings.dtype != "float64":
+        dtype = getattr(torch, settings.dtype)
+        pairs = periodic_pairs(
+            torch.as_tensor(form.positions, dtype=dtype), torch.as_tensor(form.cell, dtype=dtype), pbc, settings.checks["cutoff"]
+        )
+    return capped_edges(*pairs, len(form.positions), settings.checks["max_neighbors"])
+
+
+def judge_prediction(
+    positions_layers, cell_layers, positions_input, cell_input, pbc, closest: float, relax_cell: bool, min_distance: float
+):
+    """Sanity report and confidence of one prediction (every layer's positions and cell)."""
+    positions, cell = positions_layers[-1], cell_layers[-1]
+    if relax_cell:
+        final_positions, final_cell = positions, cell
+    else:
+        final_positions, final_cell = positions @ np.linalg.solve(cell, cell_input), cell_input
+    sanity = check_prediction(
+        final_positions, final_cell, pbc, cell_input, min_distance, positions_input=positions_input, closest_input=closest
+    )
+    return sanity, confidence(positions_layers, cell_layers, positions_input, cell_input)
+
+
+# --- a background thread (prefetch=True) -----------------------------------------------------------
+
+
+def prefetched(source: Iterator, depth: int) -> Iterator:
+    """Run ``source`` in a background thread, up to ``depth`` entries ahead of the consumer.
+
+    Entries come out in order; an exception in ``source`` is raised at its place. Closing the
+    returned generator stops the thread after the entry it is working on.
+    """
+    entries: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                entries.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for entry in source:
+                if not put((True, entry)):
+                    return
+            put((False, None))
+        except BaseException as exc:  # raised in the consumer, in order
+            put((False, exc))
+
+    thread = threading.Thread(target=work, name="e3relax-prepare", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, entry = entries.get()
+            if ok:
+                yield entry
+            elif entry is None:
+                return
+            else:
+                raise entry
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
+
+
+# --- worker processes (num_workers > 0) ------------------------------------------------------------
+
+
+def start_worker_pool(num_workers: int):
+    """Worker processes for ``relax_many(num_workers=...)``.
+
+    Forked where the platform allows (like torch's DataLoader): no re-import of the caller's
+    script, no start-up cost. The workers run numpy, vesin and CPU torch with one thread and
+    never touch CUDA, which is what makes forking a process with torch threads safe.
+    Elsewhere spawned (then the caller's script needs the ``if __name__ == "__main__"`` guard).
+    A worker that dies raises ``BrokenProcessPool`` instead of hanging.
+    """
+    # Imported here: a relaxer that never starts workers does not pay for them.
+    import multiprocessing
+    import warnings
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() and os.name == "posix" and not _is_macos() else "spawn"
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns on fork() in a process with threads (torch's); see above.
+        warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks.*", category=DeprecationWarning)
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context(method), initializer=_worker_init)
+        pool.submit(int).result()  # start the workers now, inside the filter
+    return pool
+
+
+def pool_is_broken(pool) -> bool:
+    """Whether a worker of ``pool`` died: the pool then refuses every task, so start another."""
+    return bool(getattr(pool, "_broken", False))
+
+
+def _is_macos() -> bool:
+    return sys.platform == "darwin"
+
+
+def _worker_init() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` if it survives the trip back from a worker, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+# --- preparing structures in the workers ------------------------------------------------------------
+
+
+class StructureSpec(NamedTuple):
+    """What a worker needs to prepare one structure: the arguments of ``prepare_arrays``."""
+
+    numbers: np.ndarray  # int64
+    positions: np.ndarray  # float64, (n, 3)
+    cell: np.ndarray  # float64, (3, 3)
+    pbc: np.ndarray  # bool, (3,)
+    name: str | None  # None: named only if it fails, here (naming may take time)
+    lengths: dict  # the length of every other per-atom array, by key
+
+
+def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: int, settings: PreparationSettings) -> Iterator:
+    """(index, entry, outcome) for each of ``structures``, in order, prepared in ``pool``.
+
+    ``shell(index, structure)`` runs here first: it returns ``(entry, StructureSpec)`` to have
+    the structure prepared by a worker, whose outcome is then (report, form, edges) or the
+    exception (naming the structure by ``entry.name``); anything else is passed on as the entry,
+    with outcome None. Structures go ``TASK_STRUCTURES`` to a task, and at most
+    ``TASKS_IN_FLIGHT_PER_WORKER * num_workers`` tasks are in flight. An exception from
+    ``structures`` itself is raised after every structure before it has come out.
+    """
+    in_flight: deque = deque()  # (entries, future or None)
+    entries: list = []  # (index, (entry, spec) or an entry passed on)
+    waiting = 0  # entries waiting for a worker
+    failure = None
+    try:
+        iterator = enumerate(structures)
+        while True:
+            try:
+                index, structure = next(iterator)
+            except StopIteration:
+                break
+            except Exception as exc:  # the input itself failed: what came before still runs
+                failure = exc
+                break
+            entry = shell(index, structure)
+            entries.append((index, entry))
+            waiting += isinstance(entry, tuple)
+            if waiting >= TASK_STRUCTURES:
+                in_flight.append(_submit(pool, entries, settings))
+                entries, waiting = [], 0
+            while len(in_flight) > TASKS_IN_FLIGHT_PER_WORKER * num_workers:
+                yield from _collect(*in_flight.popleft())
+        if entries:
+            in_flight.append(_submit(pool, entries, settings))
+        while in_flight:
+            yield from _collect(*in_flight.popleft())
+        if failure is not None:
+            raise failure
+    finally:
+        for _, task in in_flight:
+            if task is not None:
+                task.cancel()
+
+
+def _submit(pool, entries: list, settings: PreparationSettings):
+    """Send the specs among ``entries`` to the pool as one packed task."""
+    specs = [entry[1][1] for entry in entries if isinstance(entry[1], tuple)]
+    if not specs:
+        return entries, None
+    packed = (
+        np.concatenate([s.numbers for s in specs]),
+        np.concatenate([s.positions for s in specs]),
+        np.stack([s.cell for s in specs]),
+        np.stack([s.pbc for s in specs]),
+        np.array([len(s.numbers) for s in specs], dtype=np.int64),
+        [s.name if s.name is not None else _UNNAMED for s in specs],
+        [s.lengths for s in specs],
+    )
+    return entries, pool.submit(_prepare_task, packed, settings)
+
+
+def _collect(entries: list, task) -> Iterator:
+    """(index, entry, outcome) for ``entries``, with the worker's outcomes."""
+    outcomes = _unpack_outcomes(task.result()) if task is not None else iter(())
+    for index, entry in entries:
+        outcome = None
+        if isinstance(entry, tuple):
+            entry = entry[0]
+            outcome = next(outcomes)
+            if isinstance(outcome, InvalidStructureError) and str(outcome).startswith(_UNNAMED):
+                outcome = InvalidStructureError(entry.name + str(outcome)[len(_UNNAMED) :])  # the name, now
+        yield index, entry, outcome
+
+
+def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
+    """In a worker: ``prepare_arrays`` and ``graph_edges`` for a packed group of structures."""
+    numbers, positions, cells, pbcs, sizes, names, lengths = packed
+    outcomes = []
+    start = 0
+    for k, size in enumerate(sizes.tolist()):
+        stop = start + size
+        try:
+            prepared = prepare_arrays(
+                numbers[start:stop],
+                positions[start:stop],
+                cells[k],
+                pbcs[k],
+                name=names[k],
+                per_atom_arrays={key: range(n) for key, n in lengths[k].items()},
+                **settings.checks,
+            )
+            outcomes.append((prepared.report, prepared.form, graph_edges(prepared, pbcs[k], settings)))
+        except Exception as exc:
+            outcomes.append(_picklable(exc))
+        start = stop
+    return _pack_outcomes(outcomes)
+
+
+def _pack_outcomes(outcomes: list) -> tuple:
+    """Worker results as a few concatenated arrays (cheap to send), exceptions apart."""
+    errors = {k: o for k, o in enumerate(outcomes) if isinstance(o, Exception)}
+    done = [o for o in outcomes if not isinstance(o, Exception)]
+    if not done:
+        return len(outcomes), errors, None
+    reports = np.array([(r.n_atoms, r.n_edges) for r, _, _ in done], dtype=np.int64)
+    closest = np.array([r.min_distance for r, _, _ in done], dtype=np.float64)
+    forms = (
+        np.concatenate([f.positions for _, f, _ in done]),
+        np.stack([f.cell for _, f, _ in done]),
+        np.stack([f.transform for _, f, _ in done]),
+        np.concatenate([f.image_shift for _, f, _ in done]),
+    )
+    edges = (
+        np.concatenate([e[0] for _, _, e in done]),
+        np.concatenate([e[1] for _, _, e in done]),
+        np.concatenate([e[2].reshape(-1, 3) for _, _, e in done]),
+        np.array([len(e[0]) for _, _, e in done], dtype=np.int64),
+    )
+    return len(outcomes), errors, (reports, closest, forms, edges)
+
+
+def _unpack_outcomes(packed: tuple) -> Iterator:
+    """The worker's outcomes again: (report, form, edges) or the exception, in order."""
+    count, errors, arrays = packed
+    if arrays is not None:
+        reports, closest, (wrapped, cells, transforms, shifts), (src, dst, edge_shift, edge_counts) = arrays
+        atom_bounds = np.concatenate([[0], np.cumsum(reports[:, 0])]).tolist()
+        edge_bounds = np.concatenate([[0], np.cumsum(edge_counts)]).tolist()
+    k = 0
+    for position in range(count):
+        if position in errors:
+            yield errors[position]
+            continue
+        a, b = atom_bounds[k], atom_bounds[k + 1]
+        e, f = edge_bounds[k], edge_bounds[k + 1]
+        report = StructureReport(n_atoms=int(reports[k, 0]), n_edges=int(reports[k, 1]), min_distance=float(closest[k]))
+        form = CanonicalForm(wrapped[a:b], cells[k], transforms[k], shifts[a:b])
+        yield report, form, (src[e:f], dst[e:f], edge_shift[e:f])
+        k += 1
+
+
+# --- judging predictions in the workers -------------------------------------------------------------
+
+
+def judge_in_pool(pool, predictions: list, crystals: list, closest: list, relax_cell: bool, min_distance: float) -> list:
+    """``judge_prediction`` of every prediction, in the worker processes.
+
+    ``crystals``: each prediction's input (``CrystalArrays``); ``closest``: a lower bound on
+    each input's pair distances. Returns (sanity, confidence) or the exception, in order.
+    """
+    tasks = []
+    for start in range(0, len(crystals), TASK_STRUCTURES):
+        group = range(start, min(start + TASK_STRUCTURES, len(crystals)))
+        packed = (
+            np.concatenate([predictions[k].positions for k in group], axis=1),
+            np.stack([predictions[k].cell for k in group], axis=1),
+            np.concatenate([crystals[k].positions for k in group]),
+            np.stack([crystals[k].cell for k in group]),
+            np.stack([crystals[k].pbc for k in group]),
+            np.array([closest[k] for k in group], dtype=np.float64),
+            np.array([len(crystals[k].positions) for k in group], dtype=np.int64),
+            relax_cell,
+            min_distance,
+        )
+        tasks.append(pool.submit(_judge_task, packed))
+    return [verdict for task in tasks for verdict in _unpack_verdicts(task.result())]
+
+
+def _judge_task(packed: tuple) -> tuple:
+    """In a worker: ``judge_prediction`` for a packed group; the same arrays (C-ordered copies,
+    as in the relaxer) give the same numbers."""
+    positions, cells, positions_input, cells_input, pbcs, closest, sizes, relax_cell, min_distance = packed
+    floats = np.full((len(sizes), 6), np.nan)
+    flags = np.zeros((len(sizes), 2), dtype=bool)
+    problems, errors = [], {}
+    start = 0
+    for k, size in enumerate(sizes.tolist()):
+        stop = start + size
+        try:
+            sanity, signal = judge_prediction(
+                np.ascontiguousarray(positions[:, start:stop]),
+                np.ascontiguousarray(cells[:, k]),
+                np.ascontiguousarray(positions_input[start:stop]),
+                np.ascontiguousarray(cells_input[k]),
+                pbcs[k],
+                float(closest[k]),
+                relax_cell,
+                min_distance,
+            )
+            floats[k] = (sanity.min_distance, sanity.volume_ratio, signal.max_displacement, signal.max_strain, signal.correction_ratio, signal.last_correction)
+            flags[k] = (sanity.ok, signal.refine_advised)
+            problems.append(sanity.problems)
+        except Exception as exc:
+            errors[k] = _picklable(exc)
+            problems.append([])
+        start = stop
+    return floats, flags, problems, errors
+
+
+def _unpack_verdicts(packed: tuple) -> list:
+    """The worker's verdicts again: (SanityReport, Confidence) or the exception, in order."""
+    floats, flags, problems, errors = packed
+    verdicts = []
+    for k in range(len(floats)):
+        if k in errors:
+            verdicts.append(errors[k])
+            continue
+        row = floats[k].tolist()
+        sanity = SanityReport(bool(flags[k, 0]), problems[k], row[0], row[1])
+        verdicts.append((sanity, Confidence(row[2], row[3], row[4], bool(flags[k, 1]), row[5])))
+    return verdicts
