@@ -148,9 +148,9 @@ def print_train(r: dict) -> None:
 
 
 # --- relaxing --------------------------------------------------------------------------------
-def write_inputs(path: Path, n: int) -> None:
+def nrel_inputs(n: int) -> list:
+    """n unrelaxed NREL inputs (train, val and test splits in order, repeated to n)."""
     from ase import Atoms
-    from ase.io import write
 
     from e3relax_ase.training.pairs import load_pairs
 
@@ -160,7 +160,13 @@ def write_inputs(path: Path, n: int) -> None:
         for k in range(len(pairs)):
             atoms = slice(pairs.offsets[k], pairs.offsets[k + 1])
             frames.append(Atoms(pairs.numbers[atoms], positions=pairs.pos_unrelaxed[atoms], cell=pairs.cell_unrelaxed[k], pbc=True))
-    write(path, [frames[i % len(frames)] for i in range(n)], format="extxyz")
+    return [frames[i % len(frames)] for i in range(n)]
+
+
+def write_inputs(path: Path, n: int) -> None:
+    from ase.io import write
+
+    write(path, nrel_inputs(n), format="extxyz")
 
 
 def timed_relax(command: list[str], env: dict, log: Path) -> float:
@@ -200,20 +206,6 @@ def run_relax(args) -> dict:
     results["max_cell_difference_A"] = float(max(np.abs(x.cell.array - y.cell.array).max() for x, y in zip(a, b)))
     results["written"] = len(a)
     return results
-
-
-def nrel_inputs(n: int) -> list:
-    from ase import Atoms
-
-    from e3relax_ase.training.pairs import load_pairs
-
-    frames = []
-    for split in ("train", "val", "test"):
-        pairs = load_pairs(ROOT / "data" / "nrel_zintl" / f"{split}.npz")
-        for k in range(len(pairs)):
-            atoms = slice(pairs.offsets[k], pairs.offsets[k + 1])
-            frames.append(Atoms(pairs.numbers[atoms], positions=pairs.pos_unrelaxed[atoms], cell=pairs.cell_unrelaxed[k], pbc=True))
-    return [frames[i % len(frames)] for i in range(n)]
 
 
 def api_child(args) -> None:
