@@ -1,0 +1,42 @@
+"""The GPU benchmark scripts stay runnable: their smallest settings on the CPU (slow: ~1-2 min)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_bench_inference_quick_on_cpu(tmp_path):
+    out = tmp_path / "inference.json"
+    stdout = run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32,bf16",
+                  "--workers", "0", "--out", str(out)], tmp_path)
+    results = json.loads(out.read_text())
+    assert results["end_to_end"][0]["relaxed"] > 0
+    assert {row["precision"] for row in results["forward"]["paper_F512_T4"]} == {"float32", "bf16"}
+    assert results["work"]["shipped"]["flops"] > 0 and results["deviation"][0]["max_position_deviation_A"] > 0
+    assert "single-structure latency" in stdout
+
+
+@pytest.mark.slow
+def test_bench_multi_gpu_relax_api_on_cpu_with_two_processes(tmp_path):
+    out = tmp_path / "api.json"
+    run(["benchmarks/bench_multi_gpu.py", "relax-api", "--gpus", "2", "--n", "24", "--workers", "0",
+         "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    results = json.loads(out.read_text())
+    assert results["one_gpu"]["relaxed"] == results["torchrun_gpus2"]["relaxed"] > 0
+    assert results["torchrun_gpus2"]["world_size"] == 2
