@@ -428,6 +428,11 @@ class OneShotRelaxer:
             logger.warning("one refinement trajectory file for %d structures keeps only the last; put {index} in its name", len(results))
         return [results[index] for index in sorted(results)]
 
+    @property
+    def has_worker_pool(self) -> bool:
+        """Whether worker processes of an earlier ``relax_many(num_workers=...)`` are running."""
+        return getattr(self, "_workers", None) is not None
+
     def close(self) -> None:
         """Stop the worker processes of ``relax_many(num_workers=...)`` (they are kept for the
         next call; they also stop when the relaxer is garbage-collected or Python exits)."""

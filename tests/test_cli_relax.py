@@ -263,3 +263,33 @@ def test_python_m_entry_point_and_fast_help(tmp_path, checkpoint):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[0, 0, 0] []"
     assert "--fix-symmetry" in done.stdout and "--refine" in done.stdout
+
+
+def test_workers_option_gives_the_same_file_and_checks_its_value(tmp_path, checkpoint):
+    frames = [nacl(seed) for seed in range(6)]
+    ase.io.write(tmp_path / "many.extxyz", frames)
+    outputs = {}
+    for workers in ("0", "2", "auto"):
+        out = tmp_path / f"out_{workers}.extxyz"
+        result = run(["relax", str(tmp_path / "many.extxyz"), "-o", str(out), "--workers", workers], checkpoint)
+        assert result.exit_code == 0, result.output
+        outputs[workers] = ase.io.read(out, index=":")
+    for workers in ("2", "auto"):
+        for a, b in zip(outputs["0"], outputs[workers]):
+            assert np.array_equal(a.positions, b.positions) and np.array_equal(a.cell.array, b.cell.array)
+    result = CliRunner().invoke(cli, ["relax", str(tmp_path / "many.extxyz"), "-o", str(tmp_path / "x.extxyz"),
+                                      "--workers", "many", "--checkpoint", checkpoint])
+    assert result.exit_code == 2 and "neither 'auto' nor a number" in result.output
+
+
+def test_auto_workers_follow_the_device_and_the_cores(monkeypatch):
+    import torch
+
+    from e3relax_ase import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert workers.auto_num_workers(torch.device("cpu")) == 0
+    assert workers.auto_num_workers(torch.device("cuda", 1)) == 12
+    assert workers.auto_num_workers(torch.device("cuda", 0), processes_per_host=8) == 3  # 32 // 8 - 1
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert workers.auto_num_workers(torch.device("cuda", 0)) == 0

@@ -159,10 +159,10 @@ def _write(job: _FileJob) -> None:
 @click.option("--batch-size", type=int, default=None, help="Structures per forward pass [default: 1 on CPU, by memory on GPU].")
 @click.option(
     "--workers",
-    type=click.IntRange(min=0),
-    default=0,
+    default="auto",
     show_default=True,
-    help="Processes that prepare structures (validation, neighbour search) while the network runs; worth it on a GPU.",
+    help="Processes that prepare structures (validation, neighbour search) while the network runs, or 'auto': "
+    "on a GPU up to 12 from the free cores once 256 or more structures are queued, on a CPU none.",
 )
 @click.option("--resume", is_flag=True, help="Skip inputs whose outputs already exist.")
 @click.option(
@@ -261,8 +261,18 @@ def relax(
         "steps": steps,
         "scalar_pressure": pressure * GPa,
     }
-    if workers:
-        options["num_workers"] = workers
+    if workers == "auto":
+        from e3relax_ase.workers import AUTO_MIN_STRUCTURES, auto_num_workers
+
+        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world.active else 1
+        num_workers, min_structures = auto_num_workers(relaxer.device, per_host), AUTO_MIN_STRUCTURES
+    else:
+        try:
+            num_workers, min_structures = int(workers), 0
+        except ValueError:
+            raise click.BadParameter(f"{workers!r} is neither 'auto' nor a number", param_hint="--workers") from None
+        if num_workers < 0:
+            raise click.BadParameter("must be 0 or more", param_hint="--workers")
     queue: list[tuple[_FileJob, int]] = []
     n_flushed = 0  # structures sent to the relaxer so far: their index decides their rank
 
@@ -272,7 +282,9 @@ def relax(
             return
         atoms = [job.frames[i] for job, i in queue]
         names = [job.label(i) for job, i in queue]
-        results = torchrun_job.relax_sharded(relaxer, atoms, world, names=names, start=n_flushed, **options) or []
+        # Workers once there are enough structures to pay for starting them (then kept).
+        workers_now = num_workers if len(atoms) >= min_structures or relaxer.has_worker_pool else 0
+        results = torchrun_job.relax_sharded(relaxer, atoms, world, names=names, start=n_flushed, num_workers=workers_now, **options) or []
         n_flushed += len(atoms)
         for (job, i), result in zip(queue, results):
             job.results[i] = result
