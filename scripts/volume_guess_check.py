@@ -1,6 +1,7 @@
 """How far the distillation inputs' volumes are from the relaxed ones, against a guess from
-per-element volumes (fitted on the distilled train split): median and 90th percentile of
-|ln(V_relaxed / V_guess)| on the val and test splits, per seed source.
+per-element volumes (fitted on the distilled train split) and against the geometric mean of
+the two: median and 90th percentile of |ln(V_relaxed / V_guess)| on the val and test splits,
+per seed source.
 
     python scripts/volume_guess_check.py     (needs .gpu/distill/inputs.npz.info.json.gz)
 
@@ -45,7 +46,7 @@ def main():
     # Non-negative per-element volumes; rows scaled by 1/V so relative errors weigh equally.
     per_element, _ = nnls(composition_matrix(train, index) / v_train[:, None], np.ones(len(train)))
     print(f"per-element volumes fitted on {len(train)} train pairs, {len(elements)} elements")
-    print("split  source   pairs   input median / p90   per-element guess median / p90")
+    print("split  source   pairs   input median / p90   per-element median / p90   geometric mean median / p90")
     for split in ("val", "test"):
         pairs = load_pairs(data / f"{split}.npz")
         v_input, v_relaxed = volumes(pairs)
@@ -56,8 +57,10 @@ def main():
             mask = seen & ((source == name) if name != "all" else True)
             old = np.abs(np.log(v_relaxed[mask] / v_input[mask]))
             new = np.abs(np.log(v_relaxed[mask] / guess[mask]))
+            mean = np.abs(np.log(v_relaxed[mask] / np.sqrt(v_input[mask] * guess[mask])))
             print(f"{split:5s}  {name:8s} {mask.sum():5d}   {np.median(old):.3f} / {np.quantile(old, 0.9):.3f}"
-                  f"          {np.median(new):.3f} / {np.quantile(new, 0.9):.3f}")
+                  f"          {np.median(new):.3f} / {np.quantile(new, 0.9):.3f}"
+                  f"          {np.median(mean):.3f} / {np.quantile(mean, 0.9):.3f}")
 
 
 if __name__ == "__main__":
