@@ -17,7 +17,7 @@ from e3relax_ase.training.datacard import (
     write_data_card,
 )
 from e3relax_ase.training.pairs import PairSet, load_pairs
-from e3relax_ase.training.splits import chemical_systems, split_by_chemical_system, split_random
+from e3relax_ase.training.splits import chemical_systems, split_by_chemical_system, split_keeping_systems, split_random
 
 DATA = Path(__file__).parent / "data"
 SAMPLE = DATA / "nrel_sample_pairs.npz"
@@ -68,6 +68,58 @@ def test_split_by_chemical_system_keeps_systems_whole(sample):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     no_test = split_by_chemical_system(sample, (0.5, 0.5, 0.0), seed=0)
     assert len(no_test["test"]) == 0
+
+
+def test_split_keeping_systems_extends_without_leaking(sample):
+    """New pairs of a system already split go where that system is; new systems fill the deficits."""
+    systems = np.array(chemical_systems(sample))
+    old_idx = np.flatnonzero(np.isin(systems, sorted(set(systems))[:4]))  # 4 of the 6 systems
+    new_idx = np.setdiff1d(np.arange(len(sample)), old_idx)
+    # "new" pairs: the 2 unseen systems, plus every old pair again under new ids.
+    again = sample.subset(old_idx)
+    again.ids = np.array([f"again-{i}" for i in again.ids])
+    new = PairSet.concatenate([sample.subset(new_idx), again])
+    old = sample.subset(old_idx)
+    old_splits = split_by_chemical_system(old, (0.5, 0.25, 0.25), seed=0)
+    existing = {name: old.subset(idx) for name, idx in old_splits.items()}
+    home = {sys: name for name, part in existing.items() for sys in chemical_systems(part)}
+    out = split_keeping_systems(new, existing, (0.5, 0.25, 0.25), seed=1)
+    _check_partition(out, len(new))
+    new_systems = np.array(chemical_systems(new))
+    for name, idx in out.items():
+        for system in new_systems[idx]:
+            assert home.get(system, name) == name  # a known system never changes split
+    unseen = {str(x) for x in new_systems if x not in home}
+    assert len(unseen) == 2 and sum(len(out[n]) for n in out) == len(new)
+    leaky = dict(existing, val=existing["train"])
+    with pytest.raises(ValueError, match="in both the train and the val split"):
+        split_keeping_systems(new, leaky, (0.5, 0.25, 0.25))
+
+
+def test_data_split_extend_cli(tmp_path, sample):
+    systems = np.array(chemical_systems(sample))
+    first = sorted(set(systems))[:4]
+    from e3relax_ase.training.pairs import save_pairs
+
+    save_pairs(tmp_path / "old.npz", sample.subset(np.flatnonzero(np.isin(systems, first))))
+    save_pairs(tmp_path / "new.npz", sample.subset(np.flatnonzero(~np.isin(systems, first))))
+    r = _run(["data", "split", str(tmp_path / "old.npz"), "-o", str(tmp_path / "v1"), "--fractions", "0.5,0.25,0.25"])
+    assert r.exit_code == 0, r.output
+    r = _run(["data", "split", str(tmp_path / "new.npz"), "-o", str(tmp_path / "v2"), "--extend", str(tmp_path / "v1"),
+              "--fractions", "0.5,0.25,0.25"])
+    assert r.exit_code == 0, r.output
+    v1 = {n: load_pairs(tmp_path / "v1" / f"{n}.npz") for n in ("train", "val", "test")}
+    v2 = {n: load_pairs(tmp_path / "v2" / f"{n}.npz") for n in ("train", "val", "test")}
+    assert sum(len(p) for p in v2.values()) == len(sample)
+    for name in v1:  # the old split is the start of the new one, unchanged
+        assert v2[name].ids[: len(v1[name])].tolist() == v1[name].ids.tolist()
+    seen = [set(chemical_systems(p)) for p in v2.values()]
+    for a, b in itertools.combinations(seen, 2):
+        assert not a & b
+    r = _run(["data", "split", str(tmp_path / "old.npz"), "-o", str(tmp_path / "v3"), "--extend", str(tmp_path / "v1")])
+    assert r.exit_code != 0 and "already in" in r.output
+    r = _run(["data", "split", str(tmp_path / "new.npz"), "-o", str(tmp_path / "v1"), "--extend", str(tmp_path / "v1")])
+    assert r.exit_code != 0 and "never overwritten" in r.output
 
 
 # --- Dummy metrics ------------------------------------------------------------------------

@@ -110,15 +110,42 @@ def import_cmd(source, output, fmt, keep_splits, source_name, teacher, licence, 
     "--fractions", default="0.8,0.1,0.1", show_default=True, callback=_fractions, help="train,val,test fractions."
 )
 @click.option("--seed", default=0, show_default=True, type=int)
-def split_cmd(pairs, output, method, fractions, seed):
-    """Split a pair file into train/val/test."""
-    from e3relax_ase.training.pairs import save_pairs
-    from e3relax_ase.training.splits import split_by_chemical_system, split_random
+@click.option(
+    "--extend",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A directory with an existing chemical-system split (train/val/test.npz): new pairs join the split "
+    "their chemical system is already in, new systems are shared out by --fractions, and -o gets old + new.",
+)
+def split_cmd(pairs, output, method, fractions, seed, extend):
+    """Split a pair file into train/val/test (or extend an existing split with it)."""
+    from e3relax_ase.training.pairs import PairSet, save_pairs
+    from e3relax_ase.training.splits import DEFAULT_NAMES, split_by_chemical_system, split_keeping_systems, split_random
 
     pairset = _load(pairs)
-    splitter = split_by_chemical_system if method == "chemsys" else split_random
-    splits = splitter(pairset, fractions=fractions, seed=seed)
+    existing = {}
+    if extend is not None:
+        if method != "chemsys":
+            raise click.BadParameter("extending works for chemical-system splits only", param_hint="--method")
+        if output.suffix.lower() == ".json" or output.resolve() == extend.resolve():
+            raise click.BadParameter("give a new directory: the existing split is never overwritten", param_hint="-o")
+        existing = {name: _load(extend / f"{name}.npz") for name in DEFAULT_NAMES if (extend / f"{name}.npz").exists()}
+        if not existing:
+            raise click.BadParameter(f"no train/val/test.npz in {extend}", param_hint="--extend")
+        known = set().union(*(part.ids.tolist() for part in existing.values()))
+        repeated = sorted(set(pairset.ids.tolist()) & known)
+        if repeated:
+            raise click.ClickException(f"{len(repeated)} pair id(s) of {pairs} are already in {extend}, e.g. {repeated[0]}")
+        try:
+            splits = split_keeping_systems(pairset, existing, fractions=fractions, seed=seed)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    else:
+        splitter = split_by_chemical_system if method == "chemsys" else split_random
+        splits = splitter(pairset, fractions=fractions, seed=seed)
     record = {"method": method, "fractions": list(fractions), "seed": seed, "from": pairs.name}
+    if extend is not None:
+        record["extends"] = str(extend)
     if output.suffix.lower() == ".json":
         if output.resolve() == pairs.resolve():
             raise click.ClickException(f"refusing to overwrite input {pairs}")
@@ -128,11 +155,13 @@ def split_cmd(pairs, output, method, fractions, seed):
         try:
             for name, indices in splits.items():
                 part = pairset.subset(indices)
+                if name in existing:
+                    part = PairSet.concatenate([existing[name], part])
                 part.metadata["split"] = {**record, "name": name}
-                save_pairs(output / f"{name}.npz", part, inputs=[pairs])
+                save_pairs(output / f"{name}.npz", part, inputs=[pairs, *(extend / f"{n}.npz" for n in existing)] if extend else [pairs])
         except (OSError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
-    sizes = ", ".join(f"{name} {len(idx)}" for name, idx in splits.items())
+    sizes = ", ".join(f"{name} {'+' if extend else ''}{len(idx)}" for name, idx in splits.items())
     click.echo(f"{method} split of {len(pairset)} pairs (seed {seed}): {sizes} -> {output}", err=True)
 
 

@@ -125,3 +125,66 @@ def split_by_chemical_system(
         ", ".join(f"{name} {len(idx)} pairs" for name, idx in out.items()),
     )
     return out
+
+
+def split_keeping_systems(
+    pairset: PairSet,
+    existing: dict,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    names: Sequence[str] = DEFAULT_NAMES,
+) -> dict:
+    """Split new pairs so that they extend an existing chemical-system split without leaking.
+
+    A new pair whose chemical system already lies in an existing split goes to that split, so
+    a model trained on the old training split still has never seen a test chemistry. Systems
+    seen nowhere before are shuffled with ``numpy.random.default_rng(seed)`` and assigned as
+    in :func:`split_by_chemical_system`, with each split's count starting at its existing size
+    and the targets taken on old and new pairs together.
+
+    Args:
+        pairset: the new pairs.
+        existing: name -> the existing split's PairSet (names among ``names``).
+        fractions: one per name, summing to 1 (the targets of the extended dataset).
+        seed: random seed for the new systems.
+        names: split names.
+
+    Returns:
+        dict name -> sorted int64 indices into ``pairset``.
+
+    Raises:
+        ValueError: bad fractions, an unknown split name, or an existing split that shares a
+            chemical system with another (it was not a chemical-system split).
+    """
+    fractions = _check_fractions(fractions, names)
+    unknown = set(existing) - set(names)
+    if unknown:
+        raise ValueError(f"existing splits {sorted(unknown)} are not among {list(names)}")
+    home: dict[str, int] = {}
+    filled = np.zeros(len(names))
+    for i, name in enumerate(names):
+        if name not in existing:
+            continue
+        filled[i] = len(existing[name])
+        for system in set(chemical_systems(existing[name])):
+            if home.setdefault(system, i) != i:
+                raise ValueError(f"chemical system {system} is in both the {names[home[system]]} and the {name} split")
+    systems = np.asarray(chemical_systems(pairset))
+    unique, inverse = np.unique(systems, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(unique))
+    assignment = np.full(len(unique), -1, dtype=np.int64)
+    for s, system in enumerate(unique):
+        if system in home:
+            assignment[s] = home[system]
+            filled[home[system]] += counts[s]
+    target = fractions * (filled.sum() + counts[assignment < 0].sum())
+    for s in np.random.default_rng(seed).permutation(len(unique)):
+        if assignment[s] >= 0:
+            continue
+        deficit = np.where(fractions > 0, target - filled, -np.inf)
+        assignment[s] = int(np.argmax(deficit))
+        filled[assignment[s]] += counts[s]
+    split_of_pair = assignment[inverse]
+    out = {name: np.flatnonzero(split_of_pair == i).astype(np.int64) for i, name in enumerate(names)}
+    logger.info("extended chemical-system split: %s", ", ".join(f"{name} +{len(idx)} pairs" for name, idx in out.items()))
+    return out
