@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from e3relax_ase.canonical import reduce_cell, wrap_into
+
 MIN_DISTANCE = 0.5  # Å | closer atoms are a broken input (shortest real bond, H2, is 0.74 Å)
 MIN_CELL_ANGLE = 5.0  # degrees | lattice vectors closer than this to (anti)parallel are refused
 MIN_VOLUME_FRACTION = 1e-6  # |det| / (|a| |b| |c|) below this is a degenerate (flat) cell
@@ -223,7 +225,7 @@ def prepare_arrays(
     transform = None
     if pbc.all():
         try:
-            transform = niggli_transform(cell, pbc)
+            transform = reduce_cell(cell, pbc)
             seen = transform @ cell
         except Exception as exc:  # ASE's reduction fails on pathological cells
             _fail(name, f"cell could not be Niggli-reduced ({exc})")
@@ -242,11 +244,13 @@ def prepare_arrays(
     if expected_pairs > MAX_PAIRS_SEARCHED:
         _fail(name, f"is too large or too dense to search for neighbours (about {expected_pairs:.3g} pairs within {cutoff} Å)")
 
+    # The canonical form, from the reduction just made (canonicalize's steps, so its bits).
     if reduce and transform is not None:
-        form = canonical_form(positions, cell, pbc, transform, seen)
+        form = wrap_into(positions, seen, transform, pbc)
     else:
-        form = canonical_form(positions, cell, pbc, np.eye(3, dtype=np.int64))
+        form = wrap_into(positions, cell, np.eye(3, dtype=np.int64), pbc)
     from e3relax_ase.graph import periodic_pairs
+
 
     pairs = periodic_pairs(form.positions, form.cell, pbc, cutoff)
     receivers, senders, _, distances = pairs
@@ -275,64 +279,6 @@ def _allowed(elements, max_atomic_number: int):
 @functools.lru_cache(maxsize=64)
 def _element_set(elements: tuple) -> frozenset:
     return frozenset(int(z) for z in elements)
-
-
-def niggli_transform(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """``e3relax_ase.canonical.reduce_cell``, the same integer matrix, about 2x faster.
-
-    ``reduce_cell`` keeps only the operation of ASE's ``niggli_reduce_cell``, which also
-    rebuilds a cell from cell parameters (half its time). This calls ASE's reduction of the
-    metric directly, with the arguments ``niggli_reduce_cell`` gives it, and falls back to
-    ``reduce_cell`` where that is not possible (another ASE, or not periodic in 3D).
-    tests/test_pipeline_speed_equivalence.py checks both give the same matrix.
-    """
-    from e3relax_ase.canonical import reduce_cell
-
-    parts = _NIGGLI_PARTS or _niggli_parts()
-    if parts is None or not np.all(pbc):
-        return reduce_cell(cell, pbc)
-    cell_class, products, reduce_metric = parts
-    lattice = cell_class.new(cell)
-    if lattice.rank != 3:
-        return reduce_cell(cell, pbc)
-    eps = 1e-5 * lattice.complete().volume ** (1 / 3)  # niggli_reduce_cell's default tolerance
-    _, operation = reduce_metric(products(lattice), eps)
-    transform = np.asarray(operation).T.astype(np.int64)
-    if round(abs(np.linalg.det(transform))) != 1:
-        raise ValueError("cell reduction produced a non-unimodular transform")
-    return transform
-
-
-_NIGGLI_PARTS = None  # set on first use: importing ase.build is slow
-
-
-def _niggli_parts():
-    global _NIGGLI_PARTS
-    try:
-        from ase.build.niggli import _niggli_reduce, cellvector_products, niggli_reduce_cell
-        from ase.cell import Cell
-    except ImportError:
-        return None
-    # Only where niggli_reduce_cell is the function these parts were read from.
-    code = niggli_reduce_cell.__code__.co_names
-    if not {"cellvector_products", "_niggli_reduce", "complete", "volume", "rank"} <= set(code):
-        return None
-    _NIGGLI_PARTS = (Cell, cellvector_products, _niggli_reduce)
-    return _NIGGLI_PARTS
-
-
-def canonical_form(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, transform: np.ndarray, cell_reduced=None):
-    """``e3relax_ase.canonical.canonicalize`` with its transform already known.
-
-    The same operations on the same float64 arrays, so the same bits (checked by
-    tests/test_pipeline_speed_equivalence.py); ``cell_reduced`` is ``transform @ cell`` if
-    the caller has it.
-    """
-    from e3relax_ase.canonical import wrap_into
-
-    if cell_reduced is None:
-        cell_reduced = transform @ cell
-    return wrap_into(positions, cell_reduced, transform, pbc)
 
 
 def validate_atoms(atoms, name: str | None = None, **kwargs) -> StructureReport:
