@@ -453,27 +453,23 @@ class OneShotRelaxer:
         return pool
 
     def _prepare(self, index: int, name: str, structure, inplace: bool, keep_pristine: bool = True) -> _Item:
-        atoms, kind = as_atoms(structure)
-        if inplace and kind != "ase":
-            raise ValueError("inplace=True works on ASE Atoms only; pymatgen input always returns a new Structure")
+        atoms, kind = _input_atoms(structure, inplace)
         settings = self._settings()
         prepared = prepare_atoms(atoms, name=name, **settings.checks)
         arrays = crystal_arrays(atoms)
         edges = graph_edges(prepared, arrays.pbc, settings)
-        pristine = atoms.copy() if keep_pristine else None
-        work = atoms if (inplace or kind != "ase") else atoms.copy()
+        work, pristine = _work_copies(atoms, kind, inplace, keep_pristine)
         return _Item(index, name, kind, work, pristine, arrays, prepared.report, prepared.form, edges)
 
     def _prepared(self, structures, names, inplace: bool, keep_pristine: bool, errors: str) -> Iterator:
         """(index, _Item or RelaxFailure) for each input, in order, prepared here."""
         for index, structure in enumerate(structures):
             try:
-                name = names[index] if names is not None else _name_of(structure, index)
-                item = self._prepare(index, name, structure, inplace, keep_pristine)
+                item = self._prepare(index, _given_name(names, structure, index), structure, inplace, keep_pristine)
             except Exception as exc:
                 if errors == "raise":
                     raise
-                item = RelaxFailure(index, names[index] if names is not None else _name_of(structure, index), exc)
+                item = RelaxFailure(index, _given_name(names, structure, index), exc)
             yield index, item
 
     def _pooled(self, structures, names, inplace: bool, keep_pristine: bool, errors: str, pool, num_workers: int) -> Iterator:
@@ -511,9 +507,7 @@ class OneShotRelaxer:
         """
         try:
             name = names[index] if names is not None else None  # named on demand
-            atoms, kind = as_atoms(structure)
-            if inplace and kind != "ase":
-                raise ValueError("inplace=True works on ASE Atoms only; pymatgen input always returns a new Structure")
+            atoms, kind = _input_atoms(structure, inplace)
             numbers = np.asarray(atoms.arrays["numbers"])
             positions = np.asarray(atoms.arrays["positions"], dtype=np.float64)
             cell = np.asarray(atoms.cell.array, dtype=np.float64)
@@ -528,17 +522,15 @@ class OneShotRelaxer:
                 and all(n == len(numbers) for n in lengths.values())
             )
             if not regular:  # refused by the first checks: no need for a worker
-                name = name if name is not None else _name_of(structure, index)
-                return self._prepare(index, name, structure, inplace, keep_pristine)
+                return self._prepare(index, _given_name(names, structure, index), structure, inplace, keep_pristine)
             arrays = crystal_arrays(atoms)
-            pristine = atoms.copy() if keep_pristine else None
-            work = atoms if (inplace or kind != "ase") else atoms.copy()
+            work, pristine = _work_copies(atoms, kind, inplace, keep_pristine)
             shell = _Item(index, name, kind, work, pristine, arrays, None, source=structure)
             return shell, StructureSpec(numbers.astype(np.int64, copy=False), positions, cell, pbc, name, lengths)
         except Exception as exc:
             if errors == "raise":
                 return _Raise(exc)
-            return RelaxFailure(index, names[index] if names is not None else _name_of(structure, index), exc)
+            return RelaxFailure(index, _given_name(names, structure, index), exc)
 
     def _fits(self, n_structures: int, n_atoms: int, n_edges: int, batch_size, max_atoms, max_edges) -> bool:
         """Whether one forward pass may take this many structures, atoms and edges."""
@@ -715,6 +707,30 @@ class OneShotRelaxer:
             frame.info["e3relax_layer"] = layer + 1
             frames.append(frame)
         return [from_atoms(f, item.kind) for f in frames]
+
+
+def _given_name(names, structure, index: int) -> str:
+    """The caller's name for input ``index``, else one made from the structure."""
+    return names[index] if names is not None else _name_of(structure, index)
+
+
+def _input_atoms(structure, inplace: bool) -> tuple:
+    """(ASE Atoms, "ase" | "pymatgen") of an input; ``inplace`` is for ASE input only."""
+    atoms, kind = as_atoms(structure)
+    if inplace and kind != "ase":
+        raise ValueError("inplace=True works on ASE Atoms only; pymatgen input always returns a new Structure")
+    return atoms, kind
+
+
+def _work_copies(atoms, kind: str, inplace: bool, keep_pristine: bool) -> tuple:
+    """(the Atoms that receives the prediction, an untouched copy for trajectories or None).
+
+    The caller's ASE Atoms is written only with ``inplace``; a pymatgen input was converted,
+    so its Atoms is already ours.
+    """
+    pristine = atoms.copy() if keep_pristine else None
+    work = atoms if (inplace or kind != "ase") else atoms.copy()
+    return work, pristine
 
 
 def _name_of(structure, index: int | None) -> str:
