@@ -120,13 +120,10 @@ def neighbor_edges(
         (edge_src [n_edges], edge_dst [n_edges], edge_shift [n_edges, 3] float), sorted by
         receiver then distance.
     """
-    import vesin_torch
-
-    calculator = vesin_torch.NeighborList(cutoff=float(cutoff), full_list=True)
     positions64 = positions.detach().to(torch.float64)
     cell64 = cell.detach().to(torch.float64)
     pbc = pbc.to(device=positions.device, dtype=torch.bool)
-    dst, src, shift, distances = calculator.compute(positions64, cell64, pbc, "ijSd")
+    dst, src, shift, distances = _neighbor_list(cutoff, positions.device).compute(positions64, cell64, pbc, "ijSd")
     # vesin returns pairs (i, j, S) with vector r_j + S @ cell - r_i: i receives, j sends.
     not_self = (src != dst) | (shift != 0).any(dim=1)
     dst, src, shift, distances = dst[not_self], src[not_self], shift[not_self], distances[not_self]
@@ -137,16 +134,17 @@ def neighbor_edges(
     return src[order].long(), dst[order].long(), shift[order].to(positions.dtype)
 
 
-def _neighbor_list(cutoff: float):
+def _neighbor_list(cutoff: float, device: torch.device | str = "cpu"):
     """A vesin-torch calculator for ``cutoff``, reused within a thread and process.
 
     A calculator holds no state between ``compute`` calls that affects the result (it is
     created with the same options as a fresh one, and ``compute`` returns copies), so reusing
-    it only saves its construction; one per thread keeps concurrent callers apart.
+    it only saves its construction; one per thread keeps concurrent callers apart, and one per
+    device keeps any buffers a GPU search allocates on that device.
     """
     import vesin_torch
 
-    key = (os.getpid(), float(cutoff))
+    key = (os.getpid(), float(cutoff), str(device))
     cache = getattr(_CALCULATORS, "cache", None)
     if cache is None:
         cache = _CALCULATORS.cache = {}
