@@ -554,25 +554,15 @@ def relax_all(
 
 
 def min_interatomic_distance(positions: np.ndarray, cell: np.ndarray, cutoff: float = 3.0) -> float:
-    """Shortest distance between two atoms or an atom and its periodic image (Å).
+    """Shortest distance between two atoms or an atom and its periodic image (Å), periodic in 3D.
 
-    Exact when it is below ``cutoff``; otherwise some distance >= ``cutoff`` is returned.
+    Exact when it is below ``cutoff``; inf when no pair is that close. The neighbour search
+    the network's graph uses (``graph.periodic_pairs``).
     """
-    positions = np.asarray(positions, dtype=float)
-    cell = np.asarray(cell, dtype=float)
-    inv = np.linalg.inv(cell)
-    frac = positions @ inv
-    frac -= np.floor(frac)
-    wrapped = frac @ cell
-    n_rep = np.ceil(cutoff * np.linalg.norm(inv, axis=0)).astype(int)
-    ranges = [np.arange(-n, n + 1) for n in n_rep]
-    shifts = np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, 3) @ cell  # [n_shifts, 3]
-    diff = wrapped[None, :, None, :] - wrapped[:, None, None, :] + shifts[None, None]  # [i, j, s, 3]
-    dist = np.linalg.norm(diff, axis=-1)  # [n_atoms, n_atoms, n_shifts]
-    centre = int(np.flatnonzero(np.all(np.abs(shifts) < 1e-12, axis=1))[0])
-    self_idx = np.arange(len(positions))
-    dist[self_idx, self_idx, centre] = np.inf  # an atom with itself, not an image
-    return float(dist.min()) if dist.size else float("inf")
+    from e3relax_ase.graph import periodic_pairs
+
+    distances = periodic_pairs(np.asarray(positions, dtype=float), np.asarray(cell, dtype=float), np.ones(3, dtype=bool), cutoff)[3]
+    return float(distances.min()) if len(distances) else float("inf")
 
 
 def check_sane(

@@ -134,10 +134,10 @@ def relax_structure(atoms, calculator, fmax: float = 0.02, steps: int = 500) -> 
 
 def min_distance(atoms) -> float:
     """Shortest interatomic distance including periodic images (inf if none below 3 Å)."""
-    from ase.neighborlist import neighbor_list
+    from e3relax_ase.validation import neighbor_pairs
 
-    d = neighbor_list("d", atoms, 3.0)
-    return float(d.min()) if len(d) else float("inf")
+    distances = neighbor_pairs(atoms.positions, atoms.cell.array, atoms.pbc, 3.0)[2]
+    return float(distances.min()) if len(distances) else float("inf")
 
 
 def sanity_problem(unrelaxed, relaxed) -> str | None:
