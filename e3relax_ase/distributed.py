@@ -41,6 +41,13 @@ class World:
     world_size: int = 1
     local_rank: int = 0
 
+    @classmethod
+    def current(cls) -> "World":
+        """The process group this process has already joined (rank 0 of 1 when none)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -55,6 +62,25 @@ class World:
         if self.active and requested in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return requested
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank.
+
+        Decisions that must be the same everywhere (early stop, LR plateau, time budget) are
+        taken from rank 0's view: a rank leaving a training loop alone would hang the others
+        in DDP's next all-reduce.
+        """
+        if not self.active:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (on the device the backend expects)."""
+        if self.active:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
 
 
 def launched_by_torchrun() -> bool:

@@ -16,12 +16,12 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from e3relax_ase.checkpoint import load_checkpoint, save_checkpoint
+from e3relax_ase.distributed import World
 from e3relax_ase.loss import relaxation_loss
 from e3relax_ase.metrics import structure_errors
 from e3relax_ase.model import E3RelaxH2
@@ -33,43 +33,6 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
 LOG_FILE = "log.csv"
 SUMMARY_FILE = "summary.json"
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def current(cls) -> "Distributed":
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
-        return cls()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, value):
-        """Rank 0's ``value`` (any picklable object) on every rank.
-
-        Decisions that must be the same everywhere (early stop, LR plateau, time budget) are
-        taken from rank 0's view: a rank leaving the loop alone would hang the others in DDP's
-        next all-reduce.
-        """
-        if self.world_size == 1:
-            return value
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over the ranks, in place (on the device the backend expects)."""
-        if self.world_size > 1:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -126,7 +89,7 @@ def evaluate(model, data: PreparedPairs, batch_size: int, device) -> dict:
     return {name: value / count for name, value in totals.items()}
 
 
-def train_one_epoch(model, ddp_model, ema_model, optimizer, data: PreparedPairs, config, epoch, step, device, dist: Distributed):
+def train_one_epoch(model, ddp_model, ema_model, optimizer, data: PreparedPairs, config, epoch, step, device, dist: World):
     order = epoch_order(len(data), config.seed, epoch)
     # Every rank must take the same number of steps (an extra step waits forever in DDP's
     # all-reduce), so the epoch drops its last len % world_size structures: fewer than
@@ -196,7 +159,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         ran out), epochs, best validation metrics, paths.
     """
     started = time.monotonic()
-    dist = Distributed.current()
+    dist = World.current()
     if device == "auto":
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
