@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -215,14 +214,10 @@ def relax_sharded(relaxer, structures: Sequence, world: World, *, names: Sequenc
 def _portable(result, index: int):
     """``result`` in a form that pickles (see ``relax_sharded``)."""
     from e3relax_ase.relaxer import RelaxFailure
+    from e3relax_ase.workers import picklable_error
 
     if isinstance(result, RelaxFailure):
-        try:
-            pickle.loads(pickle.dumps(result.error))
-            error = result.error
-        except Exception:  # noqa: BLE001 - a calculator's own exception may fail to pickle in any way
-            error = RuntimeError(result.message)
-        return dataclasses.replace(result, index=index, error=error)
+        return dataclasses.replace(result, index=index, error=picklable_error(result.error, result.message))
     calc = getattr(result, "calc", None)
     if calc is not None:
         from ase.calculators.calculator import all_properties

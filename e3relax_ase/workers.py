@@ -190,13 +190,15 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _picklable(exc: Exception) -> Exception:
-    """``exc`` if it survives the trip back from a worker, else a RuntimeError with its text."""
+def picklable_error(exc: Exception, fallback_message: str | None = None) -> Exception:
+    """``exc`` if it survives the trip to another process, else a RuntimeError with its text
+    (``fallback_message``, or its type and message). A calculator's own exception may fail to
+    pickle in any way, hence the broad except."""
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    except Exception:  # noqa: BLE001
+        return RuntimeError(fallback_message if fallback_message is not None else f"{type(exc).__name__}: {exc}")
 
 
 # --- preparing structures in the workers ------------------------------------------------------------
@@ -306,7 +308,7 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
             )
             outcomes.append((prepared.report, prepared.form, graph_edges(prepared, pbcs[k], settings)))
         except Exception as exc:
-            outcomes.append(_picklable(exc))
+            outcomes.append(picklable_error(exc))
         start = stop
     return _pack_outcomes(outcomes)
 
@@ -406,7 +408,7 @@ def _judge_task(packed: tuple) -> tuple:
             flags[k] = (sanity.ok, signal.refine_advised)
             problems.append(sanity.problems)
         except Exception as exc:
-            errors[k] = _picklable(exc)
+            errors[k] = picklable_error(exc)
             problems.append([])
         start = stop
     return floats, flags, problems, errors
