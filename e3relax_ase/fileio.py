@@ -165,6 +165,27 @@ def format_losses(atoms, fmt: str) -> list[str]:
     return losses
 
 
+def atomic_write(path: str | os.PathLike, write, binary: bool = False, suffix: str = ".tmp") -> None:
+    """Write ``path`` through ``write(fileobj)`` all at once or not at all.
+
+    The data go to a temporary file beside ``path`` (``suffix`` keeps an extension a writer
+    may look at), which then replaces ``path`` in one rename. The file gets the mode of the
+    file it replaces, else rw-r--r-- (mkstemp's 0600 would hide shared data).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as fileobj:
+            write(fileobj)
+        os.chmod(tmp, (path.stat().st_mode & 0o777) if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_atomic(path: str | os.PathLike, frames: list, fmt: str) -> None:
     """Write structures to ``path`` all at once or not at all (temporary file + ``os.replace``)."""
     import warnings

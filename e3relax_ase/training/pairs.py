@@ -27,13 +27,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from e3relax_ase.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -478,22 +479,6 @@ def _refuse_input(path: Path, inputs: Iterable) -> None:
             raise ValueError(f"refusing to overwrite input file {str(other)!r}")
 
 
-def _atomic_write(path: Path, write, suffix: str) -> None:
-    """Write through ``write(fileobj)`` into a temp file next to ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb" if suffix == ".npz" else "w") as fileobj:
-            write(fileobj)
-        # mkstemp creates 0600; give the file the destination's mode, or rw-r--r--.
-        os.chmod(tmp, (path.stat().st_mode & 0o777) if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pairs(path: str | os.PathLike, pairset: PairSet, inputs: Iterable = ()) -> Path:
     """Write ``pairset`` in the pair format (compressed npz), atomically.
 
@@ -528,7 +513,7 @@ def save_pairs(path: str | os.PathLike, pairset: PairSet, inputs: Iterable = ())
     }
     if any(pairset.info):
         arrays["info"] = np.array(json.dumps([to_jsonable(d) for d in pairset.info]))
-    _atomic_write(path, lambda f: np.savez_compressed(f, **arrays), ".npz")
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True, suffix=".npz")
     logger.info("wrote %d pairs to %s", len(pairset), path)
     return path
 
@@ -587,6 +572,6 @@ def save_pairs_extxyz(path: str | os.PathLike, pairset: PairSet, inputs: Iterabl
     path = Path(path)
     _refuse_input(path, inputs)
     frames = [atoms for pair in pairset.to_atoms_pairs() for atoms in pair]
-    _atomic_write(path, lambda f: write(f, frames, format="extxyz"), ".extxyz")
+    atomic_write(path, lambda f: write(f, frames, format="extxyz"), suffix=".extxyz")
     logger.info("wrote %d pairs to %s", len(pairset), path)
     return path
