@@ -209,10 +209,11 @@ def prepare_arrays(
 
     # Along a vacuum axis nothing wraps: an atom written 1e6 Å out makes the neighbour search
     # build a huge grid (vesin-torch dies with SIGFPE), so refuse before searching.
-    for axis in np.flatnonzero(~pbc):
-        fractional = np.linalg.solve(cell.T, positions.T).T[:, axis]
+    vacuum_axes = np.flatnonzero(~pbc)
+    fractional = np.linalg.solve(cell.T, positions.T).T if len(vacuum_axes) else None
+    for axis in vacuum_axes:
         height = abs(det) / float(np.linalg.norm(np.cross(cell[(axis + 1) % 3], cell[(axis + 2) % 3])))
-        extent = float(fractional.max() - fractional.min()) * height
+        extent = float(fractional[:, axis].max() - fractional[:, axis].min()) * height
         if extent > MAX_VACUUM_EXTENT:
             _fail(name, f"has atoms spread over {extent:.3g} Å along vacuum axis {axis} (> {MAX_VACUUM_EXTENT:g} Å); center them, e.g. atoms.center(axis={axis})")
 
