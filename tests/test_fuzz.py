@@ -47,8 +47,10 @@ GUARANTEED_DEFECTS = {"close-pair", "image-overlap", "foreign-element", "nan-pos
 HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 
 FAST = settings(max_examples=50, derandomize=True, deadline=None, database=None, suppress_health_check=HEALTH)
-FULL_CRASH = settings(max_examples=4000, deadline=None, database=None, suppress_health_check=HEALTH)
-FULL_EQUIVARIANCE = settings(max_examples=4500, deadline=None, database=None, suppress_health_check=HEALTH)
+# The full profiles draw afresh each run; print_blob makes a failure replayable
+# (@reproduce_failure) without keeping a database around.
+FULL_CRASH = settings(max_examples=4000, deadline=None, database=None, suppress_health_check=HEALTH, print_blob=True)
+FULL_EQUIVARIANCE = settings(max_examples=4500, deadline=None, database=None, suppress_health_check=HEALTH, print_blob=True)
 
 COUNTS: Counter = Counter()  # structures drawn, per test
 
