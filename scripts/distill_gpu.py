@@ -162,11 +162,38 @@ def _load_seeds(source: str):
     return [s for s in seeds if {int(z) for z in s.numbers} <= SEVENNET0_NUMBERS]
 
 
+def fit_volumes(args) -> None:
+    """Per-element volumes fitted on a pair file's relaxed cells -> JSON ({symbol: Å^3 per atom})."""
+    from ase.data import chemical_symbols
+
+    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.perturb import fit_element_volumes
+
+    pairs = load_pairs(args.pairs)
+    volumes = fit_element_volumes(pairs)
+    table = {chemical_symbols[z]: round(v, 6) for z, v in sorted(volumes.items())}
+    document = {"fitted_on": Path(args.pairs).name, "pairs": len(pairs.ids), "unit": "A^3 per atom",
+                "rule": "non-negative least squares of V_relaxed ~ sum of per-atom volumes, rows / V_relaxed",
+                "volumes": table}
+    _atomic_write_text(Path(args.out), json.dumps(document, indent=1))
+    logger.info("fitted %d element volumes on %d pairs -> %s", len(table), len(pairs.ids), args.out)
+
+
+def _read_element_volumes(path: str | None) -> dict[int, float] | None:
+    if path is None:
+        return None
+    from ase.data import atomic_numbers
+
+    table = json.loads(Path(path).read_text())["volumes"]
+    return {atomic_numbers[symbol]: float(v) for symbol, v in table.items()}
+
+
 def make_inputs(args) -> None:
     """Seeds -> decorated/supercelled -> perturbed inputs -> compact npz + JSON sidecar."""
-    from e3relax_ase.training.perturb import make_user_like_inputs
+    from e3relax_ase.training.perturb import blend_compound_volume, make_user_like_inputs
 
     rng = np.random.default_rng(args.seed)
+    element_volumes = _read_element_volumes(args.element_volumes)
     counts = {s: round(f * args.n) for s, f in SOURCE_FRACTIONS.items()}
     records = []  # (atoms, info)
     for source, n_wanted in counts.items():
@@ -202,6 +229,10 @@ def make_inputs(args) -> None:
             )
             if not {int(z) for z in atoms.numbers} <= SEVENNET0_NUMBERS:
                 continue
+            volume_guess = None
+            if element_volumes is not None:
+                # After the random volume factor, so the inputs' volumes still scatter around the guess.
+                atoms, volume_guess = blend_compound_volume(atoms, element_volumes)
             from e3relax_ase.training.batched_relax import min_interatomic_distance
 
             if min_interatomic_distance(atoms.positions, atoms.cell.array, cutoff=1.0) <= 0.5:
@@ -211,13 +242,15 @@ def make_inputs(args) -> None:
                 info["perturbation"]["decoration"] = decoration
             if reps != [1, 1, 1]:
                 info["perturbation"]["supercell"] = reps
+            if volume_guess is not None:
+                info["perturbation"]["volume_guess"] = volume_guess
             records.append((atoms, info))
             made += 1
         logger.info("%s: %d inputs (%d attempts) in %.0f s", source, made, attempts, time.time() - t0)
 
     order = rng.permutation(len(records))
     records = [records[i] for i in order]
-    ids = np.array([f"sn0-{k:06d}" for k in range(len(records))])
+    ids = np.array([f"{args.id_prefix}{k:06d}" for k in range(len(records))])
     n_atoms = np.array([len(a) for a, _ in records], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64)
     numbers = np.concatenate([a.numbers for a, _ in records]).astype(np.uint8)
@@ -578,6 +611,13 @@ def finalize(args) -> None:
         "inputs": "seeds perturbed by e3relax_ase.training.perturb (rattle 0.05-0.15 A, symmetric strain "
         "<= 5 %, volume x0.85-1.2; perov_5 element substitution p=0.5; AFLOW prototypes decorated with "
         "MP-like chemistries scaled to covalent contact), supercells to >= 4 atoms, <= 32 atoms",
+        "volume_guess": (
+            "compounds: cell rescaled to the geometric mean of the perturbed volume and the sum of "
+            "per-element volumes (fit-volumes on the sevennet0_distilled train split); elemental cells "
+            "keep the perturbed volume"
+            if any("volume_guess" in sidecar[str(inp["ids"][p.key])]["perturbation"] for p in pairs)
+            else "none: covalent-contact scaling and the random volume factor only"
+        ),
         "sanity": "finite, det(cell) > 0, min distance > 0.5 A (both structures), V_relaxed/V_unrelaxed in [0.5, 2]",
         "licence": "Teacher SevenNet-0 (sevenn, MIT; trained on MPtrj, Materials Project data, CC BY 4.0). "
         "Seeds: perov_5 and carbon_24 as distributed in the cdvae repository (MIT); AFLOW prototypes "
@@ -648,7 +688,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-strain", type=float, default=0.05)
     p.add_argument("--rattle", type=float, nargs=2, default=(0.05, 0.15))
     p.add_argument("--volume-range", type=float, nargs=2, default=(0.85, 1.2))
+    p.add_argument("--element-volumes", default=None,
+                   help="JSON from fit-volumes: compounds' volumes become the geometric mean of their "
+                   "perturbed volume and the per-element guess")
+    p.add_argument("--id-prefix", default="sn0-", help="pair ids are PREFIX + 6-digit index; a new input set "
+                   "that will join an existing dataset needs its own prefix")
     p.set_defaults(func=make_inputs)
+
+    p = sub.add_parser("fit-volumes", help="per-element volumes from a pair file -> JSON (here)")
+    p.add_argument("--pairs", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=fit_volumes)
 
     p = sub.add_parser("trim-wheel", help="sevenn wheel without unused checkpoints")
     p.add_argument("--wheel", required=True)

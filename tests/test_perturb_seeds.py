@@ -9,6 +9,9 @@ from ase.build import bulk
 
 from e3relax_ase.training.pairs import load_pairs
 from e3relax_ase.training.perturb import (
+    blend_compound_volume,
+    element_volume_guess,
+    fit_element_volumes,
     make_user_like_inputs,
     rattle,
     rescale_volume,
@@ -129,6 +132,47 @@ def test_make_user_like_inputs_records_and_reproduces(zintl):
 
 
 # --- seeds --------------------------------------------------------------------------------
+def test_fit_element_volumes_recovers_additive_volumes():
+    """Relaxed volumes made from known per-element volumes are fitted back exactly."""
+    from e3relax_ase.training.pairs import PairSet
+
+    truth = {11: 23.0, 17: 18.0, 29: 11.5}  # Na, Cl, Cu
+    compositions = [[29], [11, 11], [11, 17], [29, 17, 17], [11, 11, 29], [17, 29, 29, 29]]
+    n = np.array([len(c) for c in compositions])
+    cells = np.stack([np.eye(3) * sum(truth[z] for z in c) ** (1 / 3) for c in compositions])
+    positions = np.random.default_rng(0).uniform(0, 1, (n.sum(), 3))
+    pairs = PairSet(
+        ids=[f"p{k}" for k in range(len(n))], n_atoms=n, offsets=np.concatenate([[0], np.cumsum(n)]),
+        numbers=np.concatenate(compositions), pos_unrelaxed=positions, pos_relaxed=positions,
+        cell_unrelaxed=cells, cell_relaxed=cells,
+    )
+    fitted = fit_element_volumes(pairs)
+    assert fitted.keys() == truth.keys()
+    for z, v in truth.items():
+        assert fitted[z] == pytest.approx(v, rel=1e-9)
+
+
+def test_blend_compound_volume_is_the_geometric_mean_and_leaves_elements_alone(zintl):
+    volumes = {int(z): 20.0 for z in set(zintl.numbers)}
+    snap = _snapshot(zintl)
+    blended, record = blend_compound_volume(zintl, volumes)
+    assert _unchanged(zintl, snap)  # the input is not modified
+    v_old = zintl.get_volume()
+    guess = 20.0 * len(zintl)
+    assert element_volume_guess(zintl.numbers, volumes) == pytest.approx(guess)
+    assert blended.get_volume() == pytest.approx(np.sqrt(v_old * guess), rel=1e-12)
+    assert record["volume_scale"] == pytest.approx(np.sqrt(guess / v_old), rel=1e-5)
+    np.testing.assert_allclose(blended.get_scaled_positions(), zintl.get_scaled_positions(), atol=1e-12)
+    # Elemental cells and compounds with an element of unknown volume keep their volume.
+    copper = bulk("Cu", "fcc", a=3.6)
+    same, none = blend_compound_volume(copper, {29: 100.0})
+    assert none is None and same.get_volume() == pytest.approx(copper.get_volume())
+    missing = dict(volumes)
+    missing.pop(int(zintl.numbers[0]))
+    same, none = blend_compound_volume(zintl, missing)
+    assert none is None and same.get_volume() == pytest.approx(v_old)
+
+
 def test_csv_seeds_named_and_by_path():
     perov = load_seed_structures("perov_5", data_dir=DATA / "seeds")
     assert [a.info["seed_id"] for a in perov] == ["perov_5:18517", "perov_5:15400", "perov_5:3409"]
