@@ -52,6 +52,7 @@ from e3relax_ase.structures import (
     apply_prediction,
     as_atoms,
     clear_provenance,
+    copy_atoms,
     crystal_arrays,
     from_atoms,
     spacegroup_number,
@@ -696,9 +697,9 @@ class OneShotRelaxer:
 
     def _frames(self, item: _Item, prediction: Prediction, options: _Options, symmetry) -> list:
         """The input, then every layer's structure, applied through the same constraints."""
-        frames = [item.pristine.copy()]
+        frames = [copy_atoms(item.pristine)]
         for layer in range(prediction.positions.shape[0]):
-            frame = item.pristine.copy()
+            frame = copy_atoms(item.pristine)
             if symmetry is not None:
                 frame.set_constraint(list(frame.constraints) + [symmetry])
             apply_prediction(frame, prediction.positions[layer], prediction.cell[layer], options.relax_cell)
@@ -728,8 +729,8 @@ def _work_copies(atoms, kind: str, inplace: bool, keep_pristine: bool) -> tuple:
     The caller's ASE Atoms is written only with ``inplace``; a pymatgen input was converted,
     so its Atoms is already ours.
     """
-    pristine = atoms.copy() if keep_pristine else None
-    work = atoms if (inplace or kind != "ase") else atoms.copy()
+    pristine = copy_atoms(atoms) if keep_pristine else None
+    work = atoms if (inplace or kind != "ase") else copy_atoms(atoms)
     return work, pristine
 
 

@@ -14,6 +14,7 @@ Consequences worth knowing (docs/relaxer.md):
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -75,6 +76,74 @@ def from_atoms(atoms, kind: str):
     from pymatgen.io.ase import AseAtomsAdaptor
 
     return AseAtomsAdaptor.get_structure(atoms)
+
+
+def copy_atoms(atoms):
+    """``atoms.copy()``, the same object built directly: about 4x faster for a plain ``ase.Atoms``.
+
+    ``Atoms.copy`` runs ``Atoms.__init__`` (a dozen setters, each validating and allocating
+    arrays it then throws away) before replacing every array; at ~14 µs a structure that was
+    the largest single cost of ``relax_many``'s main process. Here the attributes ``copy``
+    leaves behind are set directly: the cell, pbc, celldisp and arrays copied, ``info`` a
+    shallow copy, constraints deep-copied, no calculator. Subclasses of Atoms, and any ASE whose
+    ``copy`` leaves other attributes (checked once, ``_light_copy_matches``), get
+    ``atoms.copy()`` itself.
+    """
+    atoms_class = _ATOMS_CLASS or _atoms_class()
+    if type(atoms) is not atoms_class or not (_LIGHT_COPY_OK if _LIGHT_COPY_OK is not None else _light_copy_matches()):
+        return atoms.copy()
+    return _light_copy(atoms)
+
+
+def _light_copy(atoms):
+    atoms_class = _ATOMS_CLASS or _atoms_class()
+    new = atoms_class.__new__(atoms_class)
+    old = atoms.__dict__
+    # In the order Atoms.__init__ creates them, so vars() (and a pickle) match copy()'s.
+    state = new.__dict__
+    state["_cellobj"] = type(old["_cellobj"])(old["_cellobj"].array.astype(float))
+    state["_pbc"] = old["_pbc"].astype(bool)
+    state["arrays"] = {name: array.copy() for name, array in old["arrays"].items()}
+    state["_celldisp"] = old["_celldisp"].astype(float)
+    state["_constraints"] = copy.deepcopy(old["_constraints"]) if old["_constraints"] else []
+    state["info"] = dict(old["info"])
+    state["_calc"] = None
+    return new
+
+
+_ATOMS_CLASS = None  # ase.Atoms, imported on first use
+
+
+def _atoms_class():
+    global _ATOMS_CLASS
+    from ase import Atoms
+
+    _ATOMS_CLASS = Atoms
+    return Atoms
+
+
+_LIGHT_COPY_OK = None  # whether _light_copy builds what Atoms.copy builds (set on first use)
+
+
+def _light_copy_matches() -> bool:
+    """Whether ``_light_copy`` leaves the attributes ``Atoms.copy`` leaves, in the same order and
+    of the same types, in this ASE (its private attribute names are what the shortcut relies on)."""
+    global _LIGHT_COPY_OK
+    from ase import Atoms
+    from ase.constraints import FixAtoms
+
+    if list(vars(Atoms("H"))) != ["_cellobj", "_pbc", "arrays", "_celldisp", "_constraints", "info", "_calc"]:
+        _LIGHT_COPY_OK = False  # attributes _light_copy does not know of
+        return False
+    probe = Atoms("H2O", positions=[[0, 0, 0], [0.9, 0, 0], [0, 0.9, 0.1]], cell=[3, 4, 5], pbc=[True, False, True], info={"k": 1})
+    probe.set_initial_magnetic_moments([0.1, 0.2, 0.3])
+    probe.set_constraint(FixAtoms([0]))
+    reference, light = probe.copy(), _light_copy(probe)
+    ok = list(vars(reference)) == list(vars(light)) and all(type(vars(reference)[k]) is type(vars(light)[k]) for k in vars(reference))
+    ok = ok and list(reference.arrays) == list(light.arrays) and reference == light and reference.info == light.info
+    ok = ok and np.array_equal(reference.get_celldisp(), light.get_celldisp()) and repr(reference.constraints) == repr(light.constraints)
+    _LIGHT_COPY_OK = bool(ok)
+    return _LIGHT_COPY_OK
 
 
 def crystal_arrays(atoms) -> CrystalArrays:

@@ -1,0 +1,125 @@
+"""The main process's shortcuts in relax_many compute exactly what the straightforward code did.
+
+``copy_atoms`` against ``Atoms.copy``, ``restore_all`` against ``CanonicalForm.restore`` per
+crystal, and ``relax_many`` (sequential and with workers) against a reference written the
+plain way: ``predict`` from scratch, ``Atoms.copy``, ``apply_prediction`` and the provenance
+keys written one by one.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, fcc111
+from ase.calculators.emt import EMT
+from ase.constraints import FixAtoms, FixCartesian
+
+from e3relax_ase.canonical import canonicalize
+from e3relax_ase.predict import restore_all
+from e3relax_ase.structures import _light_copy_matches, copy_atoms
+
+
+def _atoms_variety():
+    plain = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    slab = fcc111("Ni", (2, 2, 3), vacuum=6.0)
+    slab.set_constraint([FixAtoms(indices=[0, 1]), FixCartesian(2, mask=(1, 0, 0))])
+    slab.set_initial_magnetic_moments(np.linspace(0.1, 1.2, len(slab)))
+    slab.info.update({"name": "slab", "energy": -3.5, "tags": [1, 2]})
+    slab.set_celldisp([0.5, 0.0, -1.0])
+    with_calc = bulk("Cu", "fcc", a=3.6) * (2, 1, 1)
+    with_calc.calc = EMT()
+    with_calc.set_momenta(np.ones((len(with_calc), 3)))
+    mixed_pbc = Atoms("H2", positions=[[0, 0, 0], [0.7, 0, 0]], cell=[5, 6, 7], pbc=[True, False, True])
+    empty = Atoms(cell=np.eye(3) * 2, pbc=True)
+    return [plain, slab, with_calc, mixed_pbc, empty]
+
+
+def _state(atoms) -> list:
+    """Everything an Atoms holds, comparable: attribute names in order, types, values."""
+    out = []
+    for key, value in vars(atoms).items():
+        if key == "_cellobj":
+            value = (value.array.dtype, value.array.tobytes())
+        elif isinstance(value, np.ndarray):
+            value = (value.dtype, value.shape, value.tobytes())
+        elif key == "arrays":
+            value = [(k, v.dtype, v.shape, v.tobytes()) for k, v in value.items()]
+        elif key == "_constraints":
+            value = [(type(c), c.todict()) for c in value]
+        out.append((key, type(vars(atoms)[key]), value))
+    return out
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_copy_atoms_is_atoms_copy(index):
+    assert _light_copy_matches()
+    atoms = _atoms_variety()[index]
+    reference, light = atoms.copy(), copy_atoms(atoms)
+    assert _state(light) == _state(reference)
+    assert light.calc is None and light == reference
+    # Independent of the original, as copy() is.
+    for name in light.arrays:
+        assert not np.shares_memory(light.arrays[name], atoms.arrays[name])
+    assert not np.shares_memory(light.cell.array, atoms.cell.array) and not np.shares_memory(light.pbc, atoms.pbc)
+    assert light.info is not atoms.info and light.constraints is not atoms.constraints
+    assert all(a is not b for a, b in zip(light.constraints, atoms.constraints))
+    assert pickle.loads(pickle.dumps(light)) == reference
+
+
+def test_copy_atoms_of_a_subclass_is_its_copy():
+    class Tagged(Atoms):
+        pass
+
+    atoms = Tagged("H2", positions=[[0, 0, 0], [0.7, 0, 0]], cell=[5, 6, 7], pbc=True)
+    copied = copy_atoms(atoms)
+    assert type(copied) is Tagged and copied == atoms
+
+
+def _forms(rng, n_crystals):
+    """Canonical forms of random skewed crystals, some with atoms outside the cell (image shifts)."""
+    forms, sizes = [], []
+    for k in range(n_crystals):
+        n = int(rng.integers(1, 9))
+        cell = np.eye(3) * 4 + rng.uniform(-1.5, 1.5, (3, 3))
+        fractional = rng.uniform(0, 1, (n, 3))
+        if k % 3 == 0:
+            fractional += rng.integers(-2, 3, (n, 3))
+        pbc = np.array([True, True, k % 5 != 0])
+        forms.append(canonicalize(fractional @ cell, cell, pbc))
+        sizes.append(n)
+    return forms, np.concatenate([[0], np.cumsum(sizes)]).tolist()
+
+
+def test_restore_all_is_restore_per_crystal_bit_for_bit():
+    rng = np.random.default_rng(3)
+    forms, bounds = _forms(rng, 60)
+    assert any(f.image_shift.any() for f in forms) and any(not f.image_shift.any() for f in forms)
+    assert any((f.transform != np.eye(3)).any() for f in forms)
+    n_layers = 3
+    positions = rng.normal(0, 3, (n_layers, bounds[-1], 3))
+    cells = rng.normal(0, 3, (n_layers, len(forms), 3, 3))
+    # The awkward values, in crystals without an image shift (those take the batched path): exact
+    # zeros of both signs (x + 0 * cell turns -0.0 into 0.0), a NaN / an infinite cell (0 * inf
+    # is NaN), NaN positions, and a shifted crystal with a zero.
+    unshifted = [k for k, f in enumerate(forms) if not f.image_shift.any()]
+    shifted = [k for k, f in enumerate(forms) if f.image_shift.any()]
+    positions[:, bounds[unshifted[0]]] = 0.0
+    positions[1, bounds[unshifted[1]], 2] = -0.0
+    positions[2, bounds[unshifted[2]]] = np.nan
+    cells[0, unshifted[3], 1, 2] = np.nan
+    cells[2, unshifted[4], 0, 0] = np.inf
+    cells[:, unshifted[5], :, 0] = -np.abs(cells[:, unshifted[5], :, 0])  # zero products are -0.0
+    positions[0, bounds[unshifted[5]], 0] = -0.0
+    positions[0, bounds[shifted[0]], 1] = -0.0
+    with np.errstate(invalid="ignore"):
+        restored = restore_all(forms, positions, cells, bounds)
+        for index, form in enumerate(forms):
+            expected_positions, expected_cell = form.restore(positions[:, bounds[index] : bounds[index + 1]], cells[:, index])
+            got = restored[index]
+            assert got.positions.tobytes() == expected_positions.tobytes(), index
+            assert got.cell.tobytes() == expected_cell.tobytes(), index
+            assert got.positions.flags.c_contiguous and got.cell.flags.c_contiguous
+            assert got.positions.shape == expected_positions.shape and got.cell.shape == expected_cell.shape
