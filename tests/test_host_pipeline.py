@@ -123,3 +123,38 @@ def test_restore_all_is_restore_per_crystal_bit_for_bit():
             assert got.cell.tobytes() == expected_cell.tobytes(), index
             assert got.positions.flags.c_contiguous and got.cell.flags.c_contiguous
             assert got.positions.shape == expected_positions.shape and got.cell.shape == expected_cell.shape
+
+
+def test_narrowed_worker_outcomes_give_the_same_graph_and_restore():
+    """Workers send edges and image shifts in the narrowest integer type; what the main process
+    builds from them is what it builds from the int64 originals."""
+    import torch
+
+    from e3relax_ase.graph import graph_from_edges
+    from e3relax_ase.workers import _narrowest
+
+    rng = np.random.default_rng(5)
+    forms, bounds = _forms(rng, 12)
+    edges = []
+    for k, form in enumerate(forms):
+        n = len(form.positions)
+        count = int(rng.integers(0, 40))
+        edges.append((rng.integers(0, n, count), rng.integers(0, n, count), rng.integers(-200 if k == 3 else -2, 3, (count, 3))))
+    assert _narrowest(edges[3][2]).dtype == np.int16 and _narrowest(edges[0][0]).dtype == np.int8
+    assert _narrowest(np.array([2**40])).dtype == np.int64 and _narrowest(np.zeros(0, np.int64)).dtype == np.int64
+    narrowed = [tuple(_narrowest(a) for a in e) for e in edges]
+    numbers = [np.full(len(f.positions), 14) for f in forms]
+    pbcs = [np.ones(3, bool)] * len(forms)
+    for dtype in (torch.float32, torch.float64):
+        wide = graph_from_edges(numbers, [f.positions for f in forms], [f.cell for f in forms], pbcs, edges, dtype)
+        narrow = graph_from_edges(numbers, [f.positions for f in forms], [f.cell for f in forms], pbcs, narrowed, dtype)
+        for name in ("edge_src", "edge_dst", "edge_shift", "positions", "batch"):
+            a, b = getattr(wide, name), getattr(narrow, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    positions = rng.normal(0, 3, (2, bounds[-1], 3))
+    cells = rng.normal(0, 3, (2, len(forms), 3, 3))
+    for k, form in enumerate(forms):
+        narrow_form = type(form)(form.positions, form.cell, form.transform, _narrowest(form.image_shift))
+        p, c = form.restore(positions[:, bounds[k] : bounds[k + 1]], cells[:, k])
+        q, d = narrow_form.restore(positions[:, bounds[k] : bounds[k + 1]], cells[:, k])
+        assert p.tobytes() == q.tobytes() and c.tobytes() == d.tobytes()
