@@ -309,6 +309,9 @@ def measure(args, old: Path | None, tmp: Path) -> list[dict]:
     variants.append({"name": "new", "pythonpath": None, "kwargs": {}})
     variants.append({"name": "new, prefetch thread", "pythonpath": None, "kwargs": {"prefetch": True}})
     if args.workers > 0:
+        if old is not None and "num_workers" in (old / "e3relax_ase" / "relaxer.py").read_text():
+            # A baseline that has worker processes too: its main process against the new one's.
+            variants.append({"name": f"old, {args.workers} workers", "pythonpath": str(old), "kwargs": {"num_workers": args.workers}})
         variants.append({"name": f"new, {args.workers} workers", "pythonpath": None, "kwargs": {"num_workers": args.workers}})
     runs = {v["name"]: [] for v in variants}
     dumps = {v["name"]: tmp / f"dump_{k}.npz" for k, v in enumerate(variants)}
@@ -320,7 +323,7 @@ def measure(args, old: Path | None, tmp: Path) -> list[dict]:
             print(f"{Path(args.checkpoint).name}: round {round_ + 1}/{args.repeats} {variant['name']:24s} {args.n / result['seconds']:8.1f} structures/s")
     summaries = [summarise(v["name"], runs[v["name"]], args.n, overlapped=bool(v["kwargs"].get("prefetch"))) for v in variants]
     for summary in summaries:
-        if old is not None and summary["name"] != "old":
+        if old is not None and not summary["name"].startswith("old"):
             summary["bitwise_identical_to_old"] = identical(dumps["old"], dumps[summary["name"]])
     return summaries
 

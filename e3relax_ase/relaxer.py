@@ -134,6 +134,7 @@ class _Options:
     refine: Any = None
     refine_kwargs: dict = field(default_factory=dict)
     pool: Any = None  # worker processes (num_workers > 0) that also judge predictions
+    provenance: dict | None = None  # the info keys common to every structure (_provenance), once a call
 
 
 @dataclass
@@ -391,6 +392,7 @@ class OneShotRelaxer:
             "logfile": logfile,
         }
         options = _Options(relax_cell, fix_symmetry, symprec, return_trajectory, on_insane, refine, refine_kwargs)
+        options.provenance = self._provenance(relax_cell)
         budget = (
             batch_size if batch_size is not None else self.batch_size,
             max_atoms if max_atoms is not None else self.max_atoms,
@@ -671,11 +673,7 @@ class OneShotRelaxer:
                 atoms.set_constraint([c for c in atoms.constraints if c is not symmetry])
 
         info = atoms.info
-        info[INFO_MODEL] = self.info.name or os.path.basename(self.info.path)
-        info[INFO_SHA256] = self.info.sha256
-        info[INFO_VERSION] = __version__
-        info[INFO_UNTRAINED] = bool(self.info.untrained)
-        info[INFO_RELAX_CELL] = bool(options.relax_cell)
+        info.update(options.provenance if options.provenance is not None else self._provenance(options.relax_cell))
         info[INFO_MAX_DISPLACEMENT] = signal.max_displacement
         info[INFO_MAX_STRAIN] = signal.max_strain
         info[INFO_SANE] = bool(sanity.ok)
@@ -694,6 +692,17 @@ class OneShotRelaxer:
                 )
         result = atoms if item.kind == "ase" else from_atoms(atoms, item.kind)
         return (result, frames) if options.return_trajectory else result
+
+    def _provenance(self, relax_cell: bool) -> dict:
+        """The provenance keys that are the same for every structure of a call, in the order
+        ``_finish`` writes them (built once a call, not once a structure)."""
+        return {
+            INFO_MODEL: self.info.name or os.path.basename(self.info.path),
+            INFO_SHA256: self.info.sha256,
+            INFO_VERSION: __version__,
+            INFO_UNTRAINED: bool(self.info.untrained),
+            INFO_RELAX_CELL: bool(relax_cell),
+        }
 
     def _frames(self, item: _Item, prediction: Prediction, options: _Options, symmetry) -> list:
         """The input, then every layer's structure, applied through the same constraints."""

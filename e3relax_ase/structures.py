@@ -209,8 +209,7 @@ def apply_prediction(atoms, positions: np.ndarray, cell: np.ndarray, relax_cell:
 
 def _plain(atoms) -> bool:
     """An ase.Atoms without constraints, whose set_cell / set_positions are ASE's own."""
-    from ase import Atoms
-
+    Atoms = _ATOMS_CLASS or _atoms_class()
     cls = type(atoms)
     return not atoms.constraints and cls.set_cell is Atoms.set_cell and cls.set_positions is Atoms.set_positions
 

@@ -158,3 +158,78 @@ def test_narrowed_worker_outcomes_give_the_same_graph_and_restore():
         p, c = form.restore(positions[:, bounds[k] : bounds[k + 1]], cells[:, k])
         q, d = narrow_form.restore(positions[:, bounds[k] : bounds[k + 1]], cells[:, k])
         assert p.tobytes() == q.tobytes() and c.tobytes() == d.tobytes()
+
+
+def _reference_relax_many(relaxer, structures, relax_cell, chunk):
+    """relax_many written the plain way: predict from scratch per chunk, Atoms.copy,
+    apply_prediction, the sanity checks here, every provenance key written one by one."""
+    import os
+
+    from e3relax_ase import __version__
+    from e3relax_ase.predict import predict
+    from e3relax_ase.structures import apply_prediction, clear_provenance, crystal_arrays
+    from e3relax_ase.workers import judge_prediction
+
+    out = []
+    for start in range(0, len(structures), chunk):
+        batch = structures[start : start + chunk]
+        crystals = [crystal_arrays(a) for a in batch]
+        for atoms, crystal, prediction in zip(batch, crystals, predict(relaxer.model, crystals, "cpu", relaxer.dtype)):
+            closest = min(relaxer.validate(atoms).min_distance, relaxer.model.config.cutoff)
+            sanity, signal = judge_prediction(
+                prediction.positions, prediction.cell, crystal.positions, crystal.cell, crystal.pbc, closest, relax_cell, relaxer.min_distance
+            )
+            expected = atoms.copy()
+            clear_provenance(expected)
+            if sanity.ok or "NaN" not in " ".join(sanity.problems):
+                apply_prediction(expected, prediction.positions[-1], prediction.cell[-1], relax_cell)
+            info = expected.info
+            info["e3relax_model"] = relaxer.info.name or os.path.basename(relaxer.info.path)
+            info["e3relax_checkpoint_sha256"] = relaxer.info.sha256
+            info["e3relax_version"] = __version__
+            info["e3relax_untrained"] = bool(relaxer.info.untrained)
+            info["e3relax_relax_cell"] = bool(relax_cell)
+            info["e3relax_max_displacement"] = signal.max_displacement
+            info["e3relax_max_strain"] = signal.max_strain
+            info["e3relax_sane"] = bool(sanity.ok)
+            info["e3relax_problems"] = "; ".join(sanity.problems)
+            info["e3relax_correction_ratio"] = signal.correction_ratio
+            info["e3relax_last_correction"] = signal.last_correction
+            info["e3relax_refine_advised"] = bool(signal.refine_advised or not sanity.ok)
+            out.append(expected)
+    return out
+
+
+@pytest.mark.parametrize("relax_cell", [True, False])
+def test_relax_many_is_the_plain_reference(relax_cell):
+    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.testing import random_crystal, tiny_model
+
+    rng = np.random.default_rng(11)
+    structures = []
+    for k in range(14):
+        crystal = random_crystal(rng, n_atoms=int(rng.integers(1, 7)), skew=0.5)
+        atoms = Atoms(crystal.numbers, positions=crystal.positions, cell=crystal.cell, pbc=True)
+        atoms.info.update({"name": f"c{k}", "e3relax_sane": "stale", "e3relax_converged": True} if k % 3 == 0 else {"id": k})
+        if k % 4 == 1:
+            atoms.positions += 3.0 * atoms.cell.array[0]  # outside the cell: nonzero image shifts
+        structures.append(atoms)
+    slab = fcc111("Ni", (2, 2, 3), vacuum=6.0)
+    slab.set_constraint(FixAtoms(indices=[0, 1]))
+    slab.rattle(0.03, seed=1)
+    structures.insert(5, slab)
+    before = [(a.positions.copy(), a.cell.array.copy(), dict(a.info)) for a in structures]
+    relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64", batch_size=4)
+    expected = _reference_relax_many(relaxer, structures, relax_cell, 4)
+    try:
+        for options in ({}, {"num_workers": 2}):
+            results = relaxer.relax_many(structures, relax_cell=relax_cell, **options)
+            for got, want in zip(results, expected):
+                assert got.positions.tobytes() == want.positions.tobytes()
+                assert got.cell.array.tobytes() == want.cell.array.tobytes()
+                assert list(got.info) == list(want.info) and repr(got.info) == repr(want.info)
+                assert _state(got) == _state(want)
+    finally:
+        relaxer.close()
+    for atoms, (positions, cell, info) in zip(structures, before):  # the inputs are untouched
+        assert np.array_equal(atoms.positions, positions) and np.array_equal(atoms.cell.array, cell) and atoms.info == info
