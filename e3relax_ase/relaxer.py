@@ -526,10 +526,11 @@ class OneShotRelaxer:
             )
             if not regular:  # refused by the first checks: no need for a worker
                 return self._prepare(index, _given_name(names, structure, index), structure, inplace, keep_pristine)
-            arrays = crystal_arrays(atoms)
+            # crystal_arrays(atoms), from the arrays read above (the same copies, read once)
+            arrays = CrystalArrays(np.array(numbers, dtype=np.int64), np.array(positions), np.array(cell), np.array(pbc))
             work, pristine = _work_copies(atoms, kind, inplace, keep_pristine)
             shell = _Item(index, name, kind, work, pristine, arrays, None, source=structure)
-            return shell, StructureSpec(numbers.astype(np.int64, copy=False), positions, cell, pbc, name, lengths)
+            return shell, StructureSpec(arrays.numbers, arrays.positions, arrays.cell, arrays.pbc, name, lengths)
         except Exception as exc:
             if errors == "raise":
                 return _Raise(exc)

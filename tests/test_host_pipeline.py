@@ -233,3 +233,22 @@ def test_relax_many_is_the_plain_reference(relax_cell):
         relaxer.close()
     for atoms, (positions, cell, info) in zip(structures, before):  # the inputs are untouched
         assert np.array_equal(atoms.positions, positions) and np.array_equal(atoms.cell.array, cell) and atoms.info == info
+
+
+def test_shell_arrays_are_crystal_arrays():
+    """``_shell`` builds the item's arrays from what it already read: those of crystal_arrays."""
+    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.structures import crystal_arrays
+    from e3relax_ase.testing import tiny_model
+
+    relaxer = OneShotRelaxer(tiny_model(), device="cpu")
+    transposed = bulk("Si", "diamond", a=5.43)
+    transposed.arrays["positions"] = np.asfortranarray(transposed.arrays["positions"])
+    for atoms in _atoms_variety()[:4] + [transposed]:
+        shell, spec = relaxer._shell(0, atoms, None, False, False, "return")
+        expected = crystal_arrays(atoms)
+        for name in ("numbers", "positions", "cell", "pbc"):
+            got, want = getattr(shell.arrays, name), getattr(expected, name)
+            assert got.dtype == want.dtype and got.shape == want.shape and got.strides == want.strides and got.tobytes() == want.tobytes()
+            assert not np.shares_memory(got, getattr(atoms, name) if name != "cell" else atoms.cell.array)
+        assert spec.numbers is shell.arrays.numbers and spec.positions is shell.arrays.positions
