@@ -276,6 +276,9 @@ def scaling(model, device, sizes):
     return rows
 
 
+SECTIONS = ("forward", "latency", "scaling")  # what --skip may leave out (end to end always runs)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -287,7 +290,14 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(dynamic=True) of the shipped model's forward (~1 min to compile)")
     parser.add_argument("--workers", default="0,4,12", help="num_workers values of the end-to-end runs")
     parser.add_argument("--e2e-n", type=int, default=4096, help="structures of the end-to-end runs")
+    parser.add_argument("--e2e-batch-sizes", default="",
+                        help="also run the end-to-end path with the most workers at these batch_size values "
+                        "(structures per forward pass; smaller chunks let preparation overlap the network)")
+    parser.add_argument("--skip", default="", help=f"sections to leave out, of {','.join(SECTIONS)}")
     args = parser.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(SECTIONS):
+        parser.error(f"--skip takes {','.join(SECTIONS)}; got {','.join(sorted(skip - set(SECTIONS)))}")
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -319,6 +329,7 @@ def main(argv=None):
     e2e_crystals = [crystals[i % n] for i in range(64 if args.quick else args.e2e_n)]
     workers = [int(w) for w in args.workers.split(",")]
     variants = [{"num_workers": w} for w in workers]
+    variants += [{"num_workers": workers[-1], "batch_size": int(b)} for b in args.e2e_batch_sizes.split(",") if b]
     variants += [{"num_workers": workers[-1], "precision": p} for p in precisions if p != "float32"]
     results["end_to_end"] = []
     for options in variants:
@@ -326,7 +337,32 @@ def main(argv=None):
         save()
     results["end_to_end_relaxer_structures_per_s"] = max(r["structures_per_s"] for r in results["end_to_end"])
 
-    # Forward passes: every precision (and compiled, when asked) at both sizes, same graph.
+    if "forward" not in skip:
+        forward_sections(args, results, model, crystals, precisions, device, device_name, save)
+    if "latency" not in skip:
+        one = [c for c in crystals if 18 <= len(c.numbers) <= 22][:1] or crystals[:1]  # ~20 atoms
+        results["latency_single_s"] = timed(lambda: _predict_one(model, one, device), device, repeats=5)
+        results["latency_atoms"] = len(one[0].numbers)
+    if "scaling" not in skip:
+        results["scaling"] = scaling(model, device, [1, 2, 3] if args.quick else [2, 4, 6, 8, 11])
+    save()
+    if args.sevennet:
+        try:
+            baseline = sevennet_fire([c for c in crystals if min_distance_ok(c)], device, args.sevennet)
+        except ImportError as exc:  # the baseline is optional; the rest of the figures stand
+            results["sevennet_fire_error"] = str(exc)
+        else:
+            baseline["structures_per_s"] = 1.0 / baseline["mean_seconds"]
+            results["sevennet_fire"] = baseline
+            results["speedup_vs_sevennet_fire"] = results["end_to_end_relaxer_structures_per_s"] / baseline["structures_per_s"]
+    save()
+    print(json.dumps(results, indent=1))
+    _table(results)
+
+
+
+def forward_sections(args, results, model, crystals, precisions, device, device_name, save):
+    """Forward passes: every precision (and compiled, when asked) at both sizes, same graph."""
     torch.manual_seed(0)
     sizes = {"shipped": model, "paper_F512_T4": E3RelaxH2(ModelConfig()).to(device).eval()}
     graph = batch_graph(crystals, model.config, device)
@@ -348,25 +384,6 @@ def main(argv=None):
     results["forward_batch256"] = {name: forward_throughput(network, small, device, "float32") for name, network in sizes.items()}
     del sizes
     save()
-    # single-structure latency (~20 atoms)
-    one = [c for c in crystals if 18 <= len(c.numbers) <= 22][:1] or crystals[:1]
-    results["latency_single_s"] = timed(lambda: _predict_one(model, one, device), device, repeats=5)
-    results["latency_atoms"] = len(one[0].numbers)
-    sizes = [1, 2, 3] if args.quick else [2, 4, 6, 8, 11]
-    results["scaling"] = scaling(model, device, sizes)
-    save()
-    if args.sevennet:
-        try:
-            baseline = sevennet_fire([c for c in crystals if min_distance_ok(c)], device, args.sevennet)
-        except ImportError as exc:  # the baseline is optional; the rest of the figures stand
-            results["sevennet_fire_error"] = str(exc)
-        else:
-            baseline["structures_per_s"] = 1.0 / baseline["mean_seconds"]
-            results["sevennet_fire"] = baseline
-            results["speedup_vs_sevennet_fire"] = results["end_to_end_relaxer_structures_per_s"] / baseline["structures_per_s"]
-    save()
-    print(json.dumps(results, indent=1))
-    _table(results)
 
 
 def min_distance_ok(c, threshold=0.5):
@@ -388,7 +405,7 @@ def _table(r):
     print("end to end (Atoms -> relaxed Atoms, OneShotRelaxer.relax_many):")
     base = r["end_to_end"][0]["structures_per_s"]
     for row in r["end_to_end"]:
-        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "precision") if k in row)
+        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision") if k in row)
         print(f"  {label:45s} {row['structures_per_s']:8.0f} structures/s  ({row['structures_per_s'] / base:.2f}x)")
     if "sevennet_fire" in r:
         b = r["sevennet_fire"]
@@ -396,7 +413,7 @@ def _table(r):
               f"{b['structures_per_s']:.2f} structures/s -> best one-shot end to end is {r['speedup_vs_sevennet_fire']:.0f}x faster")
     s = r["stages_seconds"]
     print(f"stages for a batch of {s['n_structures']}: " + ", ".join(f"{k} {v*1e3:.1f} ms" for k, v in s.items() if k not in ("n_edges", "n_structures")))
-    for name, rows in r["forward"].items():
+    for name, rows in r.get("forward", {}).items():
         work = r["work"][name]
         print(f"forward {name}, batch {r['forward_batch']} ({work['flops'] / 1e9:.0f} GFLOP, {work['bytes_unfused'] / 1e9:.1f} GB unfused):")
         base = rows[0]["structures_per_s"]
@@ -404,10 +421,11 @@ def _table(r):
             label = row["precision"] + (" + compile" if row["compiled"] else "")
             bound = f", {row['fraction_of_matmul_peak'] * 100:.0f}% matmul peak, {row['fraction_of_memory_peak_unfused'] * 100:.0f}% HBM (unfused)" if "fraction_of_matmul_peak" in row else ""
             print(f"  {label:18s} {row['structures_per_s']:9.0f} structures/s ({row['structures_per_s'] / base:.2f}x), peak {row['peak_gib']:.2f} GiB{bound}")
-    for row in r["deviation"]:
+    for row in r.get("deviation", []):
         print(f"{row['precision']} vs float32 (shipped): max {row['max_position_deviation_A']:.2e} Å, mean {row['mean_position_deviation_A']:.2e} Å, cell {row['max_cell_deviation_A']:.2e} Å")
-    print(f"single-structure latency ({r['latency_atoms']} atoms): {r['latency_single_s']*1e3:.1f} ms")
-    for row in r["scaling"]:
+    if "latency_single_s" in r:
+        print(f"single-structure latency ({r['latency_atoms']} atoms): {r['latency_single_s']*1e3:.1f} ms")
+    for row in r.get("scaling", []):
         print(f"cell {row['atoms']:6d} atoms, {row['edges']:8d} edges: graph {row['graph_s']*1e3:.1f} ms (first call {row.get('graph_first_call_s', float('nan'))*1e3:.0f} ms), forward {row['forward_s']*1e3:.1f} ms, peak {row['peak_gib']:.2f} GiB")
 
 
