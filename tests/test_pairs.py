@@ -125,6 +125,16 @@ def test_concatenate_equals_subset(sample):
         PairSet.concatenate([])
 
 
+def test_concatenate_keeps_the_metadata_all_parts_share(sample):
+    a, b = sample.subset([0, 1]), sample.subset([2])
+    a.metadata = {"teacher": "SevenNet-0", "licence": "MIT", "run": 1}
+    b.metadata = {"teacher": "SevenNet-0", "licence": "MIT", "run": 2}
+    joined = PairSet.concatenate([a, b])
+    assert joined.metadata == {"teacher": "SevenNet-0", "licence": "MIT", "concatenated_from": [a.metadata, b.metadata]}
+    b.metadata = dict(a.metadata)
+    assert PairSet.concatenate([a, b]).metadata == a.metadata
+
+
 def _corrupt(sample, what):
     s = sample.subset(np.arange(len(sample)))
     if what == "offsets":

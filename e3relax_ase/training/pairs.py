@@ -224,7 +224,9 @@ class PairSet:
     def concatenate(pairsets: Sequence[PairSet]) -> PairSet:
         """Join pair sets in order.
 
-        Metadata is kept if all sets share it, else stored as ``{"concatenated_from": [...]}``.
+        Metadata is kept if all sets share it; otherwise the keys whose values all sets share
+        (the teacher, the licence) stay at the top level, next to
+        ``"concatenated_from": [each set's metadata]``, so a data card still finds them.
 
         Raises:
             ValueError: if ``pairsets`` is empty.
@@ -237,7 +239,8 @@ class PairSet:
         if all(m == metadatas[0] for m in metadatas):
             metadata = dict(metadatas[0])
         else:
-            metadata = {"concatenated_from": metadatas}
+            shared = {k: v for k, v in metadatas[0].items() if all(k in m and m[k] == v for m in metadatas[1:])}
+            metadata = {**shared, "concatenated_from": metadatas}
         return PairSet(
             ids=np.concatenate([p.ids for p in pairsets]),
             n_atoms=counts,
