@@ -565,36 +565,43 @@ def finalize(args) -> None:
     inp = _load_inputs(args.inputs)
     with gzip.open(args.inputs + ".info.json.gz", "rt") as f:
         sidecar = json.load(f)
-    raw_dir = Path(args.raw_dir)
-    parts = sorted(raw_dir.glob("raw_*.npz"))
+    raw_dirs = [Path(d) for d in args.raw_dir]
     off = inp["offsets"]
     pairs = []
     rejected: dict[str, int] = {}
-    for part in parts:
-        with np.load(part, allow_pickle=False) as d:
-            raw = {k: d[k] for k in d.files}
-        n_atoms = inp["n_atoms"][raw["index"]]
-        roff = np.concatenate([[0], np.cumsum(n_atoms)])
-        for r, k in enumerate(raw["index"]):
-            a, b = off[k], off[k + 1]
-            result = RelaxResult(
-                key=int(k), numbers=inp["numbers"][a:b].astype(np.int64),
-                positions_init=inp["positions"][a:b].astype(np.float64), cell_init=inp["cells"][k].astype(np.float64),
-                positions=raw["positions"][roff[r]:roff[r + 1]].astype(np.float64), cell=raw["cells"][r],
-                energy=float(raw["energy"][r]), fmax=float(raw["fmax"][r]), fmax_fresh=float(raw["fmax_fresh"][r]),
-                n_steps=int(raw["n_steps"][r]), converged=True, status="converged",
-            )
-            problem = check_sane(result)
-            if problem is None and min_interatomic_distance(result.positions_init, result.cell_init, 1.0) <= 0.5:
-                problem = "min_distance_input"
-            if problem is not None:
-                rejected[problem] = rejected.get(problem, 0) + 1
-                continue
-            pairs.append(result)
+    logs, statuses, seen = [], [], set()
+    for raw_dir in raw_dirs:
+        for part in sorted(raw_dir.glob("raw_*.npz")):
+            with np.load(part, allow_pickle=False) as d:
+                raw = {k: d[k] for k in d.files}
+            repeated = seen.intersection(raw["index"].tolist())
+            if repeated:  # two runs over overlapping --offset/--limit ranges: refuse rather than keep twins
+                raise SystemExit(f"{part}: input {min(repeated)} was already relaxed in another raw folder")
+            seen.update(raw["index"].tolist())
+            n_atoms = inp["n_atoms"][raw["index"]]
+            roff = np.concatenate([[0], np.cumsum(n_atoms)])
+            for r, k in enumerate(raw["index"]):
+                a, b = off[k], off[k + 1]
+                result = RelaxResult(
+                    key=int(k), numbers=inp["numbers"][a:b].astype(np.int64),
+                    positions_init=inp["positions"][a:b].astype(np.float64), cell_init=inp["cells"][k].astype(np.float64),
+                    positions=raw["positions"][roff[r]:roff[r + 1]].astype(np.float64), cell=raw["cells"][r],
+                    energy=float(raw["energy"][r]), fmax=float(raw["fmax"][r]), fmax_fresh=float(raw["fmax_fresh"][r]),
+                    n_steps=int(raw["n_steps"][r]), converged=True, status="converged",
+                )
+                problem = check_sane(result)
+                if problem is None and min_interatomic_distance(result.positions_init, result.cell_init, 1.0) <= 0.5:
+                    problem = "min_distance_input"
+                if problem is not None:
+                    rejected[problem] = rejected.get(problem, 0) + 1
+                    continue
+                pairs.append(result)
+        logs.append(json.loads((raw_dir / "relax_log.json").read_text()))
+        with np.load(raw_dir / "status.npz", allow_pickle=False) as d:
+            statuses.append(d["status"])
     pairs.sort(key=lambda p: p.key)
-    log = json.loads((raw_dir / "relax_log.json").read_text())
-    with np.load(raw_dir / "status.npz", allow_pickle=False) as d:
-        status = d["status"]
+    log = logs[0] if len(logs) == 1 else {"device": logs[0]["device"], "runs": logs}
+    status = np.concatenate(statuses)
     teacher_version = log["device"].get("sevenn", "?")
     sources = sorted({sidecar[str(inp["ids"][p.key])]["source"] for p in pairs})
     metadata = {
@@ -733,7 +740,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("finalize", help="raw parts -> pair file(s) + RUNLOG.json (here)")
     p.add_argument("--inputs", required=True)
-    p.add_argument("--raw-dir", required=True)
+    p.add_argument("--raw-dir", required=True, nargs="+", help="one or more raw folders (disjoint input ranges)")
     p.add_argument("--out", required=True)
     p.add_argument("--runlog", required=True)
     p.add_argument("--bench", default=None)
