@@ -252,3 +252,19 @@ def test_data_cli_errors(tmp_path):
     np.savez_compressed(bad, ids=np.array(["a"]))
     r = _run(["data", "card", str(bad), "-o", str(tmp_path / "c.md")])
     assert r.exit_code != 0 and "missing arrays" in r.output
+
+
+def test_committed_distilled_v2_keeps_part_1_splits_and_unseen_test_systems():
+    """data/sevennet0_distilled_v2 extends part 1 without moving a pair or leaking a chemical system:
+    the shipped checkpoint's test split (part 1's) must stay unseen by any v2 training run."""
+    root = Path(__file__).resolve().parents[1] / "data"
+    part1 = {s: load_pairs(root / "sevennet0_distilled" / f"{s}.npz", validate=False) for s in ("train", "val", "test")}
+    v2 = {s: load_pairs(root / "sevennet0_distilled_v2" / f"{s}.npz", validate=False) for s in ("train", "val", "test")}
+    ids = {s: set(v2[s].ids.tolist()) for s in v2}
+    assert sum(len(v) for v in ids.values()) == sum(len(p) for p in v2.values()) >= 50_000  # ids unique overall
+    for s in part1:
+        assert set(part1[s].ids.tolist()) <= ids[s]
+    systems = {s: set(chemical_systems(v2[s])) for s in v2}
+    assert not systems["train"] & systems["test"]
+    assert not systems["train"] & systems["val"]
+    assert not systems["val"] & systems["test"]
