@@ -257,6 +257,7 @@ def build_graph(
     pbcs: Sequence[torch.Tensor],
     cutoff: float,
     max_neighbors: int,
+    dtype: torch.dtype | None = None,
 ) -> CrystalGraph:
     """Batch several crystals into one graph.
 
@@ -275,14 +276,17 @@ def build_graph(
         pbcs: per crystal, [3] bool.
         cutoff: Å.
         max_neighbors: K.
+        dtype: the graph's floating-point dtype (default: the positions'). Searching float64
+            positions for a float32 graph finds the edges of the exact crystal, not of its
+            float32 rounding (``predict.graph_from_canonical`` does this).
 
     Returns:
-        A ``CrystalGraph`` on the device and dtype of the first crystal's positions.
+        A ``CrystalGraph`` on the device of the first crystal's positions.
     """
     if len(positions) == 0:
         raise ValueError("build_graph needs at least one crystal")
     device = positions[0].device
-    dtype = positions[0].dtype
+    dtype = dtype or positions[0].dtype
     # Each crystal searched on the float64 values of its own positions, as neighbor_edges does.
     host_positions = torch.cat([p.detach().to(torch.float64) for p in positions]).cpu().numpy()
     host_cells = torch.stack([c.detach().to(torch.float64) for c in cells]).cpu().numpy()

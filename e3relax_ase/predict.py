@@ -40,14 +40,20 @@ class Prediction:
 def graph_from_canonical(
     crystals: Sequence[CrystalArrays], forms: Sequence[CanonicalForm], cutoff: float, max_neighbors: int, device, dtype
 ) -> CrystalGraph:
-    """Build the batched graph of crystals already in canonical form."""
+    """Build the batched graph of crystals already in canonical form.
+
+    The edges are those of the float64 canonical crystal whatever ``dtype`` is (the search
+    validation runs, which ``workers.graph_edges`` reuses): the network's precision rounds
+    the positions it computes with, not the choice of neighbours.
+    """
     return build_graph(
         [torch.as_tensor(c.numbers, dtype=torch.long, device=device) for c in crystals],
-        [torch.as_tensor(f.positions, dtype=dtype, device=device) for f in forms],
-        [torch.as_tensor(f.cell, dtype=dtype, device=device) for f in forms],
+        [torch.as_tensor(f.positions, dtype=torch.float64, device=device) for f in forms],
+        [torch.as_tensor(f.cell, dtype=torch.float64, device=device) for f in forms],
         [torch.as_tensor(np.asarray(c.pbc, dtype=bool), device=device) for c in crystals],
         cutoff,
         max_neighbors,
+        dtype=dtype,
     )
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from e3relax_ase.canonical import CanonicalForm
-from e3relax_ase.graph import capped_edges, periodic_pairs
+from e3relax_ase.graph import capped_edges
 from e3relax_ase.sanity import Confidence, SanityReport, check_prediction, confidence
 from e3relax_ase.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
 
@@ -59,17 +59,12 @@ class PreparationSettings:
 def graph_edges(prepared: PreparedCrystal, pbc: np.ndarray, settings: PreparationSettings) -> tuple:
     """The graph edges ``graph_from_canonical`` would build for the prepared crystal.
 
-    Its neighbour search runs on the canonical positions rounded to the network's dtype; in
-    float64 that is the search validation already ran, reused.
+    Its neighbour search is the one validation already ran (float64 canonical positions, the
+    network's cutoff), reused whatever the network's dtype: a float32 network used to cost a
+    second search of the float32-rounded positions, about 160 µs of a worker's 730 µs a
+    structure (benchmarks/README.md).
     """
-    form = prepared.form
-    pairs = prepared.pairs
-    if settings.dtype != "float64":
-        dtype = getattr(torch, settings.dtype)
-        pairs = periodic_pairs(
-            torch.as_tensor(form.positions, dtype=dtype), torch.as_tensor(form.cell, dtype=dtype), pbc, settings.checks["cutoff"]
-        )
-    return capped_edges(*pairs, len(form.positions), settings.checks["max_neighbors"])
+    return capped_edges(*prepared.pairs, len(prepared.form.positions), settings.checks["max_neighbors"])
 
 
 def judge_prediction(

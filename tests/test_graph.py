@@ -128,3 +128,25 @@ def test_build_graph_device_search_path_gives_the_host_edges(monkeypatch):
     mixed = build()
     for field in ("edge_src", "edge_dst", "edge_shift", "batch"):
         assert torch.equal(getattr(mixed, field), getattr(host, field)), field
+
+
+def test_float32_graph_has_the_edges_of_the_float64_crystal():
+    """A pair 1e-9 Å inside the cutoff is an edge of the exact crystal; rounding the positions to
+    float32 first (the old float32 path) would put it 2e-7 Å outside and drop it."""
+    from e3relax_ase.canonical import CanonicalForm
+    from e3relax_ase.predict import graph_from_canonical
+
+    cutoff = 6.0
+    positions = np.array([[0.05, 0.1, 0.1], [0.05 + cutoff - 1e-9, 0.1, 0.1]])
+    cell = np.eye(3) * 20.0
+    rounded = torch.tensor(positions, dtype=torch.float32).double()
+    assert float((rounded[1] - rounded[0]).norm()) > cutoff  # the premise: float32 rounding crosses the cutoff
+    args = ([torch.tensor([14, 14])], [torch.tensor(positions)], [torch.tensor(cell)], [torch.tensor([True] * 3)], cutoff, 50)
+    exact = build_graph(*args)
+    single = build_graph(*args, dtype=torch.float32)
+    assert exact.n_edges == 2 and single.positions.dtype == torch.float32
+    assert torch.equal(single.edge_src, exact.edge_src) and torch.equal(single.edge_dst, exact.edge_dst)
+    crystal = CrystalArrays(np.array([14, 14]), positions, cell, np.ones(3, dtype=bool))
+    form = CanonicalForm(positions=positions, cell=cell, transform=np.eye(3, dtype=np.int64), image_shift=np.zeros((2, 3), dtype=np.int64))
+    graph = graph_from_canonical([crystal], [form], cutoff, 50, "cpu", torch.float32)
+    assert graph.n_edges == 2 and graph.positions.dtype == torch.float32 and graph.cell.dtype == torch.float32
