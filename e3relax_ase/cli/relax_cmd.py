@@ -156,7 +156,7 @@ def _write(job: _FileJob) -> None:
 @click.option("--fmax", default=0.05, show_default=True, help="Refinement force target, eV/Å.")
 @click.option("--steps", default=500, show_default=True, help="Refinement step limit.")
 @click.option("--pressure", default=0.0, show_default=True, help="Refinement external pressure, GPa.")
-@click.option("--batch-size", type=int, default=None, help="Structures per forward pass [default: 1 on CPU, by memory on GPU].")
+@click.option("--batch-size", type=int, default=None, help="Structures per forward pass [default: 1 on CPU, 2048 on GPU, within its memory].")
 @click.option(
     "--workers",
     default="auto",
