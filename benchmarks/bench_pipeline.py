@@ -166,13 +166,26 @@ def run_variant(args, variant: dict, dump: Path | None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def identical(a: Path, b: Path) -> bool:
+def compare(a: Path, b: Path) -> dict:
+    """Whether two runs' dumps are bit for bit the same, and if not, by how much they differ."""
     import numpy as np
 
     with np.load(a) as x, np.load(b) as y:
-        if sorted(x.files) != sorted(y.files):
-            return False
-        return all(np.array_equal(x[k], y[k]) for k in x.files)
+        if sorted(x.files) != sorted(y.files):  # a structure failed in one run only
+            return {"bitwise_identical_to_old": False, "same_failures_as_old": False}
+        differing = {k.split("_")[-1] for k in x.files if not np.array_equal(x[k], y[k])}
+        deviation = {"positions": 0.0, "cell": 0.0}
+        for key in x.files:
+            kind = key.split("_")[0]
+            if kind in deviation:
+                deviation[kind] = max(deviation[kind], float(np.abs(x[key] - y[key]).max(initial=0.0)))
+    return {
+        "bitwise_identical_to_old": not differing,
+        "same_failures_as_old": True,
+        "structures_differing_from_old": len(differing),
+        "max_position_deviation_from_old_A": deviation["positions"],
+        "max_cell_deviation_from_old_A": deviation["cell"],
+    }
 
 
 def device_name(device: str) -> str:
@@ -324,7 +337,7 @@ def measure(args, old: Path | None, tmp: Path) -> list[dict]:
     summaries = [summarise(v["name"], runs[v["name"]], args.n, overlapped=bool(v["kwargs"].get("prefetch"))) for v in variants]
     for summary in summaries:
         if old is not None and not summary["name"].startswith("old"):
-            summary["bitwise_identical_to_old"] = identical(dumps["old"], dumps[summary["name"]])
+            summary.update(compare(dumps["old"], dumps[summary["name"]]))
     return summaries
 
 
@@ -341,6 +354,8 @@ def table(args, experiment: dict) -> None:
     for v in experiment["variants"]:
         st = v["stages_ms_per_structure"]
         same = {True: "same", False: "DIFFERENT", None: "-"}[v.get("bitwise_identical_to_old")]
+        if v.get("structures_differing_from_old"):
+            same += f" ({v['structures_differing_from_old']} structures, up to {v['max_position_deviation_from_old_A']:.1e} Å)"
         other = "   (a)" if st["other_ms"] is None else f"{st['other_ms']:7.3f}"
         print(
             f"{v['name']:24s} {v['structures_per_s']:9.1f} {v['ms_per_structure']:7.3f} {v['forward_ms_per_structure']:8.3f} {v['host_ms_per_structure']:7.3f} | "
