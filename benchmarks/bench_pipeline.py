@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "f532430"  # the last revision before the pipeline work (validation + graph per structure)
-STAGES = ("_prepare", "_shell", "_finish", "_judge_in_pool")
+STAGES = ("_prepare", "_shell", "_finish", "_judge_in_pool", "_submit_judging", "_collect_judging")  # absent ones are skipped
 
 
 # --- child: one measured run -----------------------------------------------------------------
@@ -233,7 +233,8 @@ def summarise(name: str, runs: list[dict], n: int, overlapped: bool = False) -> 
     stages = {
         "prepare_ms": per("_prepare") + per("_shell"),  # validation, canonical form, neighbour search (old: validation only)
         "graph_and_canonical_in_predict_ms": per("predict") - forward,  # old: canonicalise + graph; new: graph transfer only
-        "finish_ms": per("_finish") + per("_judge_in_pool"),  # sanity, confidence, apply, provenance
+        # sanity, confidence, apply, provenance (judging in workers: sending, then waiting for it)
+        "finish_ms": per("_finish") + per("_judge_in_pool") + per("_submit_judging") + per("_collect_judging"),
     }
     total = seconds / n * 1e3
     # chunking, copies, waiting for workers; meaningless where preparation runs beside the forward

@@ -13,6 +13,7 @@ sanity-checked (``e3relax_ase.sanity``) and applied through the structure's cons
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -69,7 +70,8 @@ from e3relax_ase.workers import (
     PreparationSettings,
     StructureSpec,
     graph_edges,
-    judge_in_pool,
+    collect_verdicts,
+    submit_judging,
     judge_prediction,
     pool_is_broken,
     prefetched,
@@ -105,6 +107,17 @@ class RelaxFailure:
     @property
     def message(self) -> str:
         return str(self.error)
+
+
+@dataclass
+class _Chunk:
+    """A chunk that has been through the network: its predictions and their judging under way in
+    the workers (``judging``: the tasks), or, when it failed early, its results (``done``)."""
+
+    items: list
+    predictions: list | None = None
+    judging: list | None = None
+    done: dict | None = None
 
 
 @dataclass
@@ -415,6 +428,10 @@ class OneShotRelaxer:
             source = self._prepared(structures, names, inplace, keep_pristine, errors)
             if prefetch and not (hasattr(structures, "__len__") and len(structures) <= 1):
                 source = prefetched(source, PREFETCH_ITEMS)
+        # With workers, a chunk's predictions are judged there while the next chunk is read and
+        # run through the network; the chunk is finished after that (``_Chunk``).
+        judged_next: list[_Chunk] = []
+        frozen = _freeze_garbage_collection()
         try:
             for index, item in source:
                 if isinstance(item, RelaxFailure):
@@ -422,14 +439,18 @@ class OneShotRelaxer:
                     continue
                 n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
                 if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
-                    results.update(self._run_chunk(pending, options, errors))
+                    self._start_after(judged_next, pending, options, errors, results)
                     pending, pending_atoms, pending_edges = [], 0, 0
                 pending.append(item)
                 pending_atoms += n_atoms
                 pending_edges += n_edges
             if pending:
-                results.update(self._run_chunk(pending, options, errors))
+                self._start_after(judged_next, pending, options, errors, results)
+            while judged_next:
+                results.update(self._end_chunk(judged_next.pop(0), options, errors))
         finally:
+            if frozen:
+                gc.unfreeze()
             source.close()
             if options.pool is not None and pool_is_broken(options.pool):
                 self.close()  # a worker died: start afresh next time
@@ -587,28 +608,64 @@ class OneShotRelaxer:
         forms = [i.form for i in items]
         return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, forms=forms, graph=graph, precision=self.precision)
 
+    def _start_after(self, judged_next: list, items: list[_Item], options: _Options, errors: str, results: dict) -> None:
+        """Start ``items``' chunk, then finish the chunk started before it (kept in ``judged_next``).
+
+        Results do not depend on this order. A failure while starting is raised only after the
+        earlier chunk is finished, so ``errors="raise"`` still raises the first failing structure.
+        """
+        try:
+            chunk = self._start_chunk(items, options, errors)
+        except BaseException:
+            while judged_next:
+                results.update(self._end_chunk(judged_next.pop(0), options, errors))
+            raise
+        while judged_next:
+            results.update(self._end_chunk(judged_next.pop(0), options, errors))
+        if chunk.judging is None:  # nothing to wait for: finish now
+            results.update(self._end_chunk(chunk, options, errors))
+        else:
+            judged_next.append(chunk)
+
     def _run_chunk(self, items: list[_Item], options: _Options, errors: str) -> dict:
+        """Predict, judge and finish ``items`` (one forward pass): {index: result}."""
+        return self._end_chunk(self._start_chunk(items, options, errors), options, errors)
+
+    def _start_chunk(self, items: list[_Item], options: _Options, errors: str) -> _Chunk:
+        """The forward pass of ``items``, and their judging sent to the workers when there are some."""
         try:
             predictions = self._predict(items)
         except Exception as exc:
             if errors == "raise":
                 raise
             if len(items) == 1:
-                return {items[0].index: RelaxFailure(items[0].index, items[0].name, exc)}
+                return _Chunk(items, done={items[0].index: RelaxFailure(items[0].index, items[0].name, exc)})
             # Isolate the structure that broke the batch: every other one still gets its result.
             logger.warning("a batch of %d structures failed (%s); retrying them one at a time", len(items), exc)
             out = {}
             for item in items:
                 out.update(self._run_chunk([item], options, errors))
-            return out
-        judged = [None] * len(items)  # judged in _finish
+            return _Chunk(items, done=out)
+        chunk = _Chunk(items, predictions)
         if options.pool is not None:
             try:
-                judged = self._judge_in_pool(items, predictions, options)
+                chunk.judging = self._submit_judging(items, predictions, options)
             except Exception as exc:  # e.g. a worker died: judge here instead, the same way
                 logger.warning("judging predictions in worker processes failed (%s); judging them here", exc)
+        return chunk
+
+    def _end_chunk(self, chunk: _Chunk, options: _Options, errors: str) -> dict:
+        """Finish a started chunk: apply each judged prediction to its Atoms. {index: result}."""
+        if chunk.done is not None:
+            return chunk.done
+        judged = [None] * len(chunk.items)  # judged in _finish
+        if chunk.judging is not None:
+            try:
+                judged = self._collect_judging(chunk.judging)
+            except Exception as exc:
+                logger.warning("judging predictions in worker processes failed (%s); judging them here", exc)
         out = {}
-        for item, prediction, verdict in zip(items, predictions, judged):
+        for item, prediction, verdict in zip(chunk.items, chunk.predictions, judged):
             try:
                 out[item.index] = self._finish(item, prediction, options, verdict)
             except Exception as exc:
@@ -617,11 +674,15 @@ class OneShotRelaxer:
                 out[item.index] = RelaxFailure(item.index, item.name, exc)
         return out
 
-    def _judge_in_pool(self, items: list[_Item], predictions: list[Prediction], options: _Options) -> list:
-        """``judge_prediction`` of every item, in the worker processes: (sanity, confidence) or the exception."""
+    def _submit_judging(self, items: list[_Item], predictions: list[Prediction], options: _Options) -> list:
+        """Send ``judge_prediction`` of every item to the worker processes; the tasks."""
         crystals = [item.arrays for item in items]
         closest = [self._closest(item) for item in items]
-        return judge_in_pool(options.pool, predictions, crystals, closest, options.relax_cell, self.min_distance)
+        return submit_judging(options.pool, predictions, crystals, closest, options.relax_cell, self.min_distance)
+
+    def _collect_judging(self, tasks: list) -> list:
+        """The verdicts of ``_submit_judging``'s tasks: (sanity, confidence) or the exception, in order."""
+        return collect_verdicts(tasks)
 
     def _closest(self, item: _Item) -> float:
         """A lower bound on every input pair distance: validation's closest pair, or the cutoff."""
@@ -724,6 +785,23 @@ class OneShotRelaxer:
             frame.info["e3relax_layer"] = layer + 1
             frames.append(frame)
         return [from_atoms(f, item.kind) for f in frames]
+
+
+def _freeze_garbage_collection() -> bool:
+    """Have the garbage collector skip every object that exists now, until ``gc.unfreeze()``.
+
+    Why: the caller's structures (thousands of Atoms) and the model are long-lived, yet each
+    full collection during a long ``relax_many`` walks them all; on a first call with 2,000
+    small crystals that cost ~85 µs a structure of main-process CPU, against ~52 µs frozen
+    (benchmarks/README.md). Freezing changes no result: objects that become garbage are still
+    freed by reference counting, and cycles among the frozen ones are collected after the
+    call. Not done when the collector is off, or when the program froze objects itself (our
+    ``unfreeze`` would undo its freeze).
+    """
+    if not gc.isenabled() or gc.get_freeze_count() > 0:
+        return False
+    gc.freeze()
+    return True
 
 
 def _given_name(names, structure, index: int) -> str:

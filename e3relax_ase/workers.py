@@ -4,7 +4,8 @@
 ``prefetch=True`` runs the relaxer's own preparation in a background thread (``prefetched``).
 ``num_workers=N`` has N worker processes validate each structure, find its canonical form and
 its graph edges (``prepared_in_pool``), and later run the sanity checks and confidence of its
-prediction (``judge_in_pool``); the main process keeps the Atoms objects and the network.
+prediction (``submit_judging`` / ``collect_verdicts``); the main process keeps the Atoms objects
+and the network.
 
 Every path gives the same results because every path runs the same functions on the same
 numbers: ``graph_edges`` and ``judge_prediction`` are defined here once, and the relaxer calls
@@ -37,7 +38,12 @@ from e3relax_ase.validation import InvalidStructureError, PreparedCrystal, Struc
 
 PREFETCH_ITEMS = 4096  # most structures prepared ahead of the network by the background thread
 TASK_STRUCTURES = 32  # structures per task sent to a worker process
-TASKS_IN_FLIGHT_PER_WORKER = 4  # keeps every worker busy, yet bounds how far the input is read ahead
+# How far the workers prepare ahead of the network: TASKS_IN_FLIGHT_PER_WORKER tasks per worker
+# (16: more than one GPU chunk of CUDA_BATCH_STRUCTURES, so the next chunk is being prepared
+# while one runs; with 4, workers idled once 4 x 32 structures each were done), and at most
+# READ_AHEAD_ATOMS atoms, which bounds the memory for large crystals as the old 4 did.
+TASKS_IN_FLIGHT_PER_WORKER = 16
+READ_AHEAD_ATOMS = 1_500_000
 # "auto" worker counts (CLI --workers): on an H200, 4 workers gave 1,678 and 12 gave 3,689
 # structures/s end to end (benchmarks/README.md), where the main process became the limit.
 AUTO_MAX_WORKERS = 12
@@ -217,10 +223,13 @@ def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: i
     the structure prepared by a worker, whose outcome is then (report, form, edges) or the
     exception (naming the structure by ``entry.name``); anything else is passed on as the entry,
     with outcome None. Structures go ``TASK_STRUCTURES`` to a task, and at most
-    ``TASKS_IN_FLIGHT_PER_WORKER * num_workers`` tasks are in flight. An exception from
+    ``TASKS_IN_FLIGHT_PER_WORKER * num_workers`` tasks are in flight, fewer (but one per worker)
+    once they hold ``READ_AHEAD_ATOMS`` atoms. An exception from
     ``structures`` itself is raised after every structure before it has come out.
     """
     in_flight: deque = deque()  # (entries, future or None)
+    task_atoms: deque = deque()  # atoms of each in-flight task
+    atoms_in_flight = 0
     entries: list = []  # (index, (entry, spec) or an entry passed on)
     waiting = 0  # entries waiting for a worker
     failure = None
@@ -239,8 +248,13 @@ def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: i
             waiting += isinstance(entry, tuple)
             if waiting >= TASK_STRUCTURES:
                 in_flight.append(_submit(pool, entries, settings))
+                task_atoms.append(_atoms_of(entries))
+                atoms_in_flight += task_atoms[-1]
                 entries, waiting = [], 0
-            while len(in_flight) > TASKS_IN_FLIGHT_PER_WORKER * num_workers:
+            while len(in_flight) > TASKS_IN_FLIGHT_PER_WORKER * num_workers or (
+                len(in_flight) > num_workers and atoms_in_flight > READ_AHEAD_ATOMS
+            ):
+                atoms_in_flight -= task_atoms.popleft()
                 yield from _collect(*in_flight.popleft())
         if entries:
             in_flight.append(_submit(pool, entries, settings))
@@ -252,6 +266,11 @@ def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: i
         for _, task in in_flight:
             if task is not None:
                 task.cancel()
+
+
+def _atoms_of(entries: list) -> int:
+    """Atoms of the structures among ``entries`` that were sent to a worker."""
+    return sum(len(entry[1].numbers) for _, entry in entries if isinstance(entry, tuple))
 
 
 def _submit(pool, entries: list, settings: PreparationSettings):
@@ -372,11 +391,12 @@ def _unpack_outcomes(packed: tuple) -> Iterator:
 # --- judging predictions in the workers -------------------------------------------------------------
 
 
-def judge_in_pool(pool, predictions: list, crystals: list, closest: list, relax_cell: bool, min_distance: float) -> list:
-    """``judge_prediction`` of every prediction, in the worker processes.
+def submit_judging(pool, predictions: list, crystals: list, closest: list, relax_cell: bool, min_distance: float) -> list:
+    """Send ``judge_prediction`` of every prediction to the worker processes; returns the tasks.
 
     ``crystals``: each prediction's input (``CrystalArrays``); ``closest``: a lower bound on
-    each input's pair distances. Returns (sanity, confidence) or the exception, in order.
+    each input's pair distances. ``collect_verdicts`` waits for the tasks: in between, the
+    relaxer runs the next batch's forward pass, so the judging costs it no wait.
     """
     tasks = []
     for start in range(0, len(crystals), TASK_STRUCTURES):
@@ -393,6 +413,11 @@ def judge_in_pool(pool, predictions: list, crystals: list, closest: list, relax_
             min_distance,
         )
         tasks.append(pool.submit(_judge_task, packed))
+    return tasks
+
+
+def collect_verdicts(tasks: list) -> list:
+    """(sanity, confidence) or the exception, for each prediction of ``submit_judging``, in order."""
     return [verdict for task in tasks for verdict in _unpack_verdicts(task.result())]
 
 
