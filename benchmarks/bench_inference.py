@@ -293,6 +293,8 @@ def main(argv=None):
     parser.add_argument("--e2e-batch-sizes", default="",
                         help="also run the end-to-end path with the most workers at these batch_size values "
                         "(structures per forward pass; smaller chunks let preparation overlap the network)")
+    parser.add_argument("--paper-e2e", action="store_true",
+                        help="also run end to end with an untrained paper-size network (F = 512, T = 4), most workers, every precision")
     parser.add_argument("--skip", default="", help=f"sections to leave out, of {','.join(SECTIONS)}")
     args = parser.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
@@ -336,6 +338,16 @@ def main(argv=None):
         results["end_to_end"].append(end_to_end_relaxer(args.checkpoint, e2e_crystals, device, **options))
         save()
     results["end_to_end_relaxer_structures_per_s"] = max(r["structures_per_s"] for r in results["end_to_end"])
+    if args.paper_e2e:
+        # The target is end to end at the paper's size: the same path with an untrained
+        # F = 512, T = 4 network (its outputs are meaningless; the work per structure is not).
+        torch.manual_seed(0)
+        paper = E3RelaxH2(ModelConfig()).eval()
+        results["end_to_end_paper_F512_T4"] = [
+            {**end_to_end_relaxer(paper, e2e_crystals, device, num_workers=workers[-1], precision=p), "model": "paper_F512_T4"}
+            for p in precisions
+        ]
+        save()
 
     if "forward" not in skip:
         forward_sections(args, results, model, crystals, precisions, device, device_name, save)
@@ -407,6 +419,9 @@ def _table(r):
     for row in r["end_to_end"]:
         label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision") if k in row)
         print(f"  {label:45s} {row['structures_per_s']:8.0f} structures/s  ({row['structures_per_s'] / base:.2f}x)")
+    for row in r.get("end_to_end_paper_F512_T4", []):
+        print(f"  paper size F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32'):8s}"
+              f"{row['structures_per_s']:12.0f} structures/s")
     if "sevennet_fire" in r:
         b = r["sevennet_fire"]
         print(f"SevenNet-0 + FIRE + FrechetCellFilter (fmax 0.05), {b['n']} structures: median {b['median_seconds']:.2f} s, {b['median_steps']:.0f} steps, "
