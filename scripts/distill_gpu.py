@@ -194,7 +194,14 @@ def make_inputs(args) -> None:
 
     rng = np.random.default_rng(args.seed)
     element_volumes = _read_element_volumes(args.element_volumes)
-    counts = {s: round(f * args.n) for s, f in SOURCE_FRACTIONS.items()}
+    sources = args.sources.split(",") if args.sources else list(SOURCE_FRACTIONS)
+    unknown = set(sources) - set(SOURCE_FRACTIONS)
+    if unknown:
+        raise SystemExit(f"--sources: unknown {', '.join(sorted(unknown))}; known: {', '.join(SOURCE_FRACTIONS)}")
+    if args.sources:  # the chosen sources keep their relative shares
+        counts = {s: round(SOURCE_FRACTIONS[s] / sum(SOURCE_FRACTIONS[t] for t in sources) * args.n) for s in sources}
+    else:  # as the committed input sets were made
+        counts = {s: round(f * args.n) for s, f in SOURCE_FRACTIONS.items()}
     records = []  # (atoms, info)
     for source, n_wanted in counts.items():
         t0 = time.time()
@@ -698,6 +705,9 @@ def main(argv=None) -> int:
     p.add_argument("--element-volumes", default=None,
                    help="JSON from fit-volumes: compounds' volumes become the geometric mean of their "
                    "perturbed volume and the per-element guess")
+    p.add_argument("--sources", default=None,
+                   help=f"seed sources to use, of {','.join(SOURCE_FRACTIONS)} (default all, in those shares; "
+                   "a subset keeps their relative shares)")
     p.add_argument("--id-prefix", default="sn0-", help="pair ids are PREFIX + 6-digit index; a new input set "
                    "that will join an existing dataset needs its own prefix")
     p.set_defaults(func=make_inputs)

@@ -29,8 +29,9 @@ def inputs(tmp_path_factory, script):
     committed = ROOT / "data" / "sevennet0_distilled" / "element_volumes.json"
     assert json.loads(volumes.read_text()) == json.loads(committed.read_text())  # the committed fit is reproducible
     path = folder / "inputs.npz"
+    # Seeds shipped with pymatgen (AFLOW prototypes) and ASE (dcdft): present wherever the package installs.
     script.main(["make-inputs", "--n", "40", "--out", str(path), "--seed", "3", "--element-volumes", str(volumes),
-                 "--id-prefix", "t-"])
+                 "--id-prefix", "t-", "--sources", "aflow,dcdft"])
     return path
 
 
