@@ -41,7 +41,7 @@ TASK_STRUCTURES = 32  # structures per task sent to a worker process
 # How far the workers prepare ahead of the network: TASKS_IN_FLIGHT_PER_WORKER tasks per worker
 # (16: more than one GPU chunk of CUDA_BATCH_STRUCTURES, so the next chunk is being prepared
 # while one runs; with 4, workers idled once 4 x 32 structures each were done), and at most
-# READ_AHEAD_ATOMS atoms, which bounds the memory for large crystals as the old 4 did.
+# READ_AHEAD_ATOMS atoms, which bounds the memory for large crystals as the old limit of 4 did.
 TASKS_IN_FLIGHT_PER_WORKER = 16
 READ_AHEAD_ATOMS = 1_500_000
 # "auto" worker counts (CLI --workers): on an H200, 4 workers gave 1,678 and 12 gave 3,689
