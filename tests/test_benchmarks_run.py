@@ -33,6 +33,20 @@ def test_bench_inference_quick_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_inference_end_to_end_options_on_cpu(tmp_path):
+    """The end-to-end-only run of scripts/gpu_inference.sh's options: batch sizes, the paper's size, --skip."""
+    out = tmp_path / "e2e.json"
+    stdout = run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32",
+                  "--workers", "0,1", "--e2e-batch-sizes", "16", "--paper-e2e", "--skip", "forward,latency,scaling",
+                  "--out", str(out)], tmp_path)
+    results = json.loads(out.read_text())
+    assert [row.get("batch_size") for row in results["end_to_end"]] == [None, None, 16]
+    (paper,) = results["end_to_end_paper_F512_T4"]
+    assert paper["relaxed"] > 0 and paper["num_workers"] == 1 and paper["model"] == "paper_F512_T4"
+    assert "forward" not in results and "scaling" not in results and "paper size F=512 T=4" in stdout
+
+
+@pytest.mark.slow
 def test_bench_multi_gpu_relax_api_on_cpu_with_two_processes(tmp_path):
     out = tmp_path / "api.json"
     run(["benchmarks/bench_multi_gpu.py", "relax-api", "--gpus", "2", "--n", "24", "--workers", "0",
