@@ -99,9 +99,10 @@ def stages(checkpoint, crystals, device):
     with torch.no_grad():
         out["forward"] = timed(lambda: relaxer.model(graph_device), device)
     predictions = relaxer._forward(items)
+    options = _Options(provenance=relaxer._provenance(relax_cell=True))  # as relax_many sets them up
     start = time.perf_counter()
     for item, prediction in zip(items, predictions):
-        relaxer._finish(item, prediction, _Options())
+        relaxer._finish(item, prediction, options)
     out["write_back"] = time.perf_counter() - start
     out["n_structures"] = len(items)
     out["n_edges"] = int(graph.n_edges)

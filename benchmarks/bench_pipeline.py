@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "f532430"  # the last revision before the pipeline work (validation + graph per structure)
-STAGES = ("_prepare", "_shell", "_finish", "_judge_in_pool", "_submit_judging", "_collect_judging")  # absent ones are skipped
+STAGES = ("_prepare", "_shell", "_finish", "_judge_in_pool", "_submit_judging")  # relaxer methods; absent ones are skipped
 
 
 # --- child: one measured run -----------------------------------------------------------------
@@ -98,6 +98,8 @@ def child(args) -> None:
         if hasattr(relaxer, name):
             timed(relaxer, name)
     timed(relaxer_module, "predict")
+    if hasattr(relaxer_module, "collect_verdicts"):  # waiting for the workers' judging
+        timed(relaxer_module, "collect_verdicts")
     timed(relaxer.model, "forward", "forward", synchronize=True, cpu_label="forward_cpu")
     load_before = os.getloadavg()[0]
     sync()
@@ -234,7 +236,7 @@ def summarise(name: str, runs: list[dict], n: int, overlapped: bool = False) -> 
         "prepare_ms": per("_prepare") + per("_shell"),  # validation, canonical form, neighbour search (old: validation only)
         "graph_and_canonical_in_predict_ms": per("predict") - forward,  # old: canonicalise + graph; new: graph transfer only
         # sanity, confidence, apply, provenance (judging in workers: sending, then waiting for it)
-        "finish_ms": per("_finish") + per("_judge_in_pool") + per("_submit_judging") + per("_collect_judging"),
+        "finish_ms": per("_finish") + per("_judge_in_pool") + per("_submit_judging") + per("collect_verdicts"),
     }
     total = seconds / n * 1e3
     # chunking, copies, waiting for workers; meaningless where preparation runs beside the forward

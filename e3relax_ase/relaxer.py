@@ -152,7 +152,7 @@ class _Options:
     refine: Any = None
     refine_kwargs: dict = field(default_factory=dict)
     pool: Any = None  # worker processes (num_workers > 0) that also judge predictions
-    provenance: dict | None = None  # the info keys common to every structure (_provenance), once a call
+    provenance: dict = field(default_factory=dict)  # the info keys common to every structure (_provenance), once a call
 
 
 @dataclass
@@ -430,7 +430,7 @@ class OneShotRelaxer:
                 source = prefetched(source, PREFETCH_ITEMS)
         # With workers, a chunk's predictions are judged there while the next chunk is read and
         # run through the network; the chunk is finished after that (``_Chunk``).
-        judged_next: list[_Chunk] = []
+        being_judged: _Chunk | None = None
         frozen = _freeze_garbage_collection()
         try:
             for index, item in source:
@@ -439,15 +439,15 @@ class OneShotRelaxer:
                     continue
                 n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
                 if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
-                    self._start_after(judged_next, pending, options, errors, results)
+                    being_judged = self._start_after(being_judged, pending, options, errors, results)
                     pending, pending_atoms, pending_edges = [], 0, 0
                 pending.append(item)
                 pending_atoms += n_atoms
                 pending_edges += n_edges
             if pending:
-                self._start_after(judged_next, pending, options, errors, results)
-            while judged_next:
-                results.update(self._end_chunk(judged_next.pop(0), options, errors))
+                being_judged = self._start_after(being_judged, pending, options, errors, results)
+            if being_judged is not None:
+                results.update(self._end_chunk(being_judged, options, errors))
         finally:
             if frozen:
                 gc.unfreeze()
@@ -608,24 +608,23 @@ class OneShotRelaxer:
         forms = [i.form for i in items]
         return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, forms=forms, graph=graph, precision=self.precision)
 
-    def _start_after(self, judged_next: list, items: list[_Item], options: _Options, errors: str, results: dict) -> None:
-        """Start ``items``' chunk, then finish the chunk started before it (kept in ``judged_next``).
+    def _start_after(self, earlier: _Chunk | None, items: list[_Item], options: _Options, errors: str, results: dict) -> _Chunk | None:
+        """Start ``items``' chunk, then finish the ``earlier`` one (its judging ran meanwhile).
 
-        Results do not depend on this order. A failure while starting is raised only after the
-        earlier chunk is finished, so ``errors="raise"`` still raises the first failing structure.
+        Returns the new chunk while the workers judge it, None when it is finished already.
+        Results do not depend on this order. The earlier chunk is finished even when starting
+        fails, and its failure is the one raised, so ``errors="raise"`` still raises the first
+        failing structure.
         """
         try:
             chunk = self._start_chunk(items, options, errors)
-        except BaseException:
-            while judged_next:
-                results.update(self._end_chunk(judged_next.pop(0), options, errors))
-            raise
-        while judged_next:
-            results.update(self._end_chunk(judged_next.pop(0), options, errors))
-        if chunk.judging is None:  # nothing to wait for: finish now
-            results.update(self._end_chunk(chunk, options, errors))
-        else:
-            judged_next.append(chunk)
+        finally:
+            if earlier is not None:
+                results.update(self._end_chunk(earlier, options, errors))
+        if chunk.judging is not None:
+            return chunk
+        results.update(self._end_chunk(chunk, options, errors))
+        return None
 
     def _run_chunk(self, items: list[_Item], options: _Options, errors: str) -> dict:
         """Predict, judge and finish ``items`` (one forward pass): {index: result}."""
@@ -661,7 +660,7 @@ class OneShotRelaxer:
         judged = [None] * len(chunk.items)  # judged in _finish
         if chunk.judging is not None:
             try:
-                judged = self._collect_judging(chunk.judging)
+                judged = collect_verdicts(chunk.judging)
             except Exception as exc:
                 logger.warning("judging predictions in worker processes failed (%s); judging them here", exc)
         out = {}
@@ -679,10 +678,6 @@ class OneShotRelaxer:
         crystals = [item.arrays for item in items]
         closest = [self._closest(item) for item in items]
         return submit_judging(options.pool, predictions, crystals, closest, options.relax_cell, self.min_distance)
-
-    def _collect_judging(self, tasks: list) -> list:
-        """The verdicts of ``_submit_judging``'s tasks: (sanity, confidence) or the exception, in order."""
-        return collect_verdicts(tasks)
 
     def _closest(self, item: _Item) -> float:
         """A lower bound on every input pair distance: validation's closest pair, or the cutoff."""
@@ -741,7 +736,7 @@ class OneShotRelaxer:
                 atoms.set_constraint([c for c in atoms.constraints if c is not symmetry])
 
         info = atoms.info
-        info.update(options.provenance if options.provenance is not None else self._provenance(options.relax_cell))
+        info.update(options.provenance)
         info[INFO_MAX_DISPLACEMENT] = signal.max_displacement
         info[INFO_MAX_STRAIN] = signal.max_strain
         info[INFO_SANE] = bool(sanity.ok)
