@@ -15,6 +15,7 @@ Consequences worth knowing (docs/relaxer.md):
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -89,14 +90,13 @@ def copy_atoms(atoms):
     ``copy`` leaves other attributes (checked once, ``_light_copy_matches``), get
     ``atoms.copy()`` itself.
     """
-    atoms_class = _ATOMS_CLASS or _atoms_class()
-    if type(atoms) is not atoms_class or not (_LIGHT_COPY_OK if _LIGHT_COPY_OK is not None else _light_copy_matches()):
+    if type(atoms) is not _atoms_class() or not _light_copy_matches():
         return atoms.copy()
     return _light_copy(atoms)
 
 
 def _light_copy(atoms):
-    atoms_class = _ATOMS_CLASS or _atoms_class()
+    atoms_class = _atoms_class()
     new = atoms_class.__new__(atoms_class)
     old = atoms.__dict__
     # In the order Atoms.__init__ creates them, so vars() (and a pickle) match copy()'s.
@@ -111,30 +111,24 @@ def _light_copy(atoms):
     return new
 
 
-_ATOMS_CLASS = None  # ase.Atoms, imported on first use
-
-
+@functools.cache
 def _atoms_class():
-    global _ATOMS_CLASS
+    """ase.Atoms, imported on first use."""
     from ase import Atoms
 
-    _ATOMS_CLASS = Atoms
     return Atoms
 
 
-_LIGHT_COPY_OK = None  # whether _light_copy builds what Atoms.copy builds (set on first use)
-
-
+@functools.cache
 def _light_copy_matches() -> bool:
     """Whether ``_light_copy`` leaves the attributes ``Atoms.copy`` leaves, in the same order and
-    of the same types, in this ASE (its private attribute names are what the shortcut relies on)."""
-    global _LIGHT_COPY_OK
+    of the same types, in this ASE (its private attribute names are what the shortcut relies on).
+    Checked once per process."""
     from ase import Atoms
     from ase.constraints import FixAtoms
 
     if list(vars(Atoms("H"))) != ["_cellobj", "_pbc", "arrays", "_celldisp", "_constraints", "info", "_calc"]:
-        _LIGHT_COPY_OK = False  # attributes _light_copy does not know of
-        return False
+        return False  # attributes _light_copy does not know of
     probe = Atoms("H2O", positions=[[0, 0, 0], [0.9, 0, 0], [0, 0.9, 0.1]], cell=[3, 4, 5], pbc=[True, False, True], info={"k": 1})
     probe.set_initial_magnetic_moments([0.1, 0.2, 0.3])
     probe.set_constraint(FixAtoms([0]))
@@ -142,8 +136,7 @@ def _light_copy_matches() -> bool:
     ok = list(vars(reference)) == list(vars(light)) and all(type(vars(reference)[k]) is type(vars(light)[k]) for k in vars(reference))
     ok = ok and list(reference.arrays) == list(light.arrays) and reference == light and reference.info == light.info
     ok = ok and np.array_equal(reference.get_celldisp(), light.get_celldisp()) and repr(reference.constraints) == repr(light.constraints)
-    _LIGHT_COPY_OK = bool(ok)
-    return _LIGHT_COPY_OK
+    return bool(ok)
 
 
 def crystal_arrays(atoms) -> CrystalArrays:
@@ -209,7 +202,7 @@ def apply_prediction(atoms, positions: np.ndarray, cell: np.ndarray, relax_cell:
 
 def _plain(atoms) -> bool:
     """An ase.Atoms without constraints, whose set_cell / set_positions are ASE's own."""
-    Atoms = _ATOMS_CLASS or _atoms_class()
+    Atoms = _atoms_class()
     cls = type(atoms)
     return not atoms.constraints and cls.set_cell is Atoms.set_cell and cls.set_positions is Atoms.set_positions
 
