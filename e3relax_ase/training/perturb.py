@@ -96,9 +96,15 @@ def rescale_volume(atoms, volume_range: Sequence[float], rng: np.random.Generato
     if not 0 < low <= high:
         raise ValueError(f"volume range must satisfy 0 < low <= high, got {volume_range}")
     factor = float(rng.uniform(low, high))
+    return _with_volume_scaled(atoms, factor), factor
+
+
+def _with_volume_scaled(atoms, factor: float):
+    """A copy of ``atoms`` with the cell scaled isotropically to ``factor`` x its volume, the
+    atoms moving with it (fractional coordinates kept)."""
     out = atoms.copy()
     out.set_cell(atoms.cell.array * factor ** (1.0 / 3.0), scale_atoms=True)
-    return out, factor
+    return out
 
 
 @cache
@@ -299,6 +305,4 @@ def blend_compound_volume(atoms, element_volumes: dict[int, float]):
     if guess is None or volume <= 0:
         return atoms, None
     scale = float(np.sqrt(guess / volume))  # V_new = sqrt(V * guess)
-    out = atoms.copy()
-    out.set_cell(atoms.cell.array * scale ** (1.0 / 3.0), scale_atoms=True)
-    return out, {"element_volume_sum": round(guess, 4), "volume_scale": round(scale, 6)}
+    return _with_volume_scaled(atoms, scale), {"element_volume_sum": round(guess, 4), "volume_scale": round(scale, 6)}
