@@ -310,7 +310,7 @@ class OneShotRelaxer:
             "max_edges": self.max_edges,
             "reduce": self.reduce_cell,
         }
-        return PreparationSettings(checks, str(self.dtype).replace("torch.", ""))
+        return PreparationSettings(checks)
 
     # --- public API ------------------------------------------------------------------------
     def relax(self, structure, **options):
@@ -487,7 +487,7 @@ class OneShotRelaxer:
         settings = self._settings()
         prepared = prepare_atoms(atoms, name=name, **settings.checks)
         arrays = crystal_arrays(atoms)
-        edges = graph_edges(prepared, arrays.pbc, settings)
+        edges = graph_edges(prepared, settings)
         work, pristine = _work_copies(atoms, kind, inplace, keep_pristine)
         return _Item(index, name, kind, work, pristine, arrays, prepared.report, prepared.form, edges)
 

@@ -59,10 +59,9 @@ class PreparationSettings:
     """What preparing a structure needs from the relaxer (picklable, for worker processes)."""
 
     checks: dict  # keyword arguments of validation.prepare_arrays
-    dtype: str  # "float32" | "float64": the network's, hence the graph's positions
 
 
-def graph_edges(prepared: PreparedCrystal, pbc: np.ndarray, settings: PreparationSettings) -> tuple:
+def graph_edges(prepared: PreparedCrystal, settings: PreparationSettings) -> tuple:
     """The graph edges ``graph_from_canonical`` would build for the prepared crystal.
 
     Its neighbour search is the one validation already ran (float64 canonical positions, the
@@ -320,7 +319,7 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
                 per_atom_arrays={key: range(n) for key, n in lengths[k].items()},
                 **settings.checks,
             )
-            outcomes.append((prepared.report, prepared.form, graph_edges(prepared, pbcs[k], settings)))
+            outcomes.append((prepared.report, prepared.form, graph_edges(prepared, settings)))
         except Exception as exc:
             outcomes.append(picklable_error(exc))
         start = stop
