@@ -17,6 +17,7 @@ from e3relax_ase.nn.broadcast import LatticeToAtom
 from e3relax_ase.nn.h2mp import H2MessagePassing
 from e3relax_ase.nn.lattice import AtomToLattice, LatticeMixing
 from e3relax_ase.nn.scatter import scatter_mean
+from e3relax_ase.nn.solve import solve_unchecked
 from e3relax_ase.nn.self_interaction import SelfInteraction
 
 
@@ -71,7 +72,7 @@ class InteractionLayer(nn.Module):
         if self.positions_follow_cell:
             # Carry atoms with the cell: keep fractional coordinates relative to the centroid
             # (r - c) L^-1 L' + c; the centroid keeps it translation equivariant.
-            deformation = torch.linalg.solve(cell, new_cell)  # [n_graphs, 3, 3] = L^-1 L'
+            deformation = solve_unchecked(cell, new_cell)  # [n_graphs, 3, 3] = L^-1 L'
             centroid = scatter_mean(positions, graph.batch, graph.n_graphs)[graph.batch]
             positions = centroid + ((positions - centroid).unsqueeze(-1) * deformation[graph.batch]).sum(dim=-2)
         positions = positions + (v * self.w_position.to(v.dtype)[:, None]).sum(dim=-2)

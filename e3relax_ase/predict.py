@@ -16,6 +16,7 @@ from e3relax_ase.canonical import CanonicalForm, canonicalize
 from e3relax_ase.graph import CrystalGraph, build_graph
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.nn.scatter import scatter_mean
+from e3relax_ase.nn.solve import solve_unchecked
 from e3relax_ase.precision import matmul_precision
 
 
@@ -78,7 +79,7 @@ def keep_fractional_centroid(
     """
     n_graphs = cell_in.shape[0]
     centroid_in = scatter_mean(positions_in, batch, n_graphs)  # [n_graphs, 3]
-    fractional = torch.linalg.solve(cell_in.transpose(-1, -2), centroid_in.unsqueeze(-1)).squeeze(-1)
+    fractional = solve_unchecked(cell_in.transpose(-1, -2), centroid_in.unsqueeze(-1)).squeeze(-1)
     wanted = torch.einsum("gc,...gcx->...gx", fractional, cell_pred)  # [..., n_graphs, 3]
     current = torch.stack([scatter_mean(p, batch, n_graphs) for p in positions_pred.reshape(-1, *positions_pred.shape[-2:])])
     current = current.reshape(wanted.shape)
@@ -96,7 +97,8 @@ def predict(
     forms: Sequence[CanonicalForm] | None = None,
     graph: CrystalGraph | None = None,
     precision: str = "float32",
-) -> list[Prediction]:
+    wait: bool = True,
+) -> "list[Prediction] | PendingPredictions":
     """Predict the relaxed structures of a batch of crystals in one forward pass.
 
     Args:
@@ -110,9 +112,13 @@ def predict(
             ``graph.graph_from_edges``), on any device; moved to ``device`` in one transfer.
         precision: "float32", "tf32" or "bf16" for the network's channel mixing
             (``e3relax_ase.precision``).
+        wait: False returns as soon as the pass is queued on the device, as
+            ``PendingPredictions`` (on CUDA the pass then runs while the caller works on;
+            on a CPU it has run already).
 
     Returns:
-        One ``Prediction`` per crystal, in the caller's lattice basis and atom images.
+        One ``Prediction`` per crystal, in the caller's lattice basis and atom images (with
+        ``wait=False``: ``PendingPredictions``, whose ``result()`` returns them).
     """
     if forms is None:
         forms = [canonicalize(c.positions, c.cell, c.pbc, reduce=reduce_cell) for c in crystals]
@@ -123,10 +129,54 @@ def predict(
     with matmul_precision(precision, device):
         output = model(graph)
     positions = keep_fractional_centroid(output.positions, output.cell, graph.positions, graph.cell, graph.batch)
-    positions = positions.to(torch.float64).cpu().numpy()  # [T, n_atoms, 3]
-    cells = output.cell.to(torch.float64).cpu().numpy()  # [T, n_graphs, 3, 3]
-    bounds = np.concatenate([[0], np.cumsum([len(c.numbers) for c in crystals])])
-    return restore_all(forms, positions, cells, bounds.tolist())
+    bounds = np.concatenate([[0], np.cumsum([len(c.numbers) for c in crystals])]).tolist()
+    pending = PendingPredictions(forms, positions, output.cell, bounds)
+    return pending if not wait else pending.result()
+
+
+class PendingPredictions:
+    """A batch's predictions while its forward pass may still run on the device.
+
+    On CUDA the outputs are copied into pinned host memory behind the pass, on the same
+    stream, and an event marks the end of the copy: nothing waits until ``result()``. The
+    forward pass never reads a value back to the host (``nn.solve``, ``nn.scatter``), so
+    the CPU queues the whole pass and is free until then. The numbers are those of a
+    waiting call: the same kernels, the same float64 conversion on the device.
+    """
+
+    def __init__(self, forms: Sequence[CanonicalForm], positions: torch.Tensor, cells: torch.Tensor, bounds: list[int]):
+        self._forms, self._bounds = forms, bounds
+        self._positions = _to_host_float64(positions)  # [T, n_atoms, 3]
+        self._cells = _to_host_float64(cells)  # [T, n_graphs, 3, 3]
+        self._done = None
+        if positions.device.type == "cuda":
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def result(self) -> list[Prediction]:
+        """Wait for the pass (if it still runs) and map every prediction back to its input."""
+        if self._done is not None:
+            self._done.synchronize()
+        return restore_all(self._forms, self._positions.numpy(), self._cells.numpy(), self._bounds)
+
+
+class ReadyPredictions:
+    """Predictions already in hand, in the shape of ``PendingPredictions``."""
+
+    def __init__(self, predictions: list[Prediction]):
+        self._predictions = predictions
+
+    def result(self) -> list[Prediction]:
+        return self._predictions
+
+
+def _to_host_float64(values: torch.Tensor) -> torch.Tensor:
+    """``values`` as float64 on the host: on CUDA an asynchronous copy into pinned memory."""
+    values = values.to(torch.float64)
+    if values.device.type != "cuda":
+        return values.cpu()
+    host = torch.empty(values.shape, dtype=torch.float64, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
 
 
 def restore_all(forms: Sequence[CanonicalForm], positions: np.ndarray, cells: np.ndarray, bounds: list[int]) -> list[Prediction]:

@@ -31,7 +31,7 @@ from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.canonical import CanonicalForm
 from e3relax_ase.graph import graph_from_edges
 from e3relax_ase.heap import keep_freed_heap
-from e3relax_ase.predict import CrystalArrays, Prediction, predict
+from e3relax_ase.predict import CrystalArrays, Prediction, ReadyPredictions, predict
 from e3relax_ase.precision import check_precision
 from e3relax_ase.refine import refine as refine_structure
 from e3relax_ase.structures import (
@@ -111,10 +111,14 @@ class RelaxFailure:
 
 @dataclass
 class _Chunk:
-    """A chunk that has been through the network: its predictions and their judging under way in
-    the workers (``judging``: the tasks), or, when it failed early, its results (``done``)."""
+    """One forward pass's structures on their way: launched (``pending``, or the ``error`` that
+    launching raised, kept to be raised in order), then predicted (``predictions``) with their
+    judging under way in the workers (``judging``: the tasks), or, when it failed early, its
+    results (``done``)."""
 
     items: list
+    pending: Any = None
+    error: Exception | None = None
     predictions: list | None = None
     judging: list | None = None
     done: dict | None = None
@@ -428,26 +432,41 @@ class OneShotRelaxer:
             source = self._prepared(structures, names, inplace, keep_pristine, errors)
             if prefetch and not (hasattr(structures, "__len__") and len(structures) <= 1):
                 source = prefetched(source, PREFETCH_ITEMS)
-        # With workers, a chunk's predictions are judged there while the next chunk is read and
-        # run through the network; the chunk is finished after that (``_Chunk``).
+        # A chunk's forward pass is launched, and runs on the GPU while the next chunk is read;
+        # with workers, its predictions are then judged there while the chunk after it is read
+        # and run; it is finished after that (``_Chunk``, ``_advance``).
+        launched: _Chunk | None = None
         being_judged: _Chunk | None = None
+        source_error = None
         frozen = _freeze_garbage_collection()
         try:
-            for index, item in source:
-                if isinstance(item, RelaxFailure):
-                    results[index] = item
-                    continue
-                n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
-                if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
-                    being_judged = self._start_after(being_judged, pending, options, errors, results)
-                    pending, pending_atoms, pending_edges = [], 0, 0
-                pending.append(item)
-                pending_atoms += n_atoms
-                pending_edges += n_edges
+            try:
+                for index, item in source:
+                    if isinstance(item, RelaxFailure):
+                        results[index] = item
+                        continue
+                    n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
+                    if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
+                        # Handed over before advancing: if that raises, nothing is finished twice.
+                        to_complete, earlier, launched, being_judged = launched, being_judged, None, None
+                        being_judged = self._advance(to_complete, earlier, options, errors, results)
+                        launched = self._launch(pending)
+                        pending, pending_atoms, pending_edges = [], 0, 0
+                    pending.append(item)
+                    pending_atoms += n_atoms
+                    pending_edges += n_edges
+            except Exception as exc:
+                # A later input failed (errors="raise"): the structures before it are finished
+                # first, so that a failure among them, an earlier one, is the one raised.
+                source_error = exc
             if pending:
-                being_judged = self._start_after(being_judged, pending, options, errors, results)
+                being_judged = self._advance(launched, being_judged, options, errors, results)
+                launched = self._launch(pending)
+            being_judged = self._advance(launched, being_judged, options, errors, results)
             if being_judged is not None:
                 results.update(self._end_chunk(being_judged, options, errors))
+            if source_error is not None:
+                raise source_error
         finally:
             if frozen:
                 gc.unfreeze()
@@ -571,8 +590,9 @@ class OneShotRelaxer:
             return False
         return n_edges <= min(max_edges, self._batch_edges)
 
-    def _predict(self, items: list[_Item]) -> list[Prediction]:
-        """One forward pass; on out-of-memory split the batch in two and retry each half."""
+    def _predict(self, items: list[_Item]):
+        """One forward pass, launched: its ``result()`` waits for the predictions. On out of
+        memory the batch is split in two and each half retried (waiting for them)."""
         try:
             with torch.inference_mode():  # not even no_grad's bookkeeping: ~3 % of a small CPU pass
                 return self._forward(items)
@@ -590,13 +610,14 @@ class OneShotRelaxer:
             self._batch_edges = max(1, min(self._batch_edges, edges // 2))
             half = len(items) // 2
             logger.info("out of memory on %d structures (%d edges); splitting the batch", len(items), edges)
-            return self._predict(items[:half]) + self._predict(items[half:])
+            return ReadyPredictions(self._predict(items[:half]).result() + self._predict(items[half:]).result())
 
-    def _forward(self, items: list[_Item]) -> list[Prediction]:
-        """``predict`` on the items, with the canonical forms and edges prepared for them."""
+    def _forward(self, items: list[_Item]):
+        """``predict`` on the items, with the canonical forms and edges prepared for them, not
+        waiting for the device (``predict.PendingPredictions``)."""
         crystals = [i.arrays for i in items]
         if any(i.form is None or i.edges is None for i in items):
-            return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, precision=self.precision)
+            return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, precision=self.precision, wait=False)
         graph = graph_from_edges(
             [c.numbers for c in crystals],
             [i.form.positions for i in items],
@@ -606,18 +627,25 @@ class OneShotRelaxer:
             self.dtype,
         )
         forms = [i.form for i in items]
-        return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, forms=forms, graph=graph, precision=self.precision)
+        return predict(
+            self.model, crystals, self.device, self.dtype, self.reduce_cell, forms=forms, graph=graph, precision=self.precision, wait=False
+        )
 
-    def _start_after(self, earlier: _Chunk | None, items: list[_Item], options: _Options, errors: str, results: dict) -> _Chunk | None:
-        """Start ``items``' chunk, then finish the ``earlier`` one (its judging ran meanwhile).
+    def _advance(
+        self, launched: _Chunk | None, earlier: _Chunk | None, options: _Options, errors: str, results: dict
+    ) -> _Chunk | None:
+        """Complete the ``launched`` chunk (wait for its predictions, send them to be judged),
+        then finish the ``earlier`` one (its judging ran meanwhile).
 
-        Returns the new chunk while the workers judge it, None when it is finished already.
-        Results do not depend on this order. The earlier chunk is finished even when starting
-        fails, and its failure is the one raised, so ``errors="raise"`` still raises the first
-        failing structure.
+        Returns the completed chunk while the workers judge it, None when it is finished
+        already (or there was none). Results do not depend on this order. The earlier chunk is
+        finished even when completing fails, and its failure is the one raised, so
+        ``errors="raise"`` still raises the first failing structure.
         """
+        if launched is None:
+            return earlier
         try:
-            chunk = self._start_chunk(items, options, errors)
+            chunk = self._complete(launched, options, errors)
         finally:
             if earlier is not None:
                 results.update(self._end_chunk(earlier, options, errors))
@@ -628,12 +656,27 @@ class OneShotRelaxer:
 
     def _run_chunk(self, items: list[_Item], options: _Options, errors: str) -> dict:
         """Predict, judge and finish ``items`` (one forward pass): {index: result}."""
-        return self._end_chunk(self._start_chunk(items, options, errors), options, errors)
+        return self._end_chunk(self._complete(self._launch(items), options, errors), options, errors)
 
-    def _start_chunk(self, items: list[_Item], options: _Options, errors: str) -> _Chunk:
-        """The forward pass of ``items``, and their judging sent to the workers when there are some."""
+    def _launch(self, items: list[_Item]) -> _Chunk:
+        """Queue the forward pass of ``items`` (on CUDA it runs while this process reads on).
+
+        Never raises: a failure is kept in the chunk, and ``_complete`` raises or handles it in
+        its turn, after the chunks before it.
+        """
         try:
-            predictions = self._predict(items)
+            return _Chunk(items, pending=self._predict(items))
+        except Exception as exc:
+            return _Chunk(items, error=exc)
+
+    def _complete(self, chunk: _Chunk, options: _Options, errors: str) -> _Chunk:
+        """Wait for a launched chunk's predictions, and send their judging to the workers when
+        there are some."""
+        items = chunk.items
+        try:
+            if chunk.error is not None:
+                raise chunk.error
+            predictions = chunk.pending.result()
         except Exception as exc:
             if errors == "raise":
                 raise
@@ -645,7 +688,7 @@ class OneShotRelaxer:
             for item in items:
                 out.update(self._run_chunk([item], options, errors))
             return _Chunk(items, done=out)
-        chunk = _Chunk(items, predictions)
+        chunk = _Chunk(items, predictions=predictions)
         if options.pool is not None:
             try:
                 chunk.judging = self._submit_judging(items, predictions, options)

@@ -12,7 +12,7 @@ from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 import e3relax_ase.relaxer as relaxer_module
-from e3relax_ase.predict import Prediction
+from e3relax_ase.predict import Prediction, ReadyPredictions
 from e3relax_ase.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
 from e3relax_ase.sanity import REFINE_ADVISED_CORRECTION, check_prediction, confidence
 from e3relax_ase.structures import spacegroup_number
@@ -50,11 +50,11 @@ def slab_with_extras():
 def patch_predict(monkeypatch, change):
     """Replace the network's output: ``change(prediction, crystal)`` edits it in place."""
 
-    def fake(model, crystals, *args, **kwargs):
+    def fake(model, crystals, *args, wait=True, **kwargs):
         predictions = REAL_PREDICT(model, crystals, *args, **kwargs)
         for prediction, crystal in zip(predictions, crystals):
             change(prediction, crystal)
-        return predictions
+        return predictions if wait else ReadyPredictions(predictions)
 
     monkeypatch.setattr(relaxer_module, "predict", fake)
 
@@ -389,12 +389,12 @@ def test_prediction_layers_are_used(relaxer, monkeypatch):
     """The relaxer applies the LAST layer and maps nothing itself (predict does)."""
     seen = {}
 
-    def fake(model, crystals, *args, **kwargs):
+    def fake(model, crystals, *args, wait=True, **kwargs):
         crystal = crystals[0]
         layers = np.stack([crystal.positions + 0.01, crystal.positions + 0.02])
         cells = np.stack([crystal.cell, crystal.cell * 1.01])
         seen["cell"] = cells[-1]
-        return [Prediction(layers, cells)]
+        return [Prediction(layers, cells)] if wait else ReadyPredictions([Prediction(layers, cells)])
 
     monkeypatch.setattr(relaxer_module, "predict", fake)
     atoms = nacl()

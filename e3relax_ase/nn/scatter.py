@@ -17,5 +17,10 @@ def scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.T
 def scatter_mean(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Mean of rows of ``values`` per bucket; empty buckets give zero."""
     total = scatter_sum(values, index, size)
-    count = torch.bincount(index, minlength=size).clamp(min=1).to(values.dtype)
+    # Counted with index_add_, not torch.bincount: on CUDA bincount reads the largest index back
+    # to the host, a sync that stops the CPU from queueing the rest of the forward pass (the
+    # relaxer overlaps that pass with its host work). Counted in the sum's dtype (at least
+    # float32: a bfloat16 count would stop at 256), exact as bincount's, then cast as before.
+    ones = torch.ones_like(index, dtype=total.dtype)
+    count = total.new_zeros(size).index_add_(0, index, ones).clamp(min=1).to(values.dtype)
     return total / count.view((size,) + (1,) * (values.dim() - 1))
