@@ -14,6 +14,7 @@ import torch
 
 from e3relax_ase.canonical import CanonicalForm, canonicalize
 from e3relax_ase.graph import CrystalGraph, build_graph
+from e3relax_ase.graphed import GraphedForward
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.nn.scatter import scatter_mean
 from e3relax_ase.nn.solve import solve_unchecked
@@ -98,6 +99,7 @@ def predict(
     graph: CrystalGraph | None = None,
     precision: str = "float32",
     wait: bool = True,
+    forward: "GraphedForward | None" = None,
 ) -> "list[Prediction] | PendingPredictions":
     """Predict the relaxed structures of a batch of crystals in one forward pass.
 
@@ -115,6 +117,8 @@ def predict(
         wait: False returns as soon as the pass is queued on the device, as
             ``PendingPredictions`` (on CUDA the pass then runs while the caller works on;
             on a CPU it has run already).
+        forward: a ``graphed.GraphedForward`` of ``model``, to replay small CUDA batches
+            from captured CUDA graphs (it says which batches it ``handles``).
 
     Returns:
         One ``Prediction`` per crystal, in the caller's lattice basis and atom images (with
@@ -126,8 +130,11 @@ def predict(
         graph = graph_from_canonical(crystals, forms, model.config.cutoff, model.config.max_neighbors, device, dtype)
     else:
         graph = to_device(graph, device, dtype)
-    with matmul_precision(precision, device):
-        output = model(graph)
+    if forward is not None and forward.handles(graph):
+        output = forward(graph, precision)
+    else:
+        with matmul_precision(precision, device):
+            output = model(graph)
     positions = keep_fractional_centroid(output.positions, output.cell, graph.positions, graph.cell, graph.batch)
     bounds = np.concatenate([[0], np.cumsum([len(c.numbers) for c in crystals])]).tolist()
     pending = PendingPredictions(forms, positions, output.cell, bounds)

@@ -30,6 +30,7 @@ from e3relax_ase.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.canonical import CanonicalForm
 from e3relax_ase.graph import graph_from_edges
+from e3relax_ase.graphed import GraphedForward
 from e3relax_ase.heap import keep_freed_heap
 from e3relax_ase.predict import CrystalArrays, Prediction, ReadyPredictions, predict
 from e3relax_ase.precision import check_precision
@@ -247,6 +248,7 @@ class OneShotRelaxer:
         min_distance: float = MIN_DISTANCE,
         reduce_cell: bool = True,
         precision: str = "float32",
+        cuda_graphs: bool = True,
     ):
         """
         Args:
@@ -264,6 +266,10 @@ class OneShotRelaxer:
             precision: "float32" (default), "tf32" (CUDA tensor cores) or "bf16" (autocast)
                 for the network's channel mixing; geometry stays float32. Needs dtype
                 float32. docs/relaxer.md gives the measured speed and deviation of each.
+            cuda_graphs: on CUDA, run batches of up to ``graphed.GRAPHED_MAX_ATOMS`` atoms
+                (single structures, short lists) by replaying a CUDA graph captured once
+                per size bucket: their time is kernel launches, not arithmetic. False runs
+                every batch eagerly.
 
         Raises:
             CheckpointError: the checkpoint cannot be loaded.
@@ -277,6 +283,7 @@ class OneShotRelaxer:
         else:
             model, info = load_checkpoint(checkpoint, map_location="cpu")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self._graphed = GraphedForward(self.model) if cuda_graphs and self.device.type == "cuda" else None
         if self.device.type == "cpu":
             keep_freed_heap()  # no page faults on every forward pass (e3relax_ase.heap)
         self.info = info
@@ -617,7 +624,9 @@ class OneShotRelaxer:
         waiting for the device (``predict.PendingPredictions``)."""
         crystals = [i.arrays for i in items]
         if any(i.form is None or i.edges is None for i in items):
-            return predict(self.model, crystals, self.device, self.dtype, self.reduce_cell, precision=self.precision, wait=False)
+            return predict(
+                self.model, crystals, self.device, self.dtype, self.reduce_cell, precision=self.precision, wait=False, forward=self._graphed
+            )
         graph = graph_from_edges(
             [c.numbers for c in crystals],
             [i.form.positions for i in items],
@@ -628,7 +637,16 @@ class OneShotRelaxer:
         )
         forms = [i.form for i in items]
         return predict(
-            self.model, crystals, self.device, self.dtype, self.reduce_cell, forms=forms, graph=graph, precision=self.precision, wait=False
+            self.model,
+            crystals,
+            self.device,
+            self.dtype,
+            self.reduce_cell,
+            forms=forms,
+            graph=graph,
+            precision=self.precision,
+            wait=False,
+            forward=self._graphed,
         )
 
     def _advance(
