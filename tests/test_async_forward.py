@@ -105,3 +105,18 @@ def test_cuda_forward_pass_never_syncs_and_matches_a_waiting_call():
         torch.cuda.set_sync_debug_mode(0)
     for a, b in zip(waited, pending.result()):
         assert np.array_equal(a.positions, b.positions) and np.array_equal(a.cell, b.cell)
+
+
+def test_a_collapsing_predicted_cell_is_flagged_not_raised(monkeypatch):
+    """A layer that predicts a singular cell makes the next layer's solve non-finite: the
+    structure is flagged and keeps its input geometry; nothing raises, the batch is not re-run."""
+    from e3relax_ase import model as model_module
+
+    relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64", batch_size=4)
+    monkeypatch.setattr(model_module, "solve_unchecked", lambda a, b: solve_unchecked(torch.zeros_like(a), b))  # a cell of zero volume
+    structures = _structures(3)
+    results = relaxer.relax_many(structures, errors="return")
+    assert all(isinstance(r, Atoms) for r in results)
+    for given, relaxed in zip(structures, results):
+        assert relaxed.info["e3relax_sane"] is False and "NaN" in relaxed.info["e3relax_problems"]
+        assert np.array_equal(relaxed.positions, given.positions) and np.array_equal(relaxed.cell.array, given.cell.array)
