@@ -103,8 +103,9 @@ def test_cuda_forward_pass_never_syncs_and_matches_a_waiting_call():
         pending = predict(model, crystals, "cuda", torch.float32, forms=forms, graph=graph, wait=False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    # Float32 sums over neighbours use atomics on CUDA, whose order varies from run to run.
     for a, b in zip(waited, pending.result()):
-        assert np.array_equal(a.positions, b.positions) and np.array_equal(a.cell, b.cell)
+        assert np.allclose(a.positions, b.positions, atol=1e-4) and np.allclose(a.cell, b.cell, atol=1e-4)
 
 
 def test_a_collapsing_predicted_cell_is_flagged_not_raised(monkeypatch):
