@@ -13,6 +13,7 @@ sanity-checked (``e3relax_ase.sanity``) and applied through the structure's cons
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
@@ -35,6 +36,7 @@ from e3relax_ase.heap import keep_freed_heap
 from e3relax_ase.predict import CrystalArrays, Prediction, ReadyPredictions, predict
 from e3relax_ase.precision import check_precision
 from e3relax_ase.refine import refine as refine_structure
+from e3relax_ase.threads import torch_threads
 from e3relax_ase.structures import (
     INFO_CORRECTION_RATIO,
     INFO_LAST_CORRECTION,
@@ -402,7 +404,10 @@ class OneShotRelaxer:
                 sanity checks and confidence of the predictions (for long lists). The
                 workers are forked where the platform allows (spawned elsewhere) on first
                 use and kept for later calls; ``close()`` stops them. Results are the same
-                as with 0.
+                as with 0. With workers and the network on CUDA (and no ``refine``), torch
+                runs this process's CPU work on one thread during the call (restored after;
+                process-wide while it lasts): its idle OpenMP threads otherwise spin on the
+                workers' cores (``e3relax_ase.threads.torch_threads``).
 
         Returns:
             One result per input, in input order, of the type given.
@@ -429,8 +434,6 @@ class OneShotRelaxer:
             min(max_edges, self._batch_edges) if max_edges is not None else self._batch_edges,
         )
         results: dict[int, Any] = {}
-        pending: list[_Item] = []
-        pending_atoms = pending_edges = 0  # running totals: the budget check stays O(1) per structure
         keep_pristine = bool(return_trajectory)
         if num_workers and num_workers > 0:
             options.pool = self._worker_pool(int(num_workers))
@@ -439,41 +442,13 @@ class OneShotRelaxer:
             source = self._prepared(structures, names, inplace, keep_pristine, errors)
             if prefetch and not (hasattr(structures, "__len__") and len(structures) <= 1):
                 source = prefetched(source, PREFETCH_ITEMS)
-        # A chunk's forward pass is launched, and runs on the GPU while the next chunk is read;
-        # with workers, its predictions are then judged there while the chunk after it is read
-        # and run; it is finished after that (``_Chunk``, ``_advance``).
-        launched: _Chunk | None = None
-        being_judged: _Chunk | None = None
-        source_error = None
         frozen = _freeze_garbage_collection()
+        host_threads = contextlib.nullcontext()
+        if options.pool is not None and self.device.type == "cuda" and refine is None:
+            host_threads = torch_threads(1)  # the workers need the cores (e3relax_ase.threads)
         try:
-            try:
-                for index, item in source:
-                    if isinstance(item, RelaxFailure):
-                        results[index] = item
-                        continue
-                    n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
-                    if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
-                        # Handed over before advancing: if that raises, nothing is finished twice.
-                        to_complete, earlier, launched, being_judged = launched, being_judged, None, None
-                        being_judged = self._advance(to_complete, earlier, options, errors, results)
-                        launched = self._launch(pending)
-                        pending, pending_atoms, pending_edges = [], 0, 0
-                    pending.append(item)
-                    pending_atoms += n_atoms
-                    pending_edges += n_edges
-            except Exception as exc:
-                # A later input failed (errors="raise"): the structures before it are finished
-                # first, so that a failure among them, an earlier one, is the one raised.
-                source_error = exc
-            if pending:
-                being_judged = self._advance(launched, being_judged, options, errors, results)
-                launched = self._launch(pending)
-            being_judged = self._advance(launched, being_judged, options, errors, results)
-            if being_judged is not None:
-                results.update(self._end_chunk(being_judged, options, errors))
-            if source_error is not None:
-                raise source_error
+            with host_threads:
+                self._run_chunks(source, budget, options, errors, results)
         finally:
             if frozen:
                 gc.unfreeze()
@@ -498,6 +473,47 @@ class OneShotRelaxer:
             workers[1].shutdown(wait=False, cancel_futures=True)
 
     # --- internals -------------------------------------------------------------------------
+    def _run_chunks(self, source: Iterator, budget: tuple, options: _Options, errors: str, results: dict) -> None:
+        """Group the prepared items of ``source`` into forward passes within ``budget`` and put
+        each structure's result in ``results``.
+
+        A chunk's forward pass is launched, and runs on the GPU while the next chunk is read;
+        with workers, its predictions are then judged there while the chunk after it is read
+        and run; it is finished after that (``_Chunk``, ``_advance``).
+        """
+        pending: list[_Item] = []
+        pending_atoms = pending_edges = 0  # running totals: the budget check stays O(1) per structure
+        launched: _Chunk | None = None
+        being_judged: _Chunk | None = None
+        source_error = None
+        try:
+            for index, item in source:
+                if isinstance(item, RelaxFailure):
+                    results[index] = item
+                    continue
+                n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
+                if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
+                    # Handed over before advancing: if that raises, nothing is finished twice.
+                    to_complete, earlier, launched, being_judged = launched, being_judged, None, None
+                    being_judged = self._advance(to_complete, earlier, options, errors, results)
+                    launched = self._launch(pending)
+                    pending, pending_atoms, pending_edges = [], 0, 0
+                pending.append(item)
+                pending_atoms += n_atoms
+                pending_edges += n_edges
+        except Exception as exc:
+            # A later input failed (errors="raise"): the structures before it are finished
+            # first, so that a failure among them, an earlier one, is the one raised.
+            source_error = exc
+        if pending:
+            being_judged = self._advance(launched, being_judged, options, errors, results)
+            launched = self._launch(pending)
+        being_judged = self._advance(launched, being_judged, options, errors, results)
+        if being_judged is not None:
+            results.update(self._end_chunk(being_judged, options, errors))
+        if source_error is not None:
+            raise source_error
+
     def _worker_pool(self, num_workers: int):
         """The worker processes, started on first use and kept while ``num_workers`` is the same."""
         workers = getattr(self, "_workers", None)

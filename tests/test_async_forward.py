@@ -121,3 +121,44 @@ def test_a_collapsing_predicted_cell_is_flagged_not_raised(monkeypatch):
     for given, relaxed in zip(structures, results):
         assert relaxed.info["e3relax_sane"] is False and "NaN" in relaxed.info["e3relax_problems"]
         assert np.array_equal(relaxed.positions, given.positions) and np.array_equal(relaxed.cell.array, given.cell.array)
+
+
+def test_torch_threads_are_set_for_the_block_and_restored():
+    from e3relax_ase.threads import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("restored on the way out too")
+    assert torch.get_num_threads() == before
+
+
+def test_relax_many_with_workers_on_cuda_uses_one_host_thread_and_restores_it(monkeypatch):
+    """Checked without a GPU: the relaxer is told it runs on CUDA and its forward pass is the CPU's."""
+    seen = []
+    relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64", batch_size=2)
+    forward = relaxer._forward
+
+    def forward_on_cpu(items):
+        seen.append(torch.get_num_threads())
+        relaxer.device = torch.device("cpu")
+        try:
+            return forward(items)
+        finally:
+            relaxer.device = torch.device("cuda")
+
+    monkeypatch.setattr(relaxer, "_forward", forward_on_cpu)
+    relaxer.device = torch.device("cuda")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        relaxer.relax_many(_structures(4), num_workers=1)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        relaxer.relax_many(_structures(2))  # no workers: left alone
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+        relaxer.close()
