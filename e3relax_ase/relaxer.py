@@ -477,37 +477,46 @@ class OneShotRelaxer:
         """Group the prepared items of ``source`` into forward passes within ``budget`` and put
         each structure's result in ``results``.
 
-        A chunk's forward pass is launched, and runs on the GPU while the next chunk is read;
-        with workers, its predictions are then judged there while the chunk after it is read
-        and run; it is finished after that (``_Chunk``, ``_advance``).
+        A chunk's forward pass is launched as soon as the chunk is full, queued behind the one
+        still running, and only then is that earlier one completed: the GPU goes from one pass
+        to the next while this process maps the earlier predictions back, finishes the chunk
+        before it and reads on. With workers, a completed chunk's predictions are judged there
+        meanwhile; it is finished at the next chunk boundary (``_Chunk``, ``_advance``). On
+        CUDA the freed memory of a queued pass is reused by the next in stream order, so two
+        passes in flight need no more memory than one.
         """
         pending: list[_Item] = []
         pending_atoms = pending_edges = 0  # running totals: the budget check stays O(1) per structure
         launched: _Chunk | None = None
         being_judged: _Chunk | None = None
         source_error = None
-        try:
-            for index, item in source:
-                if isinstance(item, RelaxFailure):
-                    results[index] = item
-                    continue
-                n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
-                if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
-                    # Handed over before advancing: if that raises, nothing is finished twice.
-                    to_complete, earlier, launched, being_judged = launched, being_judged, None, None
-                    being_judged = self._advance(to_complete, earlier, options, errors, results)
-                    launched = self._launch(pending)
-                    pending, pending_atoms, pending_edges = [], 0, 0
-                pending.append(item)
-                pending_atoms += n_atoms
-                pending_edges += n_edges
-        except Exception as exc:
-            # A later input failed (errors="raise"): the structures before it are finished
-            # first, so that a failure among them, an earlier one, is the one raised.
-            source_error = exc
+        items = iter(source)
+        while True:
+            try:
+                index, item = next(items)
+            except StopIteration:
+                break
+            except Exception as exc:
+                # A later input failed (errors="raise"): the structures before it are finished
+                # first, so that a failure among them, an earlier one, is the one raised.
+                source_error = exc
+                break
+            if isinstance(item, RelaxFailure):
+                results[index] = item
+                continue
+            n_atoms, n_edges = item.report.n_atoms, item.report.n_edges
+            if pending and not self._fits(len(pending) + 1, pending_atoms + n_atoms, pending_edges + n_edges, *budget):
+                to_complete, earlier = launched, being_judged
+                launched = self._launch(pending)
+                being_judged = self._advance(to_complete, earlier, options, errors, results)
+                pending, pending_atoms, pending_edges = [], 0, 0
+            pending.append(item)
+            pending_atoms += n_atoms
+            pending_edges += n_edges
         if pending:
-            being_judged = self._advance(launched, being_judged, options, errors, results)
+            to_complete, earlier = launched, being_judged
             launched = self._launch(pending)
+            being_judged = self._advance(to_complete, earlier, options, errors, results)
         being_judged = self._advance(launched, being_judged, options, errors, results)
         if being_judged is not None:
             results.update(self._end_chunk(being_judged, options, errors))

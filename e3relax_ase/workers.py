@@ -44,9 +44,11 @@ TASK_STRUCTURES = 32  # structures per task sent to a worker process
 # READ_AHEAD_ATOMS atoms, which bounds the memory for large crystals as the old limit of 4 did.
 TASKS_IN_FLIGHT_PER_WORKER = 16
 READ_AHEAD_ATOMS = 1_500_000
-# "auto" worker counts (CLI --workers): on an H200, 4 workers gave 1,678 and 12 gave 3,689
-# structures/s end to end (benchmarks/README.md), where the main process became the limit.
-AUTO_MAX_WORKERS = 12
+# "auto" worker counts (CLI --workers): on an H200 host of 16 cores, 12 / 14 / 15 workers gave
+# 5,173 / 5,719 / 5,525 structures/s end to end (benchmarks/README.md, fourth session): two
+# cores stay for the relaxing process (its main thread, the pool's feeder and reader threads).
+AUTO_MAX_WORKERS = 14
+AUTO_RESERVED_CORES = 2  # on a share of 8 cores or more; 1 on smaller shares
 AUTO_MIN_STRUCTURES = 256  # fewer structures than this are not worth starting workers for
 _UNNAMED = "\x00unnamed\x00"  # stands for a structure's name in a worker (named on failure only)
 
@@ -164,8 +166,8 @@ def auto_num_workers(device, processes_per_host: int = 1) -> int:
 
     On CUDA the network waits for the host, so the process gets workers: its share of the
     usable cores (``processes_per_host`` relaxing processes share them, e.g. torchrun's
-    ``LOCAL_WORLD_SIZE``), less one for itself, at most ``AUTO_MAX_WORKERS``. On a CPU the
-    forward pass needs the cores itself: none.
+    ``LOCAL_WORLD_SIZE``), less ``AUTO_RESERVED_CORES`` for itself (one on a share under 8
+    cores), at most ``AUTO_MAX_WORKERS``. On a CPU the forward pass needs the cores itself: none.
     """
     if getattr(device, "type", str(device).split(":")[0]) != "cuda":
         return 0
@@ -173,7 +175,9 @@ def auto_num_workers(device, processes_per_host: int = 1) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(0, min(AUTO_MAX_WORKERS, cores // max(1, processes_per_host) - 1))
+    share = cores // max(1, processes_per_host)
+    reserved = AUTO_RESERVED_CORES if share >= 8 else 1
+    return max(0, min(AUTO_MAX_WORKERS, share - reserved))
 
 
 def pool_is_broken(pool) -> bool:

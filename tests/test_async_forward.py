@@ -162,3 +162,24 @@ def test_relax_many_with_workers_on_cuda_uses_one_host_thread_and_restores_it(mo
     finally:
         torch.set_num_threads(before)
         relaxer.close()
+
+
+def test_each_chunk_is_queued_behind_the_running_one_before_that_one_is_completed(monkeypatch):
+    """The order that keeps the GPU busy: chunk k+1 is launched before chunk k is waited for."""
+    relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64", batch_size=2)
+    events = []
+    launch, complete = relaxer._launch, relaxer._complete
+
+    def recording_launch(items):
+        events.append(("launch", items[0].index // 2))
+        return launch(items)
+
+    def recording_complete(chunk, *args):
+        events.append(("complete", chunk.items[0].index // 2))
+        return complete(chunk, *args)
+
+    monkeypatch.setattr(relaxer, "_launch", recording_launch)
+    monkeypatch.setattr(relaxer, "_complete", recording_complete)
+    results = relaxer.relax_many(_structures(6))
+    assert all(isinstance(r, Atoms) for r in results)
+    assert events == [("launch", 0), ("launch", 1), ("complete", 0), ("launch", 2), ("complete", 1), ("complete", 2)]

@@ -289,7 +289,8 @@ def test_auto_workers_follow_the_device_and_the_cores(monkeypatch):
 
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert workers.auto_num_workers(torch.device("cpu")) == 0
-    assert workers.auto_num_workers(torch.device("cuda", 1)) == 12
-    assert workers.auto_num_workers(torch.device("cuda", 0), processes_per_host=8) == 3  # 32 // 8 - 1
+    assert workers.auto_num_workers(torch.device("cuda", 1)) == 14  # at most AUTO_MAX_WORKERS
+    assert workers.auto_num_workers(torch.device("cuda", 0), processes_per_host=2) == 14  # 32 // 2 - 2
+    assert workers.auto_num_workers(torch.device("cuda", 0), processes_per_host=8) == 3  # 32 // 8 - 1 (a small share)
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert workers.auto_num_workers(torch.device("cuda", 0)) == 0
