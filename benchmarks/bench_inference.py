@@ -131,6 +131,8 @@ def end_to_end_relaxer(checkpoint, crystals, device, repeats=2, **options):
     relaxer.relax_many(atoms[:64], errors="return", num_workers=num_workers)  # warm-up (workers start)
     warm_up = time.perf_counter() - start
     best = float("inf")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
@@ -139,8 +141,9 @@ def end_to_end_relaxer(checkpoint, crystals, device, repeats=2, **options):
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     relaxer.close()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"structures_per_s": len(atoms) / best, "seconds": best, "relaxed": sum(isinstance(r, Atoms) for r in results),
-            "warm_up_s": warm_up, "num_workers": num_workers, **options}
+            "warm_up_s": warm_up, "num_workers": num_workers, "peak_gpu_memory_gib": peak, **options}
 
 
 def sevennet_fire(crystals, device, n, fmax=0.05):

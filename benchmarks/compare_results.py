@@ -16,8 +16,13 @@ def _rows(result: dict) -> dict:
     for row in result.get("end_to_end", []):
         label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision") if k in row)
         rows[f"end to end, {label} (structures/s)"] = row["structures_per_s"]
+        if row.get("peak_gpu_memory_gib") is not None:
+            rows[f"end to end, {label} (peak GPU memory, GiB)"] = row["peak_gpu_memory_gib"]
     for row in result.get("end_to_end_paper_F512_T4", []):
-        rows[f"end to end, paper F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32')} (structures/s)"] = row["structures_per_s"]
+        label = f"end to end, paper F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32')}"
+        rows[f"{label} (structures/s)"] = row["structures_per_s"]
+        if row.get("peak_gpu_memory_gib") is not None:
+            rows[f"{label} (peak GPU memory, GiB)"] = row["peak_gpu_memory_gib"]
     for key, label in (("latency_single_s", "predict() of one structure (ms)"), ("latency_relax_s", "relax() of one structure (ms)"),
                        ("latency_relax_first_s", "relax(), first call (ms)")):
         if key in result:
@@ -40,7 +45,7 @@ def main(argv=None) -> None:
     print(f"{'figure':80s} {'old':>10s} {'new':>10s} {'new/old':>8s}")
     for label, a, b in compare(old, new):
         ratio = f"{b / a:8.2f}" if a and b else ""
-        print(f"{label:80s} {a if a is not None else float('nan'):10.1f} {b if b is not None else float('nan'):10.1f} {ratio}")
+        print(f"{label:80s} {a if a is not None else float('nan'):10.2f} {b if b is not None else float('nan'):10.2f} {ratio}")
 
 
 if __name__ == "__main__":
