@@ -24,7 +24,7 @@ def _rows(result: dict) -> dict:
         if row.get("peak_gpu_memory_gib") is not None:
             rows[f"{label} (peak GPU memory, GiB)"] = row["peak_gpu_memory_gib"]
     for key, label in (("latency_single_s", "predict() of one structure (ms)"), ("latency_relax_s", "relax() of one structure (ms)"),
-                       ("latency_relax_first_s", "relax(), first call (ms)")):
+                       ("latency_relax_first_s", "relax(), first call (ms)"), ("latency_relax_second_s", "relax(), second call (ms)")):
         if key in result:
             rows[label] = result[key] * 1e3
     return rows
