@@ -39,9 +39,29 @@ class CanonicalForm:
         Returns:
             (positions [..., n_atoms, 3], cell [..., 3, 3]) in the caller's basis.
         """
-        positions = positions_pred + self.image_shift.astype(cell_pred.dtype) @ cell_pred
+        positions = np.array(positions_pred, dtype=np.result_type(positions_pred, cell_pred), copy=True)
+        moved = self.image_shift.any(axis=1)
+        if moved.any():
+            positions[..., moved, :] += image_translation(self.image_shift[moved], cell_pred[..., None, :, :])
         cell = np.linalg.solve(self.transform.astype(cell_pred.dtype), cell_pred)
         return positions, cell
+
+
+def image_translation(image_shift: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """``image_shift @ cell`` row by row, written out: n0 a + n1 b + n2 c.
+
+    Elementwise, so each atom's translation depends on its own shift and cell only, whatever
+    else is in the array: ``restore`` of one crystal and ``predict.restore_all`` of a batch
+    give the same bits (a matrix product's kernel may change with the number of rows). Only
+    atoms written outside the canonical image are moved: the others come back exactly as
+    predicted (no sign flip of an exact 0.0, no NaN from 0 times a non-finite cell).
+
+    Args:
+        image_shift: [m, 3] integers.
+        cell: [..., m, 3, 3] (or broadcastable), the cell of each atom's crystal, rows.
+    """
+    shift = image_shift.astype(cell.dtype)
+    return shift[:, 0:1] * cell[..., 0, :] + shift[:, 1:2] * cell[..., 1, :] + shift[:, 2:3] * cell[..., 2, :]
 
 
 def reduce_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from e3relax_ase.canonical import CanonicalForm, canonicalize
+from e3relax_ase.canonical import CanonicalForm, canonicalize, image_translation
 from e3relax_ase.graph import CrystalGraph, build_graph
 from e3relax_ase.graphed import GraphedForward
 from e3relax_ase.model import E3RelaxH2
@@ -195,26 +195,24 @@ def restore_all(forms: Sequence[CanonicalForm], positions: np.ndarray, cells: np
         cells: [n_layers, n_graphs, 3, 3] float64, the predicted reduced cells.
         bounds: [n_graphs + 1] atom offsets of the crystals.
 
-    ``restore`` costs ~10 µs a crystal, mostly numpy's per-call overhead. One batched
-    ``solve`` runs LAPACK's gesv on each matrix as the per-crystal call does (same numbers).
-    The image shift ``image_shift @ cell`` is zero for most crystals (wrapped inputs); adding
-    its zero products leaves every coordinate as it is, except that it may flip the sign of an
-    exact 0.0 and a non-finite cell makes it NaN, so a crystal with a nonzero shift, any exact
-    zero or a non-finite cell goes through ``restore``.
+    ``restore`` costs ~10 µs a crystal, mostly numpy's per-call overhead, and most crystals of
+    real inputs have some atom outside the reduced cell. Here one batched ``solve`` runs
+    LAPACK's gesv on each matrix as the per-crystal call does, and the image translations of
+    every moved atom are one elementwise expression (``canonical.image_translation``): the
+    same numbers as ``restore``, atom by atom.
     """
     transforms = np.stack([form.transform for form in forms]).astype(cells.dtype)  # [n_graphs, 3, 3]
     cells_input_basis = np.linalg.solve(transforms, cells)  # [n_layers, n_graphs, 3, 3]
-    exact_zeros = not positions.all()
-    finite_cells = np.isfinite(cells).all(axis=(0, 2, 3))  # [n_graphs]
-    predictions = []
-    for index, form in enumerate(forms):
-        start, stop = bounds[index], bounds[index + 1]
-        cell = cells_input_basis[:, index].copy()
-        if form.image_shift.any() or not finite_cells[index] or (exact_zeros and not positions[:, start:stop].all()):
-            predictions.append(Prediction(form.restore(positions[:, start:stop], cells[:, index])[0], cell))
-        else:
-            predictions.append(Prediction(positions[:, start:stop].copy(), cell))
-    return predictions
+    restored = np.array(positions, dtype=np.result_type(positions, cells), copy=True)
+    shifts = np.concatenate([form.image_shift for form in forms])  # [n_atoms, 3]
+    moved = shifts.any(axis=1)
+    if moved.any():
+        crystal_of_atom = np.repeat(np.arange(len(forms)), np.diff(bounds))
+        restored[:, moved] += image_translation(shifts[moved], cells[:, crystal_of_atom[moved]])
+    return [
+        Prediction(restored[:, bounds[index] : bounds[index + 1]].copy(), cells_input_basis[:, index].copy())
+        for index in range(len(forms))
+    ]
 
 
 def to_device(graph: CrystalGraph, device, dtype: torch.dtype) -> CrystalGraph:

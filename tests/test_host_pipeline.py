@@ -101,9 +101,8 @@ def test_restore_all_is_restore_per_crystal_bit_for_bit():
     n_layers = 3
     positions = rng.normal(0, 3, (n_layers, bounds[-1], 3))
     cells = rng.normal(0, 3, (n_layers, len(forms), 3, 3))
-    # The awkward values, in crystals without an image shift (those take the batched path): exact
-    # zeros of both signs (x + 0 * cell turns -0.0 into 0.0), a NaN / an infinite cell (0 * inf
-    # is NaN), NaN positions, and a shifted crystal with a zero.
+    # The awkward values: exact zeros of both signs (x + 0 * cell would turn -0.0 into 0.0), a
+    # NaN / an infinite cell (0 * inf is NaN), NaN positions, and a shifted crystal with a zero.
     unshifted = [k for k, f in enumerate(forms) if not f.image_shift.any()]
     shifted = [k for k, f in enumerate(forms) if f.image_shift.any()]
     positions[:, bounds[unshifted[0]]] = 0.0
