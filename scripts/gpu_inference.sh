@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 nproc
-timeout "${INFER_S:-540}" python3 benchmarks/bench_inference.py --device cuda --sevennet 8 --workers 0,12 \
+timeout "${INFER_S:-540}" python3 benchmarks/bench_inference.py --device cuda --sevennet 8 --workers 0,12,14 \
     --e2e-n 16384 --e2e-batch-sizes 1024,4096 --paper-e2e --out "$OUT/inference_e2e_cuda.json" > "$OUT/inference_e2e_cuda.txt" 2>&1
 echo "inference: rc $?"
 sed -n '/checkpoint e3relax/,$p' "$OUT/inference_e2e_cuda.txt"
