@@ -54,3 +54,19 @@ def test_bench_multi_gpu_relax_api_on_cpu_with_two_processes(tmp_path):
     results = json.loads(out.read_text())
     assert results["one_gpu"]["relaxed"] == results["torchrun_gpus2"]["relaxed"] > 0
     assert results["torchrun_gpus2"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_bench_host_waits_and_compare_results_on_cpu(tmp_path):
+    """The host diagnostics (waits, worker time, main-thread samples) and the old/new comparer."""
+    out = tmp_path / "waits.json"
+    stdout = run(["benchmarks/bench_host_waits.py", "--device", "cpu", "--n", "96", "--workers", "1", "--sample",
+                  "--out", str(out)], tmp_path)
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["structures_per_s"] > 0 and row["worker_prepare_us"] > 0 and row["worker_judge_us"] > 0
+    assert row["main_thread_inclusive"]["relaxer.py:relax_many"] > 0.5 and "main thread, inclusive" in stdout
+    inference = tmp_path / "e2e.json"
+    run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32", "--workers", "0",
+         "--skip", "forward,scaling", "--out", str(inference)], tmp_path)
+    table = run(["benchmarks/compare_results.py", str(inference), str(inference)], tmp_path)
+    assert "end to end, num_workers=0 (structures/s)" in table and "relax() of one structure (ms)" in table and " 1.00" in table
