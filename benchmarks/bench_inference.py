@@ -303,8 +303,6 @@ def main(argv=None):
     parser.add_argument("--e2e-batch-sizes", default="",
                         help="also run the end-to-end path with the most workers at these batch_size values "
                         "(structures per forward pass; smaller chunks let preparation overlap the network)")
-    parser.add_argument("--e2e-eager", action="store_true",
-                        help="also run the end-to-end path with the most workers and cuda_graphs=False (every pass launched eagerly)")
     parser.add_argument("--paper-e2e", action="store_true",
                         help="also run end to end with an untrained paper-size network (F = 512, T = 4), most workers, every precision")
     parser.add_argument("--skip", default="", help=f"sections to leave out, of {','.join(SECTIONS)}")
@@ -346,8 +344,6 @@ def main(argv=None):
     variants = [{"num_workers": w} for w in workers]
     variants += [{"num_workers": workers[-1], "batch_size": int(b)} for b in args.e2e_batch_sizes.split(",") if b]
     variants += [{"num_workers": workers[-1], "precision": p} for p in precisions if p != "float32"]
-    if args.e2e_eager:
-        variants.append({"num_workers": workers[-1], "cuda_graphs": False})
     results["end_to_end"] = []
     for options in variants:
         results["end_to_end"].append(end_to_end_relaxer(args.checkpoint, e2e_crystals, device, **options))
@@ -462,7 +458,7 @@ def _table(r):
     print("end to end (Atoms -> relaxed Atoms, OneShotRelaxer.relax_many):")
     base = r["end_to_end"][0]["structures_per_s"]
     for row in r["end_to_end"]:
-        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision", "cuda_graphs") if k in row)
+        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision") if k in row)
         print(f"  {label:45s} {row['structures_per_s']:8.0f} structures/s  ({row['structures_per_s'] / base:.2f}x)")
     for row in r.get("end_to_end_paper_F512_T4", []):
         print(f"  paper size F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32'):8s}"

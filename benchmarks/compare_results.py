@@ -14,7 +14,7 @@ import sys
 def _rows(result: dict) -> dict:
     rows = {}
     for row in result.get("end_to_end", []):
-        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision", "cuda_graphs") if k in row)
+        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision") if k in row)
         rows[f"end to end, {label} (structures/s)"] = row["structures_per_s"]
         if row.get("peak_gpu_memory_gib") is not None:
             rows[f"end to end, {label} (peak GPU memory, GiB)"] = row["peak_gpu_memory_gib"]

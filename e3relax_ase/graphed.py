@@ -1,24 +1,23 @@
-"""The forward pass on CUDA, replayed from captured CUDA graphs.
+"""The forward pass of small batches on CUDA, replayed from captured CUDA graphs.
 
-The forward pass is ~400 kernels, each launched from Python. For a small batch (one crystal of
-20 atoms, say) the launches are the whole cost: on an H200 host one 20-atom crystal took
-~25-40 ms, no faster than a CPU (benchmarks/README.md). For a large batch they cost the
-relaxing process ~10-20 ms of CPU per pass, and, with a pass queued behind the running one,
-the launch queue fills and the process waits inside the launches for the GPU instead of doing
-its host work (a stack sample of the main thread showed a quarter of its time in the model's
-Python code). A CUDA graph records the launches once and replays them in one call.
+A small batch (one crystal of 20 atoms, say) costs the GPU little, but the forward pass is
+~400 kernels, each launched from Python: on an H200 host one 20-atom crystal took ~30-40 ms,
+no faster than a CPU (benchmarks/README.md). A CUDA graph records the launches once and
+replays them in one call.
 
 A graph replays fixed shapes, so a batch is padded to a bucket: atoms, edges and crystals each
-rounded up to a power of two (small batches, ``GRAPHED_MAX_ATOMS`` atoms or fewer: few
-buckets, so a stream of single structures soon replays), or to one of ``FINE_STEPS`` steps per
-power of two (large batches: at most 1/``FINE_STEPS`` of padding work, about 6 %). The
-padding is one extra crystal that holds every padding atom (and further empty crystals): a
-50 Å cube whose atoms sit at its origin, each padding edge joining the first padding atom to
-its own image 50 Å away, beyond any cutoff. The network never mixes crystals (every sum runs
-over one crystal's atoms and edges), so the padding cannot change a real crystal's
-prediction; ``tests/test_graphed.py`` checks that on the eager network. Shapes differ from an
-unpadded pass, so float32 sums may run in another order: the outputs agree to float32 noise,
-as batches of different sizes already do on CUDA.
+rounded up to a power of two. The padding is one extra crystal that holds every padding atom
+(and further empty crystals): a 50 Å cube whose atoms sit at its origin, each padding edge
+joining the first padding atom to its own image 50 Å away, beyond any cutoff. The network
+never mixes crystals (every sum runs over one crystal's atoms and edges), so the padding
+cannot change a real crystal's prediction; ``tests/test_graphed.py`` checks that on the eager
+network. Shapes differ from an unpadded pass, so float32 sums may run in another order: the
+outputs agree to float32 noise, as batches of different sizes already do on CUDA.
+
+Large batches stay eager. Replaying them too (finer buckets, a larger captured bucket reused)
+was measured on an H200 host: 5,209 and 5,778 structures/s end to end with 14 workers, against
+5,683 and 5,264 eager in the same calls, while the captures (two warm-up passes each) took a
+fifth of a 16,384-structure run's main thread (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -31,39 +30,27 @@ from e3relax_ase.graph import CrystalGraph
 from e3relax_ase.model import E3RelaxH2, ModelOutput
 from e3relax_ase.precision import matmul_precision
 
-GRAPHED_MAX_ATOMS = 512  # batches up to this many atoms are "small": power-of-two buckets
-FINE_STEPS = 16  # buckets per power of two for larger batches
+GRAPHED_MAX_ATOMS = 512  # batches up to this many atoms replay a graph; larger ones are not launch bound
 MAX_CAPTURED = 32  # graphs kept per relaxer (the oldest is dropped); each holds its padded shapes
-# A batch replays a captured graph of a larger bucket when that costs at most this much more
-# work (atoms and edges): the chunks of a long run differ by a few per cent in size, and
-# without this each of their buckets would run eagerly once and be captured once.
-REUSE_LARGER = 1.25
 PADDING_CELL = 50.0  # Å, edge of the padding crystal's cube: its edges are longer than any cutoff
 _SMALLEST_BUCKET = {"atoms": 16, "edges": 256, "graphs": 2}
 
 
-def bucket(count: int, smallest: int, steps: int = 1) -> int:
-    """``count`` rounded up to a power of two (at least ``smallest``), or, with ``steps`` > 1, to
-    the next of ``steps`` evenly spaced sizes between that power's half and the power."""
+def bucket(count: int, smallest: int) -> int:
+    """``count`` rounded up to a power of two, at least ``smallest``."""
     size = smallest
     while size < count:
         size *= 2
-    if steps > 1 and size > smallest:
-        half = size // 2
-        step = max(1, half // steps)
-        size = min(size, half + step * -(-(count - half) // step))
     return size
 
 
 def padded_sizes(graph: CrystalGraph) -> tuple[int, int, int]:
     """(atoms, edges, crystals) of the bucket ``graph`` is padded to: room for at least one
-    padding atom and one padding crystal; fine buckets above ``GRAPHED_MAX_ATOMS`` atoms."""
-    atoms = graph.positions.shape[0] + 1
-    steps = 1 if atoms <= GRAPHED_MAX_ATOMS else FINE_STEPS
+    padding atom and one padding crystal."""
     return (
-        bucket(atoms, _SMALLEST_BUCKET["atoms"], steps),
-        bucket(graph.n_edges, _SMALLEST_BUCKET["edges"], steps),
-        bucket(graph.n_graphs + 1, _SMALLEST_BUCKET["graphs"], steps),
+        bucket(graph.positions.shape[0] + 1, _SMALLEST_BUCKET["atoms"]),
+        bucket(graph.n_edges, _SMALLEST_BUCKET["edges"]),
+        bucket(graph.n_graphs + 1, _SMALLEST_BUCKET["graphs"]),
     )
 
 
@@ -111,10 +98,6 @@ class _Captured:
     def __init__(self, cuda_graph: torch.cuda.CUDAGraph, inputs: CrystalGraph, output: ModelOutput):
         self.cuda_graph, self.inputs, self.output = cuda_graph, inputs, output
 
-    @property
-    def sizes(self) -> tuple[int, int, int]:
-        return self.inputs.positions.shape[0], self.inputs.n_edges, self.inputs.n_graphs
-
 
 class GraphedForward:
     """``model(graph)`` for small CUDA batches, from a CUDA graph captured per bucket.
@@ -123,21 +106,18 @@ class GraphedForward:
     real crystals. The first batch of a bucket runs eagerly, as without graphs; the second
     pays the capture (two warm-up passes and the recording, ~0.1 s on an H200 host); later
     ones replay it. So relaxing one structure costs what it did, and a stream of them gains
-    from the third on. ``handles(graph)`` says whether a batch goes this way (CUDA, and at most
-    ``max_edges`` padded edges: a captured pass keeps its memory, beside the eager passes');
-    others should run the model itself.
+    from the third on. ``handles(graph)`` says whether a batch goes this way; others should
+    run the model itself.
     """
 
-    def __init__(self, model: E3RelaxH2, max_edges: int | None = None):
-        self.model, self.max_edges = model, max_edges
+    def __init__(self, model: E3RelaxH2, max_atoms: int = GRAPHED_MAX_ATOMS):
+        self.model, self.max_atoms = model, max_atoms
         self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
         self._seen: set[tuple] = set()  # buckets run once eagerly, captured when seen again
         self._pool = None  # one memory pool for every graph: they never run at the same time
 
     def handles(self, graph: CrystalGraph) -> bool:
-        if graph.positions.device.type != "cuda":
-            return False
-        return self.max_edges is None or padded_sizes(graph)[1] <= self.max_edges
+        return graph.positions.device.type == "cuda" and graph.positions.shape[0] <= self.max_atoms
 
     def __call__(self, graph: CrystalGraph, precision: str = "float32") -> ModelOutput:
         # Inference tensors throughout: a captured graph's inputs are written in place on every
@@ -147,40 +127,26 @@ class GraphedForward:
 
     def _replay(self, graph: CrystalGraph, precision: str) -> ModelOutput:
         sizes = padded_sizes(graph)
-        kind = (graph.positions.dtype, precision, graph.positions.device)
-        key = (*sizes, *kind)
-        captured = self._captured.get(key) or self._larger(sizes, kind)
+        key = (*sizes, graph.positions.dtype, precision, graph.positions.device)
+        captured = self._captured.get(key)
         if captured is None and key not in self._seen:
             self._seen.add(key)
             with matmul_precision(precision, graph.positions.device):
                 return self.model(graph)
-        padded = pad_graph(graph, *(captured.sizes if captured is not None else sizes))
+        padded = pad_graph(graph, *sizes)
         if captured is None:
             captured = self._capture(padded, precision)
             self._captured[key] = captured
             if len(self._captured) > MAX_CAPTURED:
                 self._captured.popitem(last=False)
         else:
-            self._captured.move_to_end((*captured.sizes, *kind))
+            self._captured.move_to_end(key)
             for name, value in vars(padded).items():
                 getattr(captured.inputs, name).copy_(value)
             captured.cuda_graph.replay()
         # Cloned: the next replay overwrites the captured output.
         output = unpad_output(captured.output, graph.positions.shape[0], graph.n_graphs)
         return ModelOutput(output.positions.clone(), output.cell.clone())
-
-    def _larger(self, sizes: tuple[int, int, int], kind: tuple) -> _Captured | None:
-        """The captured graph of the smallest larger bucket within ``REUSE_LARGER``, if any."""
-        atoms, edges, graphs = sizes
-        fits = [
-            captured
-            for key, captured in self._captured.items()
-            if key[3:] == kind
-            and atoms <= key[0] <= REUSE_LARGER * atoms
-            and edges <= key[1] <= REUSE_LARGER * edges
-            and graphs <= key[2] <= 2 * graphs
-        ]
-        return min(fits, key=lambda captured: captured.sizes[1], default=None)
 
     def _capture(self, padded: CrystalGraph, precision: str) -> _Captured:
         """Record the model's pass over ``padded`` (whose tensors become the graph's inputs)."""

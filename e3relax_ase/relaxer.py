@@ -268,10 +268,10 @@ class OneShotRelaxer:
             precision: "float32" (default), "tf32" (CUDA tensor cores) or "bf16" (autocast)
                 for the network's channel mixing; geometry stays float32. Needs dtype
                 float32. docs/relaxer.md gives the measured speed and deviation of each.
-            cuda_graphs: on CUDA, run batches of up to half of ``max_edges`` by replaying a
-                CUDA graph captured once per size bucket (``e3relax_ase.graphed``): a small
-                batch's time is kernel launches, and a large one's launches keep the host
-                from its own work. False runs every batch eagerly.
+            cuda_graphs: on CUDA, run batches of up to ``graphed.GRAPHED_MAX_ATOMS`` atoms
+                (single structures, short lists) by replaying a CUDA graph captured once
+                per size bucket: their time is kernel launches, not arithmetic. False runs
+                every batch eagerly.
 
         Raises:
             CheckpointError: the checkpoint cannot be loaded.
@@ -285,6 +285,7 @@ class OneShotRelaxer:
         else:
             model, info = load_checkpoint(checkpoint, map_location="cpu")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self._graphed = GraphedForward(self.model) if cuda_graphs and self.device.type == "cuda" else None
         if self.device.type == "cpu":
             keep_freed_heap()  # no page faults on every forward pass (e3relax_ase.heap)
         self.info = info
@@ -292,9 +293,6 @@ class OneShotRelaxer:
         self.max_atoms = max_atoms
         self.max_edges = max_edges or default_edge_budget(self.device, self.dtype, self.model.config.num_channels)
         self._batch_edges = self.max_edges  # lowered after an out-of-memory split
-        # A captured pass keeps its memory beside the eager passes': graphs take batches of up
-        # to half the edge budget.
-        self._graphed = GraphedForward(self.model, self.max_edges // 2) if cuda_graphs and self.device.type == "cuda" else None
         self.min_distance = min_distance
         self.reduce_cell = reduce_cell
         if info.untrained:

@@ -8,8 +8,7 @@
 #   there: bash scripts/gpu_compare.sh                     (carry .whl and .gpu/old)
 #
 # Writes $OUT/e2e_{old,new}_{1,2}.json and prints the ratios of each pair. OLD_WORKERS / NEW_WORKERS:
-# the --workers lists (default 0,12; the paper-size runs use the last). NEW_EXTRA: more options
-# for the new tree's runs only (e.g. --e2e-eager).
+# the --workers lists (default 0,12; the paper-size runs use the last).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1
@@ -21,7 +20,7 @@ for round in 1 2; do
         --workers "${OLD_WORKERS:-0,12}" --out "$OUT/e2e_old_$round.json" > /dev/null 2> "$OUT/old.err"
     echo "old $round: rc $?"
     extra=""; [ "$round" = 2 ] && extra="--sevennet 8"
-    PYTHONPATH=/tmp/site timeout "${RUN_S:-100}" python3 benchmarks/bench_inference.py $COMMON $extra ${NEW_EXTRA:-} \
+    PYTHONPATH=/tmp/site timeout "${RUN_S:-100}" python3 benchmarks/bench_inference.py $COMMON $extra \
         --workers "${NEW_WORKERS:-0,12}" --out "$OUT/e2e_new_$round.json" > /dev/null 2> "$OUT/new.err"
     echo "new $round: rc $?"
     python3 benchmarks/compare_results.py "$OUT/e2e_old_$round.json" "$OUT/e2e_new_$round.json"

@@ -24,10 +24,6 @@ def _graph(n_crystals, dtype=torch.float64, device="cpu", seed=2):
 
 def test_buckets_are_powers_of_two_with_room_for_padding():
     assert [bucket(n, 16) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
-    # Fine buckets: 16 steps per power of two, never less than the count, at most 1/16 more.
-    assert [bucket(n, 16, steps=16) for n in (16, 17, 100, 1000, 1024)] == [16, 17, 100, 1024, 1024]
-    for n in range(513, 5000, 37):
-        assert n <= bucket(n, 16, steps=16) <= n * (1 + 1 / 16) + 1
     _, graph = _graph(3)
     atoms, edges, graphs = padded_sizes(graph)
     assert atoms > graph.positions.shape[0] and edges >= graph.n_edges and graphs > graph.n_graphs
@@ -65,16 +61,6 @@ def test_cpu_graphs_are_not_handled():
     assert not GraphedForward(tiny_model()).handles(graph)
 
 
-def test_large_batches_get_fine_buckets():
-    from e3relax_ase.graphed import GRAPHED_MAX_ATOMS
-
-    crystals, graph = _graph(160, seed=9)
-    assert graph.positions.shape[0] > GRAPHED_MAX_ATOMS
-    atoms, edges, graphs = padded_sizes(graph)
-    assert atoms <= (graph.positions.shape[0] + 1) * 17 / 16 + 1 and edges <= graph.n_edges * 17 / 16 + 1
-    assert graphs > graph.n_graphs
-
-
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_the_eager_pass():
     if not torch.cuda.is_available():
@@ -93,17 +79,6 @@ def test_cuda_graph_replay_matches_the_eager_pass():
         captured_after.append(len(graphed._captured))
     assert captured_after[:3] == [0, 1, 1]
     # Through predict, as the relaxer calls it.
-    # A large batch (fine buckets): eager, then captured, then a slightly smaller batch replays
-    # the larger bucket's graph instead of running eagerly and being captured itself.
-    counts = []
-    for n_crystals in (160, 160, 150):
-        _, graph = _graph(n_crystals, torch.float32, "cuda", seed=9)
-        with torch.inference_mode():
-            eager, replayed = model(graph), graphed(graph)
-        assert torch.allclose(replayed.positions, eager.positions, atol=1e-4, rtol=0)
-        assert torch.allclose(replayed.cell, eager.cell, atol=1e-4, rtol=0)
-        counts.append(len(graphed._captured))
-    assert counts[1] == counts[0] + 1 and counts[2] == counts[1]
     crystals, _ = _graph(1, seed=7)
     plain = predict(model, crystals, "cuda", torch.float32)
     for _ in range(3):  # eager, capture, replay
