@@ -70,3 +70,13 @@ def test_bench_host_waits_and_compare_results_on_cpu(tmp_path):
          "--skip", "forward,scaling", "--out", str(inference)], tmp_path)
     table = run(["benchmarks/compare_results.py", str(inference), str(inference)], tmp_path)
     assert "end to end, num_workers=0 (structures/s)" in table and "relax() of one structure (ms)" in table and " 1.00" in table
+
+
+@pytest.mark.slow
+def test_bench_processes_per_gpu_on_cpu(tmp_path):
+    out = tmp_path / "processes.json"
+    stdout = run(["benchmarks/bench_processes_per_gpu.py", "--device", "cpu", "--n", "24", "--configs", "1x0,2x0",
+                  "--warm-up-s", "15", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["configs"]
+    assert [(r["processes"], r["workers_per_process"]) for r in rows] == [(1, 0), (2, 0)]
+    assert all(r["relaxed"] > 0 and r["structures_per_s"] > 0 for r in rows) and "2 process(es)" in stdout
