@@ -16,8 +16,8 @@ outputs agree to float32 noise, as batches of different sizes already do on CUDA
 
 Large batches stay eager. Replaying them too (finer buckets, a larger captured bucket reused)
 was measured on an H200 host: 5,209 and 5,778 structures/s end to end with 14 workers, against
-5,683 and 5,264 eager in the same calls, while the captures (two warm-up passes each) took a
-fifth of a 16,384-structure run's main thread (benchmarks/README.md).
+5,683 and 5,264 eager in the same calls, while the captures (two warm-up passes each) held
+about a fifth of the main thread's stack samples in a 16,384-structure run (benchmarks/README.md).
 """
 
 from __future__ import annotations
