@@ -645,22 +645,20 @@ class OneShotRelaxer:
             return ReadyPredictions(self._predict(items[:half]).result() + self._predict(items[half:]).result())
 
     def _forward(self, items: list[_Item]):
-        """``predict`` on the items, with the canonical forms and edges prepared for them, not
-        waiting for the device (``predict.PendingPredictions``)."""
+        """``predict`` on the items, with the canonical forms and edges prepared for them (when
+        every item has them), not waiting for the device (``predict.PendingPredictions``)."""
         crystals = [i.arrays for i in items]
-        if any(i.form is None or i.edges is None for i in items):
-            return predict(
-                self.model, crystals, self.device, self.dtype, self.reduce_cell, precision=self.precision, wait=False, forward=self._graphed
+        forms = graph = None  # predict computes them
+        if all(i.form is not None and i.edges is not None for i in items):
+            forms = [i.form for i in items]
+            graph = graph_from_edges(
+                [c.numbers for c in crystals],
+                [f.positions for f in forms],
+                [f.cell for f in forms],
+                [c.pbc for c in crystals],
+                [i.edges for i in items],
+                self.dtype,
             )
-        graph = graph_from_edges(
-            [c.numbers for c in crystals],
-            [i.form.positions for i in items],
-            [i.form.cell for i in items],
-            [c.pbc for c in crystals],
-            [i.edges for i in items],
-            self.dtype,
-        )
-        forms = [i.form for i in items]
         return predict(
             self.model,
             crystals,
