@@ -36,6 +36,7 @@ import e3relax_ase.workers as workers_module  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_inference import test_structures  # noqa: E402
+from bench_pipeline import device_name  # noqa: E402
 
 _WAITS: dict[str, float] = {}
 _BUSY_DIR = Path(tempfile.mkdtemp(prefix="host_waits_"))  # workers append their task times here
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
     rows = [measure(atoms, device, int(w), args.sample and k == 0) for k, w in enumerate(args.workers.split(","))]
     results = {
         "command": " ".join(["python"] + sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": device_name(str(device)),
         "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__},
         "n_structures": args.n,

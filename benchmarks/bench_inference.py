@@ -392,7 +392,6 @@ def main(argv=None):
     _table(results)
 
 
-
 def forward_sections(args, results, model, crystals, precisions, device, device_name, save):
     """Forward passes: every precision (and compiled, when asked) at both sizes, same graph."""
     torch.manual_seed(0)

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # a package named on PYTHONPATH first is the one measured
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_pipeline import device_name  # noqa: E402
+
 
 def child(args) -> None:
     """One relaxing process: its share (every P-th structure), timed from the agreed start."""
@@ -117,7 +119,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     results = {
         "command": " ".join(["python"] + sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": device_name(str(device)),
         "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "model": args.model,

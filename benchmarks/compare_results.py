@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def _rows(result: dict) -> dict:
@@ -38,7 +39,7 @@ def compare(old: dict, new: dict) -> list[tuple[str, float | None, float | None]
 
 def main(argv=None) -> None:
     old_path, new_path = (argv or sys.argv[1:])[:2]
-    old, new = json.loads(open(old_path).read()), json.loads(open(new_path).read())
+    old, new = json.loads(Path(old_path).read_text()), json.loads(Path(new_path).read_text())
     if old.get("device") != new.get("device") or old.get("cpu_count") != new.get("cpu_count"):
         print(f"note: different machines: {old.get('device')} / {old.get('cpu_count')} cores against {new.get('device')} / {new.get('cpu_count')}")
     print(f"old: {old.get('package')}\nnew: {new.get('package')}")

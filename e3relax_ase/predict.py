@@ -99,8 +99,8 @@ def predict(
     graph: CrystalGraph | None = None,
     precision: str = "float32",
     wait: bool = True,
-    forward: "GraphedForward | None" = None,
-) -> "list[Prediction] | PendingPredictions":
+    forward: GraphedForward | None = None,
+) -> list[Prediction] | PendingPredictions:
     """Predict the relaxed structures of a batch of crystals in one forward pass.
 
     Args:
