@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from e3relax_ase.niggli import niggli_transforms
+
 WRAP_TOLERANCE = 1e-8  # fractional; see module docstring
 
 
@@ -67,57 +69,40 @@ def image_translation(image_shift: np.ndarray, cell: np.ndarray) -> np.ndarray:
 def reduce_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     """Integer matrix T with T @ cell Niggli-reduced; the identity unless periodic in 3D.
 
-    T is the operation of ASE's ``niggli_reduce_cell``. That function also rebuilds a cell
-    from cell parameters, half its time, which we do not need: where ASE's reduction of the
-    metric can be called directly with the arguments ``niggli_reduce_cell`` gives it, it is
-    (about 2x faster, the same matrix; tests/test_pipeline_speed_equivalence.py checks it
-    against ``niggli_reduce_cell`` itself), otherwise ``niggli_reduce_cell`` runs.
+    T is the operation of ASE's ``niggli_reduce_cell`` (``e3relax_ase.niggli``, which
+    tests/test_niggli.py checks against it). ``reduce_cells`` does many cells at once.
+
+    Raises:
+        ValueError: the reduction did not finish (a pathological cell).
     """
     if not np.all(pbc):
         return np.eye(3, dtype=np.int64)
-    parts = _NIGGLI_PARTS or _niggli_parts()
-    if parts is None:
-        return _reduce_cell_with_ase(cell)
-    cell_class, products, reduce_metric = parts
-    lattice = cell_class.new(cell)
-    if lattice.rank != 3:
-        return _reduce_cell_with_ase(cell)
-    eps = 1e-5 * lattice.complete().volume ** (1 / 3)  # niggli_reduce_cell's default tolerance
-    _, operation = reduce_metric(products(lattice), eps)
-    return _unimodular(operation)
+    transforms, converged = niggli_transforms(np.asarray(cell, dtype=np.float64)[None])
+    if not converged[0]:
+        raise ValueError("Niggli reduction not done in the allowed steps (a pathological cell)")
+    return _unimodular(transforms[0])
 
 
-def _reduce_cell_with_ase(cell: np.ndarray) -> np.ndarray:
-    """``reduce_cell`` through ASE's public ``niggli_reduce_cell`` (the reference)."""
-    from ase.build.tools import niggli_reduce_cell
+def reduce_cells(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``reduce_cell`` of many 3D-periodic cells in one vectorised reduction.
 
-    _, operation = niggli_reduce_cell(cell)
-    return _unimodular(operation)
+    Args:
+        cells: [n, 3, 3] cells of full rank, rows are lattice vectors.
+
+    Returns:
+        (transforms [n, 3, 3] int64, ok [n] bool); where ``ok`` is False ``reduce_cell``
+        raises for that cell, and its transform is not to be used.
+    """
+    transforms, converged = niggli_transforms(cells)
+    unimodular = np.abs(np.rint(np.linalg.det(transforms.astype(np.float64)))) == 1 if len(transforms) else converged
+    return transforms, converged & unimodular
 
 
-def _unimodular(operation) -> np.ndarray:
-    transform = np.asarray(operation).T.astype(np.int64)
+def _unimodular(transform: np.ndarray) -> np.ndarray:
+    transform = np.asarray(transform).astype(np.int64)
     if round(abs(np.linalg.det(transform))) != 1:
         raise ValueError("cell reduction produced a non-unimodular transform")
     return transform
-
-
-_NIGGLI_PARTS = None  # (Cell, cellvector_products, _niggli_reduce), set on first use: importing ase.build is slow
-
-
-def _niggli_parts():
-    global _NIGGLI_PARTS
-    try:
-        from ase.build.niggli import _niggli_reduce, cellvector_products, niggli_reduce_cell
-        from ase.cell import Cell
-    except ImportError:
-        return None
-    # Only where niggli_reduce_cell is the function these parts were read from.
-    code = niggli_reduce_cell.__code__.co_names
-    if not {"cellvector_products", "_niggli_reduce", "complete", "volume", "rank"} <= set(code):
-        return None
-    _NIGGLI_PARTS = (Cell, cellvector_products, _niggli_reduce)
-    return _NIGGLI_PARTS
 
 
 def canonicalize(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, reduce: bool = True) -> CanonicalForm:
