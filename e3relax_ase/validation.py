@@ -90,12 +90,11 @@ def _fail(name: str, problem: str) -> None:
 
 
 def _angles(cell: np.ndarray) -> list[float]:
-    """Angles in degrees between each pair of lattice vectors."""
-    angles = []
-    for a, b in ((0, 1), (0, 2), (1, 2)):
-        cosine = np.dot(cell[a], cell[b]) / (np.linalg.norm(cell[a]) * np.linalg.norm(cell[b]))
-        angles.append(math.degrees(math.acos(float(np.clip(cosine, -1.0, 1.0)))))
-    return angles
+    """Angles in degrees between lattice vectors (a, b), (a, c), (b, c)."""
+    first, second = cell[[0, 0, 1]], cell[[1, 2, 2]]
+    lengths = np.sqrt((cell * cell).sum(axis=1))
+    cosine = (first * second).sum(axis=1) / (lengths[[0, 0, 1]] * lengths[[1, 2, 2]])
+    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))).tolist()
 
 
 def estimate_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> float:
@@ -146,6 +145,7 @@ def prepare_arrays(
     max_edges: int | None = None,
     per_atom_arrays: dict | None = None,
     reduce: bool = True,
+    transform: np.ndarray | None = None,
 ) -> PreparedCrystal:
     """Check one crystal (``validate_arrays``), keeping its canonical form and neighbour search for the network.
 
@@ -168,6 +168,8 @@ def prepare_arrays(
         per_atom_arrays: other per-atom arrays (name -> array) whose length must match.
         reduce: the canonical form Niggli-reduces 3D-periodic cells (the relaxer's
             ``reduce_cell``); the cell-shape check always judges the reduced cell.
+        transform: the cell's Niggli transform if already computed (``canonical.reduce_cells``
+            over a batch), used for a 3D-periodic cell instead of reducing it again.
 
     Returns:
         A :class:`PreparedCrystal`.
@@ -223,12 +225,14 @@ def prepare_arrays(
         _fail(name, f"contains elements the checkpoint was not trained on (atomic numbers {bad})")
 
     seen = cell
-    transform = None
-    if pbc.all():
+    if not pbc.all():
+        transform = None
+    else:
         try:
-            transform = reduce_cell(cell, pbc)
+            if transform is None:
+                transform = reduce_cell(cell, pbc)
             seen = transform @ cell
-        except Exception as exc:  # ASE's reduction fails on pathological cells
+        except Exception as exc:  # the reduction fails on pathological cells
             _fail(name, f"cell could not be Niggli-reduced ({exc})")
     angles = _angles(seen)
     if min(min(angles), 180.0 - max(angles)) < MIN_CELL_ANGLE:

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from e3relax_ase.canonical import CanonicalForm
+from e3relax_ase.canonical import CanonicalForm, reduce_cells
 from e3relax_ase.graph import capped_edges
 from e3relax_ase.sanity import Confidence, SanityReport, check_prediction, confidence
 from e3relax_ase.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
@@ -309,6 +309,7 @@ def _collect(entries: list, task) -> Iterator:
 def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
     """In a worker: ``prepare_arrays`` and ``graph_edges`` for a packed group of structures."""
     numbers, positions, cells, pbcs, sizes, names, lengths = packed
+    transforms = task_transforms(cells, pbcs)
     outcomes = []
     start = 0
     for k, size in enumerate(sizes.tolist()):
@@ -321,6 +322,7 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
                 pbcs[k],
                 name=names[k],
                 per_atom_arrays={key: range(n) for key, n in lengths[k].items()},
+                transform=transforms[k],
                 **settings.checks,
             )
             outcomes.append((prepared.report, prepared.form, graph_edges(prepared, settings)))
@@ -328,6 +330,24 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
             outcomes.append(picklable_error(exc))
         start = stop
     return _pack_outcomes(outcomes)
+
+
+def task_transforms(cells: np.ndarray, pbcs: np.ndarray) -> list:
+    """The Niggli transform of each 3D-periodic cell of a task, from one vectorised reduction
+    (``canonical.reduce_cells``): about 20 µs a cell in a task of 32 instead of 200-300 µs one
+    at a time. None where ``prepare_arrays`` must reduce (and refuse) the cell itself: not
+    periodic in 3D, not finite, degenerate, or not reduced."""
+    transforms = [None] * len(cells)
+    with np.errstate(all="ignore"):
+        usable = pbcs.all(axis=1) & np.isfinite(cells).all(axis=(1, 2))
+        usable[usable] &= np.abs(np.linalg.det(cells[usable])) > 1e-8
+    rows = np.flatnonzero(usable)
+    if len(rows):
+        reduced, ok = reduce_cells(cells[rows])
+        for row, transform, good in zip(rows.tolist(), reduced, ok.tolist()):
+            if good:
+                transforms[row] = transform
+    return transforms
 
 
 def _pack_outcomes(outcomes: list) -> tuple:
