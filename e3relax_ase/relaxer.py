@@ -75,6 +75,7 @@ from e3relax_ase.workers import (
     graph_edges,
     collect_verdicts,
     submit_judging,
+    judge_here,
     judge_prediction,
     pool_is_broken,
     prefetched,
@@ -741,12 +742,14 @@ class OneShotRelaxer:
         """Finish a started chunk: apply each judged prediction to its Atoms. {index: result}."""
         if chunk.done is not None:
             return chunk.done
-        judged = [None] * len(chunk.items)  # judged in _finish
+        judged = None
         if chunk.judging is not None:
             try:
                 judged = collect_verdicts(chunk.judging)
             except Exception as exc:
                 logger.warning("judging predictions in worker processes failed (%s); judging them here", exc)
+        if judged is None:
+            judged = self._judge_here(chunk.items, chunk.predictions, options)
         out = {}
         for item, prediction, verdict in zip(chunk.items, chunk.predictions, judged):
             try:
@@ -758,10 +761,20 @@ class OneShotRelaxer:
         return out
 
     def _submit_judging(self, items: list[_Item], predictions: list[Prediction], options: _Options) -> list:
-        """Send ``judge_prediction`` of every item to the worker processes; the tasks."""
+        """Send the judging of every item to the worker processes; the tasks."""
         crystals = [item.arrays for item in items]
         closest = [self._closest(item) for item in items]
         return submit_judging(options.pool, predictions, crystals, closest, options.relax_cell, self.min_distance)
+
+    def _judge_here(self, items: list[_Item], predictions: list[Prediction], options: _Options) -> list:
+        """The verdicts of ``_submit_judging``, computed in this process (the same function).
+        Should packing the batch fail, each item is judged alone in ``_finish``."""
+        try:
+            crystals = [item.arrays for item in items]
+            closest = [self._closest(item) for item in items]
+            return judge_here(predictions, crystals, closest, options.relax_cell, self.min_distance)
+        except Exception:  # noqa: BLE001 (e.g. a prediction of the wrong shape: that item fails alone)
+            return [None] * len(items)
 
     def _closest(self, item: _Item) -> float:
         """A lower bound on every input pair distance: validation's closest pair, or the cutoff."""
@@ -770,7 +783,8 @@ class OneShotRelaxer:
     def _finish(self, item: _Item, prediction: Prediction, options: _Options, verdict=None):
         """Sanity-check, apply, optionally refine, record provenance; return the caller's type.
 
-        ``verdict``: ``judge_prediction``'s result if already computed (in a worker), or its exception.
+        ``verdict``: the item's (SanityReport, Confidence) from ``sanity.judge_batch`` (here or in
+        a worker), or its exception; None judges it here alone (``judge_prediction``).
         """
         positions, cell = prediction.positions[-1], prediction.cell[-1]
         if verdict is None:

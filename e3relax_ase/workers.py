@@ -8,8 +8,8 @@ prediction (``submit_judging`` / ``collect_verdicts``); the main process keeps t
 and the network.
 
 Every path gives the same results because every path runs the same functions on the same
-numbers: ``graph_edges`` and ``judge_prediction`` are defined here once, and the relaxer calls
-them in its own process as the workers do in theirs. What a worker runs is module-level (the
+numbers: ``graph_edges`` here and ``sanity.judge_batch``, which the relaxer calls in its own
+process as the workers do in theirs. What a worker runs is module-level (the
 pool pickles functions by name), and this module never imports ``e3relax_ase.relaxer``: a
 spawned worker imports only what the work needs, and the relaxer can import this module.
 Arrays travel packed, ``TASK_STRUCTURES`` structures to a task, as a few concatenated arrays:
@@ -33,7 +33,7 @@ import torch
 
 from e3relax_ase.canonical import CanonicalForm, reduce_cells
 from e3relax_ase.graph import capped_edges
-from e3relax_ase.sanity import Confidence, SanityReport, check_prediction, confidence
+from e3relax_ase.sanity import Confidence, SanityReport, judge_batch, judge_prediction  # noqa: F401 (judge_prediction: re-exported)
 from e3relax_ase.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
 
 PREFETCH_ITEMS = 4096  # most structures prepared ahead of the network by the background thread
@@ -72,21 +72,6 @@ def graph_edges(prepared: PreparedCrystal, settings: PreparationSettings) -> tup
     structure (benchmarks/README.md).
     """
     return capped_edges(*prepared.pairs, len(prepared.form.positions), settings.checks["max_neighbors"])
-
-
-def judge_prediction(
-    positions_layers, cell_layers, positions_input, cell_input, pbc, closest: float, relax_cell: bool, min_distance: float
-):
-    """Sanity report and confidence of one prediction (every layer's positions and cell)."""
-    positions, cell = positions_layers[-1], cell_layers[-1]
-    if relax_cell:
-        final_positions, final_cell = positions, cell
-    else:
-        final_positions, final_cell = positions @ np.linalg.solve(cell, cell_input), cell_input
-    sanity = check_prediction(
-        final_positions, final_cell, pbc, cell_input, min_distance, positions_input=positions_input, closest_input=closest
-    )
-    return sanity, confidence(positions_layers, cell_layers, positions_input, cell_input)
 
 
 # --- a background thread (prefetch=True) -----------------------------------------------------------
@@ -415,7 +400,8 @@ def _unpack_outcomes(packed: tuple) -> Iterator:
 
 
 def submit_judging(pool, predictions: list, crystals: list, closest: list, relax_cell: bool, min_distance: float) -> list:
-    """Send ``judge_prediction`` of every prediction to the worker processes; returns the tasks.
+    """Send the judging of every prediction (``sanity.judge_batch``) to the worker processes;
+    returns the tasks.
 
     ``crystals``: each prediction's input (``CrystalArrays``); ``closest``: a lower bound on
     each input's pair distances. ``collect_verdicts`` waits for the tasks: in between, the
@@ -424,19 +410,28 @@ def submit_judging(pool, predictions: list, crystals: list, closest: list, relax
     tasks = []
     for start in range(0, len(crystals), TASK_STRUCTURES):
         group = range(start, min(start + TASK_STRUCTURES, len(crystals)))
-        packed = (
-            np.concatenate([predictions[k].positions for k in group], axis=1),
-            np.stack([predictions[k].cell for k in group], axis=1),
-            np.concatenate([crystals[k].positions for k in group]),
-            np.stack([crystals[k].cell for k in group]),
-            np.stack([crystals[k].pbc for k in group]),
-            np.array([closest[k] for k in group], dtype=np.float64),
-            np.array([len(crystals[k].positions) for k in group], dtype=np.int64),
-            relax_cell,
-            min_distance,
-        )
-        tasks.append(pool.submit(_judge_task, packed))
+        tasks.append(pool.submit(_judge_task, _judging_arrays(predictions, crystals, closest, group, relax_cell, min_distance)))
     return tasks
+
+
+def judge_here(predictions: list, crystals: list, closest: list, relax_cell: bool, min_distance: float) -> list:
+    """What ``submit_judging`` and ``collect_verdicts`` give, computed in this process."""
+    return judge_batch(*_judging_arrays(predictions, crystals, closest, range(len(crystals)), relax_cell, min_distance))
+
+
+def _judging_arrays(predictions: list, crystals: list, closest: list, group: range, relax_cell: bool, min_distance: float) -> tuple:
+    """The arguments of ``sanity.judge_batch`` for the structures ``group``, packed."""
+    return (
+        np.concatenate([predictions[k].positions for k in group], axis=1),
+        np.stack([predictions[k].cell for k in group], axis=1),
+        np.concatenate([crystals[k].positions for k in group]),
+        np.stack([crystals[k].cell for k in group]),
+        np.stack([crystals[k].pbc for k in group]),
+        np.array([closest[k] for k in group], dtype=np.float64),
+        np.array([len(crystals[k].positions) for k in group], dtype=np.int64),
+        relax_cell,
+        min_distance,
+    )
 
 
 def collect_verdicts(tasks: list) -> list:
@@ -445,33 +440,22 @@ def collect_verdicts(tasks: list) -> list:
 
 
 def _judge_task(packed: tuple) -> tuple:
-    """In a worker: ``judge_prediction`` for a packed group; the same arrays (C-ordered copies,
-    as in the relaxer) give the same numbers."""
+    """In a worker: ``sanity.judge_batch`` for a packed group, as the relaxer runs it on a chunk
+    in its own process (a structure's verdict does not depend on its batch)."""
     positions, cells, positions_input, cells_input, pbcs, closest, sizes, relax_cell, min_distance = packed
     floats = np.full((len(sizes), 6), np.nan)
     flags = np.zeros((len(sizes), 2), dtype=bool)
     problems, errors = [], {}
-    start = 0
-    for k, size in enumerate(sizes.tolist()):
-        stop = start + size
-        try:
-            sanity, signal = judge_prediction(
-                np.ascontiguousarray(positions[:, start:stop]),
-                np.ascontiguousarray(cells[:, k]),
-                np.ascontiguousarray(positions_input[start:stop]),
-                np.ascontiguousarray(cells_input[k]),
-                pbcs[k],
-                float(closest[k]),
-                relax_cell,
-                min_distance,
-            )
-            floats[k] = (sanity.min_distance, sanity.volume_ratio, signal.max_displacement, signal.max_strain, signal.correction_ratio, signal.last_correction)
-            flags[k] = (sanity.ok, signal.refine_advised)
-            problems.append(sanity.problems)
-        except Exception as exc:
-            errors[k] = picklable_error(exc)
+    verdicts = judge_batch(positions, cells, positions_input, cells_input, pbcs, closest, sizes, relax_cell, min_distance)
+    for k, verdict in enumerate(verdicts):
+        if isinstance(verdict, Exception):
+            errors[k] = picklable_error(verdict)
             problems.append([])
-        start = stop
+            continue
+        sanity, signal = verdict
+        floats[k] = (sanity.min_distance, sanity.volume_ratio, signal.max_displacement, signal.max_strain, signal.correction_ratio, signal.last_correction)
+        flags[k] = (sanity.ok, signal.refine_advised)
+        problems.append(sanity.problems)
     return floats, flags, problems, errors
 
 

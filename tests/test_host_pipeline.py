@@ -167,7 +167,7 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
     from e3relax_ase import __version__
     from e3relax_ase.predict import predict
     from e3relax_ase.structures import apply_prediction, clear_provenance, crystal_arrays
-    from e3relax_ase.workers import judge_prediction
+    from e3relax_ase.sanity import judge_batch
 
     out = []
     for start in range(0, len(structures), chunk):
@@ -175,8 +175,10 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
         crystals = [crystal_arrays(a) for a in batch]
         for atoms, crystal, prediction in zip(batch, crystals, predict(relaxer.model, crystals, "cpu", relaxer.dtype)):
             closest = min(relaxer.validate(atoms).min_distance, relaxer.model.config.cutoff)
-            sanity, signal = judge_prediction(
-                prediction.positions, prediction.cell, crystal.positions, crystal.cell, crystal.pbc, closest, relax_cell, relaxer.min_distance
+            # Judged alone: a structure's verdict does not depend on its batch (test_sanity_batch.py).
+            (sanity, signal), = judge_batch(
+                prediction.positions, prediction.cell[:, None], crystal.positions, crystal.cell[None], crystal.pbc[None],
+                [closest], [len(crystal.positions)], relax_cell, relaxer.min_distance,
             )
             expected = atoms.copy()
             clear_provenance(expected)

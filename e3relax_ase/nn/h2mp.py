@@ -78,8 +78,9 @@ class H2MessagePassing(nn.Module):
         summed_messages = scatter_sum(message, edge_dst, n_atoms)
         m = self.phi_m(summed_messages).to(summed_messages.dtype) * self.inv_avg_neighbors
         # phi_hv and phi_rv read the same messages: one product with the stacked weights reads
-        # them once; addcmul forms the vector message in one pass instead of three.
+        # them once. The vector message is built in place (addcmul_): one pass fewer, and one
+        # [n_edges, F, 3] buffer fewer at the peak than a sum of two products.
         hv, rv = nn.functional.linear(message, torch.cat([self.phi_hv.weight, self.phi_rv.weight])).chunk(2, dim=-1)
-        vector_message = torch.addcmul(rv.unsqueeze(-1) * edge_dir.unsqueeze(1), hv.unsqueeze(-1), v[edge_src])
+        vector_message = (rv.unsqueeze(-1) * edge_dir.unsqueeze(1)).addcmul_(hv.unsqueeze(-1), v[edge_src])
         mv = scatter_sum(vector_message, edge_dst, n_atoms) * self.inv_avg_neighbors  # [n_atoms, F, 3]
         return m, mv
