@@ -1,5 +1,5 @@
-"""Two ``bench_inference.py`` results side by side: each end-to-end configuration and the
-latencies, old and new, and the ratio new / old. Both should come from the same call on the
+"""Two ``bench_inference.py`` (or ``bench_host_stages.py``) results side by side: each end-to-end
+configuration, the latencies and the host stages, old and new, and the ratio new / old. Both should come from the same call on the
 same machine (scripts/gpu_compare.sh); the script says so when the machines differ.
 
     python benchmarks/compare_results.py OLD.json NEW.json
@@ -24,6 +24,8 @@ def _rows(result: dict) -> dict:
         rows[f"{label} (structures/s)"] = row["structures_per_s"]
         if row.get("peak_gpu_memory_gib") is not None:
             rows[f"{label} (peak GPU memory, GiB)"] = row["peak_gpu_memory_gib"]
+    for stage, value in result.get("us_per_structure", {}).items():  # bench_host_stages.py
+        rows[f"host stage {stage} (µs per structure)"] = value
     for key, label in (("latency_single_s", "predict() of one structure (ms)"), ("latency_relax_s", "relax() of one structure (ms)"),
                        ("latency_relax_first_s", "relax(), first call (ms)"), ("latency_relax_second_s", "relax(), second call (ms)")):
         if key in result:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from e3relax_ase.canonical import CanonicalForm, reduce_cells
-from e3relax_ase.graph import capped_edges
+from e3relax_ase.graph import capped_edges, capped_edges_many
 from e3relax_ase.sanity import Confidence, SanityReport, judge_batch, judge_prediction  # noqa: F401 (judge_prediction: re-exported)
 from e3relax_ase.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
 
@@ -292,7 +292,8 @@ def _collect(entries: list, task) -> Iterator:
 
 
 def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
-    """In a worker: ``prepare_arrays`` and ``graph_edges`` for a packed group of structures."""
+    """In a worker: ``prepare_arrays`` and ``graph_edges`` (as ``capped_edges_many``, the same
+    edges) for a packed group of structures."""
     numbers, positions, cells, pbcs, sizes, names, lengths = packed
     transforms = task_transforms(cells, pbcs)
     outcomes = []
@@ -310,10 +311,17 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
                 transform=transforms[k],
                 **settings.checks,
             )
-            outcomes.append((prepared.report, prepared.form, graph_edges(prepared, settings)))
+            outcomes.append(prepared)
         except Exception as exc:
             outcomes.append(picklable_error(exc))
         start = stop
+    # The graph edges of every prepared structure in one pass (graph_edges, batched).
+    done = [k for k, o in enumerate(outcomes) if not isinstance(o, Exception)]
+    edges = capped_edges_many(
+        [outcomes[k].pairs for k in done], [len(outcomes[k].form.positions) for k in done], settings.checks["max_neighbors"]
+    )
+    for k, edge in zip(done, edges):
+        outcomes[k] = (outcomes[k].report, outcomes[k].form, edge)
     return _pack_outcomes(outcomes)
 
 

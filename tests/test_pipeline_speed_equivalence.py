@@ -25,7 +25,7 @@ from ase.build import bulk, fcc111
 from ase.constraints import FixAtoms
 
 from e3relax_ase.canonical import canonicalize, reduce_cell, wrap_into
-from e3relax_ase.graph import CrystalGraph, build_graph, capped_edges, graph_from_edges, neighbor_edges, periodic_pairs
+from e3relax_ase.graph import CrystalGraph, build_graph, capped_edges, capped_edges_many, graph_from_edges, neighbor_edges, periodic_pairs
 from e3relax_ase.predict import CrystalArrays, graph_from_canonical, predict
 from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure
 from e3relax_ase.sanity import check_prediction
@@ -119,6 +119,20 @@ def test_capped_edges_match_neighbor_edges(k, dtype):
         got = capped_edges(*periodic_pairs(positions, cell, c.pbc, 6.0), len(c.numbers), k)
         assert torch.equal(torch.from_numpy(got[0]), src) and torch.equal(torch.from_numpy(got[1]), dst)
         assert torch.equal(torch.from_numpy(got[2]).to(dtype), shift)
+
+
+@pytest.mark.parametrize("k", [50, 12, 4])
+def test_capped_edges_of_many_crystals_are_each_crystals_own(k):
+    """The workers cap a whole task's pairs in one pass: per crystal the same edges, same order."""
+    forms = [canonicalize(c.positions, c.cell, c.pbc) for c in CRYSTALS]
+    pairs = [periodic_pairs(f.positions, f.cell, c.pbc, 6.0) for f, c in zip(forms, CRYSTALS)]
+    sizes = [len(c.numbers) for c in CRYSTALS]
+    together = capped_edges_many(pairs, sizes, k)
+    for pair, size, got in zip(pairs, sizes, together):
+        want = capped_edges(*pair, size, k)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert capped_edges_many([], [], k) == []
 
 
 def _per_crystal_graph(numbers, positions, cells, pbcs, cutoff, k) -> CrystalGraph:
