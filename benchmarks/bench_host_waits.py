@@ -4,6 +4,7 @@ spends per structure, and how busy the workers are. With ``--sample``, which fun
 the main thread (a stack sample every 0.5 ms).
 
     python benchmarks/bench_host_waits.py [--device cuda] [--n 16384] [--workers 14,12,8,4] [--sample]
+        [--model default|paper] [--precision float32|tf32]
 
 The waits are timed by wrapping the relaxer's own functions (the pipeline's results are
 unchanged); worker time is measured inside the workers. Prints a table and writes JSON
@@ -141,10 +142,16 @@ def _sampled(function, main_id: int) -> tuple:
     return out, self_counts, inclusive, samples[0]
 
 
-def measure(atoms: list, device: torch.device, num_workers: int, sample: bool) -> dict:
+def measure(atoms: list, device: torch.device, num_workers: int, sample: bool, model="default", precision="float32") -> dict:
     from e3relax_ase.relaxer import OneShotRelaxer
 
-    relaxer = OneShotRelaxer("default", device=device, dtype="float32")
+    if model == "paper":  # untrained, at the paper's size: the work per structure, not the outputs
+        from e3relax_ase.config import ModelConfig
+        from e3relax_ase.model import E3RelaxH2
+
+        torch.manual_seed(0)
+        model = E3RelaxH2(ModelConfig()).eval()
+    relaxer = OneShotRelaxer(model, device=device, dtype="float32", precision=precision)
     relaxer.relax_many(atoms[:512], errors="return", num_workers=num_workers)  # workers start, kernels warm
     for path in _BUSY_DIR.glob("*"):
         path.unlink()
@@ -182,6 +189,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=16384, help="structures (NREL test inputs of 5-30 atoms, repeated)")
     parser.add_argument("--workers", default="14,12,8,4", help="num_workers values, one run each")
     parser.add_argument("--sample", action="store_true", help="also sample the main thread's stack (first worker count only)")
+    parser.add_argument("--model", default="default", help="a checkpoint, or 'paper' (untrained F = 512, T = 4)")
+    parser.add_argument("--precision", default="float32")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # the sanity warnings of uncertain inputs
@@ -191,19 +200,23 @@ def main(argv=None) -> None:
 
     atoms = [Atoms(c.numbers, positions=c.positions, cell=c.cell, pbc=True) for c in (crystals[i % 1024] for i in range(args.n))]
     _instrument()
-    rows = [measure(atoms, device, int(w), args.sample and k == 0) for k, w in enumerate(args.workers.split(","))]
+    rows = [
+        measure(atoms, device, int(w), args.sample and k == 0, args.model, args.precision) for k, w in enumerate(args.workers.split(","))
+    ]
     results = {
         "command": " ".join(["python"] + sys.argv),
         "device": device_name(str(device)),
         "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__},
         "n_structures": args.n,
+        "model": args.model,
+        "precision": args.precision,
         "runs": rows,
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"host_waits_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"{results['device']}, {results['cpu_count']} cores, {args.n} structures")
+    print(f"{results['device']}, {results['cpu_count']} cores, model {args.model} ({args.precision}), {args.n} structures")
     print(f"{'workers':>7} {'struct/s':>9} {'main cpu us':>11} {'wait prep':>9} {'wait judge':>10} {'wait gpu':>8} {'restore':>7} "
           f"{'prepare us':>10} {'judge us':>8} {'busy':>5}")
     for r in rows:

@@ -295,10 +295,11 @@ def graph_from_edges(
     n_edges = np.array([len(e[0]) for e in edges], dtype=np.int64)
     edge_offsets = np.repeat(offsets, n_edges)
     return CrystalGraph(
-        numbers=torch.from_numpy(np.concatenate([np.asarray(n, dtype=np.int64) for n in numbers])),
+        numbers=torch.from_numpy(np.concatenate(numbers).astype(np.int64, copy=False)),
         positions=torch.from_numpy(np.concatenate(positions).astype(np.float64, copy=False)).to(dtype),
-        cell=torch.from_numpy(np.stack(cells).astype(np.float64, copy=False)).to(dtype),
-        pbc=torch.from_numpy(np.stack([np.asarray(p, dtype=bool) for p in pbcs])),
+        # np.array of the list: np.stack's array, without its per-array Python work
+        cell=torch.from_numpy(np.array(cells, dtype=np.float64)).to(dtype),
+        pbc=torch.from_numpy(np.array(pbcs, dtype=bool)),
         batch=torch.from_numpy(np.repeat(np.arange(len(positions), dtype=np.int64), n_atoms)),
         n_atoms=torch.from_numpy(n_atoms),
         edge_src=torch.from_numpy(np.concatenate([e[0] for e in edges]) + edge_offsets),

@@ -201,7 +201,7 @@ def restore_all(forms: Sequence[CanonicalForm], positions: np.ndarray, cells: np
     every moved atom are one elementwise expression (``canonical.image_translation``): the
     same numbers as ``restore``, atom by atom.
     """
-    transforms = np.stack([form.transform for form in forms]).astype(cells.dtype)  # [n_graphs, 3, 3]
+    transforms = np.array([form.transform for form in forms], dtype=cells.dtype)  # [n_graphs, 3, 3]
     cells_input_basis = np.linalg.solve(transforms, cells)  # [n_layers, n_graphs, 3, 3]
     restored = np.array(positions, dtype=np.result_type(positions, cells), copy=True)
     shifts = np.concatenate([form.image_shift for form in forms])  # [n_atoms, 3]

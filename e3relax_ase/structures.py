@@ -190,7 +190,8 @@ def apply_prediction(atoms, positions: np.ndarray, cell: np.ndarray, relax_cell:
         else:
             _set_cell_in_steps(atoms, cell)
     applied = atoms.cell.array
-    if not np.array_equal(applied, cell):
+    # A plain Atoms given the predicted cell holds exactly it: nothing to compare.
+    if not (plain and relax_cell) and not np.array_equal(applied, cell):
         # Constraints (FixSymmetry) or relax_cell=False changed the cell: keep the predicted
         # fractional coordinates in the cell actually applied.
         positions = positions @ np.linalg.solve(cell, applied)

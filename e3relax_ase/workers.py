@@ -269,8 +269,8 @@ def _submit(pool, entries: list, settings: PreparationSettings):
     packed = (
         np.concatenate([s.numbers for s in specs]),
         np.concatenate([s.positions for s in specs]),
-        np.stack([s.cell for s in specs]),
-        np.stack([s.pbc for s in specs]),
+        np.array([s.cell for s in specs]),  # np.array, not np.stack: the same array, ~3x faster for many small ones
+        np.array([s.pbc for s in specs]),
         np.array([len(s.numbers) for s in specs], dtype=np.int64),
         [s.name if s.name is not None else _UNNAMED for s in specs],
         [s.lengths for s in specs],
@@ -431,10 +431,10 @@ def _judging_arrays(predictions: list, crystals: list, closest: list, group: ran
     """The arguments of ``sanity.judge_batch`` for the structures ``group``, packed."""
     return (
         np.concatenate([predictions[k].positions for k in group], axis=1),
-        np.stack([predictions[k].cell for k in group], axis=1),
+        np.array([predictions[k].cell for k in group]).swapaxes(0, 1),  # [T, n, 3, 3]
         np.concatenate([crystals[k].positions for k in group]),
-        np.stack([crystals[k].cell for k in group]),
-        np.stack([crystals[k].pbc for k in group]),
+        np.array([crystals[k].cell for k in group]),
+        np.array([crystals[k].pbc for k in group]),
         np.array([closest[k] for k in group], dtype=np.float64),
         np.array([len(crystals[k].positions) for k in group], dtype=np.int64),
         relax_cell,
