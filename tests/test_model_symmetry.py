@@ -168,3 +168,27 @@ def test_prediction_keeps_the_inputs_fractional_centroid(model, crystal, rng):
     expected = shift @ np.linalg.solve(crystal.cell, out.cell[-1])
     np.testing.assert_allclose(moved.positions[-1] - out.positions[-1], np.broadcast_to(expected, out.positions[-1].shape), atol=1e-9)
     np.testing.assert_allclose(moved.cell, out.cell, atol=1e-10)
+
+
+@pytest.mark.parametrize("l_max", [0, 1, 3, 6])
+def test_h2mp_invariants_are_the_summed_products_of_spherical_harmonics(l_max):
+    """z_l by the addition theorem equals sum_m Y_lm(a) Y_lm(b) of e3nn's unnormalised
+    component-normalised harmonics (the definition in METHOD.md), for any lengths of a and b,
+    the zero reference of a centrosymmetric site included."""
+    from e3nn import o3
+
+    from e3relax_ase.nn.h2mp import H2MessagePassing
+
+    layer = H2MessagePassing(8, 4, 6.0, 5, l_max, 20.0).double()
+    harmonics = o3.SphericalHarmonics(o3.Irreps.spherical_harmonics(l_max), normalize=False, normalization="component")
+    generator = torch.Generator().manual_seed(l_max)
+    a = torch.randn(500, 3, dtype=torch.float64, generator=generator)
+    a = a / a.norm(dim=-1, keepdim=True) * (1 - 1e-13)  # safe_norm's directions are a hair short of unit
+    b = torch.randn(500, 3, dtype=torch.float64, generator=generator) * torch.rand(500, 1, dtype=torch.float64, generator=generator)
+    b[:5] = 0.0
+    product = harmonics(a) * harmonics(b)
+    degrees = torch.cat([torch.full((2 * l + 1,), l) for l in range(l_max + 1)])
+    expected = torch.zeros(500, l_max + 1, dtype=torch.float64).index_add_(1, degrees, product)
+    got = layer.invariants(a, b)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

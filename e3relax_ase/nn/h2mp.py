@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from e3nn import o3
 from torch import nn
 
 from e3relax_ase.nn.mlp import MLP, safe_norm
@@ -21,13 +20,19 @@ class H2MessagePassing(nn.Module):
     harmonics are the unnormalised (polynomial) ones, so z_l scales as |ref|^l: in a site
     whose incoming directions cancel (a centrosymmetric site) the reference direction is
     undefined, and z_l for l >= 1 then fades to zero instead of jumping with rounding noise.
+
+    The sum over m is computed by the addition theorem rather than from the harmonics: for
+    the component-normalised real harmonics (e3nn's "component"), unnormalised,
+    sum_m Y_lm(a) Y_lm(b) = (2l + 1) |a|^l |b|^l P_l(a.b / |a||b|), a polynomial in a.b and
+    |a|^2 |b|^2 that Legendre's recurrence gives in a few elementwise operations per degree.
+    The same numbers to rounding (tests/test_model_symmetry.py checks it against e3nn's
+    harmonics); in place of the two harmonics evaluations per layer, whose ~100 small kernels
+    each were a large share of the time the host spent launching a forward pass.
     """
 
     def __init__(self, channels: int, num_rbf: int, cutoff: float, envelope_exponent: int, l_max: int, avg_num_neighbors: float):
         super().__init__()
         self.l_max = l_max
-        # Built once: e3nn's functional form rebuilds (and re-traces) the module on every call.
-        self.harmonics = o3.SphericalHarmonics(o3.Irreps.spherical_harmonics(l_max), normalize=False, normalization="component")
         self.rbf = GaussianBasis(0.0, cutoff, num_rbf)
         self.envelope = PolynomialEnvelope(cutoff, envelope_exponent)
         self.norm_invariants = nn.LayerNorm(l_max + 1)
@@ -41,14 +46,19 @@ class H2MessagePassing(nn.Module):
         self.inv_avg_neighbors = 1.0 / avg_num_neighbors
 
     def invariants(self, edge_dir: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """[n_edges, 3] x [n_edges, 3] -> [n_edges, l_max + 1] of sum_m Y_lm(a) Y_lm(b)."""
-        y_edge = self.harmonics(edge_dir)
-        y_ref = self.harmonics(reference)
-        product = y_edge * y_ref  # [n_edges, (l_max + 1)^2]
-        degree_index = torch.cat(
-            [torch.full((2 * l + 1,), l, dtype=torch.long, device=product.device) for l in range(self.l_max + 1)]
-        )
-        return product.new_zeros(product.shape[0], self.l_max + 1).index_add_(1, degree_index, product)
+        """[n_edges, 3] x [n_edges, 3] -> [n_edges, l_max + 1] of sum_m Y_lm(a) Y_lm(b) (class docstring).
+
+        With t = a.b and q = |a|^2 |b|^2, Q_l = |a|^l |b|^l P_l(t / sqrt(q)) follows
+        Q_0 = 1, Q_1 = t, (l + 1) Q_{l+1} = (2l + 1) t Q_l - l q Q_{l-1}, and z_l = (2l + 1) Q_l.
+        """
+        t = (edge_dir * reference).sum(dim=-1)
+        q = edge_dir.square().sum(dim=-1) * reference.square().sum(dim=-1)
+        previous, current = torch.ones_like(t), t
+        z = [previous, 3.0 * current][: self.l_max + 1]
+        for l in range(1, self.l_max):
+            previous, current = current, ((2 * l + 1) * t * current - l * q * previous) / (l + 1)
+            z.append((2 * l + 3) * current)
+        return torch.stack(z, dim=-1)
 
     def forward(self, h, v, edge_vec, edge_src, edge_dst):
         """
