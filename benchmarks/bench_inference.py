@@ -179,6 +179,17 @@ PEAKS = {
 }
 
 
+def _network(model, compiled: bool):
+    """``model``'s forward pass, or the relaxer's compiled one (``compiled.CompiledForward``:
+    the message passing compiled with torch.compile(dynamic=True), on the first call)."""
+    if not compiled:
+        return model
+    from e3relax_ase.compiled import CompiledForward
+
+    forward = CompiledForward(model)
+    return lambda graph: forward.model(graph, message_passing=forward.message_passing)
+
+
 def forward_throughput(model, graph, device, precision="float32", compiled=False):
     """Structures/s of one forward pass over ``graph``, in ``precision``, optionally compiled."""
     from e3relax_ase.precision import matmul_precision
@@ -186,7 +197,7 @@ def forward_throughput(model, graph, device, precision="float32", compiled=False
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    network = torch.compile(model, dynamic=True) if compiled else model
+    network = _network(model, compiled)
     start = time.perf_counter()
     with torch.no_grad(), matmul_precision(precision, device):
         network(graph)  # compiles when asked
@@ -202,7 +213,7 @@ def deviation_from_float32(model, graph, device, precision, compiled=False):
     """Largest and mean per-atom distance (Å) between float32 and ``precision`` predictions."""
     from e3relax_ase.precision import matmul_precision
 
-    network = torch.compile(model, dynamic=True) if compiled else model
+    network = _network(model, compiled)
     with torch.no_grad():
         exact = model(graph)
         with matmul_precision(precision, device):
@@ -297,7 +308,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--sevennet", type=int, default=0, help="also relax this many structures with SevenNet-0 + FIRE (needs sevenn)")
     parser.add_argument("--precisions", default="float32,tf32,bf16", help="forward-pass precisions to compare")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(dynamic=True) of the shipped model's forward (~1 min to compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time OneShotRelaxer(compile=True): the forward passes and end-to-end runs with the message passing compiled")
     parser.add_argument("--workers", default="0,4,12", help="num_workers values of the end-to-end runs")
     parser.add_argument("--e2e-n", type=int, default=4096, help="structures of the end-to-end runs")
     parser.add_argument("--e2e-batch-sizes", default="",
@@ -344,6 +356,8 @@ def main(argv=None):
     variants = [{"num_workers": w} for w in workers]
     variants += [{"num_workers": workers[-1], "batch_size": int(b)} for b in args.e2e_batch_sizes.split(",") if b]
     variants += [{"num_workers": workers[-1], "precision": p} for p in precisions if p != "float32"]
+    if args.compile:
+        variants += [{"num_workers": workers[-1], "precision": p, "compile": True} for p in precisions]
     results["end_to_end"] = []
     for options in variants:
         results["end_to_end"].append(end_to_end_relaxer(args.checkpoint, e2e_crystals, device, **options))
@@ -360,8 +374,11 @@ def main(argv=None):
         level = logger.level
         logger.setLevel(logging.ERROR)
         try:
+            compiles = [False, True] if args.compile else [False]
             results["end_to_end_paper_F512_T4"] = [
-                {**end_to_end_relaxer(paper, e2e_crystals, device, num_workers=workers[-1], precision=p), "model": "paper_F512_T4"}
+                {**end_to_end_relaxer(paper, e2e_crystals, device, num_workers=workers[-1], precision=p, **({"compile": True} if c else {})),
+                 "model": "paper_F512_T4"}
+                for c in compiles
                 for p in precisions
             ]
         finally:
@@ -402,14 +419,16 @@ def forward_sections(args, results, model, crystals, precisions, device, device_
     for name, network in sizes.items():
         results["work"][name] = count_work(network, graph)
         rows = [forward_throughput(network, graph, device, p) for p in precisions]
-        if args.compile and name == "shipped":  # one compilation (~1 min) per size and precision: the shipped one
-            rows.append(forward_throughput(network, graph, device, "float32", compiled=True))
+        if args.compile:  # the message passing compiled (one compilation per size, ~12 s on an H200 host)
+            rows += [forward_throughput(network, graph, device, p, compiled=True) for p in precisions]
         for row in rows:
             row.update(roofline(row, results["work"][name], device_name))
         results["forward"][name] = rows
         save()
     for p in precisions[1:]:
         results["deviation"].append(deviation_from_float32(model, graph, device, p))
+    if args.compile:
+        results["deviation"] += [deviation_from_float32(model, graph, device, p, compiled=True) for p in precisions]
     # The authors' anchor batch size.
     small = batch_graph(crystals[:256], model.config, device)
     results["forward_batch256"] = {name: forward_throughput(network, small, device, "float32") for name, network in sizes.items()}
@@ -457,10 +476,11 @@ def _table(r):
     print("end to end (Atoms -> relaxed Atoms, OneShotRelaxer.relax_many):")
     base = r["end_to_end"][0]["structures_per_s"]
     for row in r["end_to_end"]:
-        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision") if k in row)
+        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision", "compile") if k in row)
         print(f"  {label:45s} {row['structures_per_s']:8.0f} structures/s  ({row['structures_per_s'] / base:.2f}x)")
     for row in r.get("end_to_end_paper_F512_T4", []):
-        print(f"  paper size F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32'):8s}"
+        compiled = " + compile" if row.get("compile") else ""
+        print(f"  paper size F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32') + compiled:18s}"
               f"{row['structures_per_s']:12.0f} structures/s")
     if "sevennet_fire" in r:
         b = r["sevennet_fire"]
@@ -477,7 +497,7 @@ def _table(r):
             bound = f", {row['fraction_of_matmul_peak'] * 100:.0f}% matmul peak, {row['fraction_of_memory_peak_unfused'] * 100:.0f}% HBM (unfused)" if "fraction_of_matmul_peak" in row else ""
             print(f"  {label:18s} {row['structures_per_s']:9.0f} structures/s ({row['structures_per_s'] / base:.2f}x), peak {row['peak_gib']:.2f} GiB{bound}")
     for row in r.get("deviation", []):
-        print(f"{row['precision']} vs float32 (shipped): max {row['max_position_deviation_A']:.2e} Å, mean {row['mean_position_deviation_A']:.2e} Å, cell {row['max_cell_deviation_A']:.2e} Å")
+        print(f"{row['precision']}{' + compile' if row.get('compiled') else ''} vs float32 (shipped): max {row['max_position_deviation_A']:.2e} Å, mean {row['mean_position_deviation_A']:.2e} Å, cell {row['max_cell_deviation_A']:.2e} Å")
     if "latency_single_s" in r:
         print(f"single-structure latency ({r['latency_atoms']} atoms): {r['latency_single_s']*1e3:.1f} ms")
     if "latency_relax_s" in r:

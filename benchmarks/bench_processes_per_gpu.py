@@ -8,7 +8,7 @@ start together at an agreed time; the aggregate is all structures over the span 
 start to the last end.
 
     python benchmarks/bench_processes_per_gpu.py [--device cuda] [--n 16384]
-        [--configs 1x14,2x7,3x4,4x3] [--model default|paper] [--precision float32|tf32]
+        [--configs 1x14,2x7,3x4,4x3] [--model default|paper] [--precision float32|tf32] [--compile]
 
 Prints a table and writes JSON (command, device, versions, figures) to
 benchmarks/results/processes_per_gpu_<device>.json.
@@ -53,7 +53,7 @@ def child(args) -> None:
         torch.manual_seed(0)
         model = E3RelaxH2(ModelConfig()).eval()
     device = torch.device(args.device)
-    relaxer = OneShotRelaxer(model, device=device, dtype="float32", precision=args.precision)
+    relaxer = OneShotRelaxer(model, device=device, dtype="float32", precision=args.precision, **({"compile": True} if args.compile else {}))
     relaxer.relax_many(atoms[:256], errors="return", num_workers=args.workers)  # workers start, kernels warm
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -73,6 +73,7 @@ def run_config(args, processes: int, workers: int) -> dict:
     start_at = time.time() + args.warm_up_s
     command = [sys.executable, __file__, "--child", "--device", args.device, "--n", str(args.n), "--model", args.model,
                "--precision", args.precision, "--processes", str(processes), "--workers", str(workers), "--start-at", str(start_at)]
+    command += ["--compile"] if args.compile else []
     children = [subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.PIPE, text=True) for rank in range(processes)]
     rows = []
     for process in children:
@@ -101,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", default="1x14,2x7,3x4,4x3", help="PROCESSESxWORKERS, comma-separated")
     parser.add_argument("--model", default="default", help="a checkpoint, or 'paper' (untrained F = 512, T = 4)")
     parser.add_argument("--precision", default="float32")
+    parser.add_argument("--compile", action="store_true", help="OneShotRelaxer(compile=True) (give --warm-up-s time for the compilation)")
     parser.add_argument("--warm-up-s", type=float, default=25.0, help="time for every process to load and warm up")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -124,6 +126,7 @@ def main(argv=None) -> None:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "model": args.model,
         "precision": args.precision,
+        "compile": args.compile,
         "n_structures": args.n,
         "configs": rows,
     }
@@ -131,7 +134,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     base = rows[0]["structures_per_s"]
-    print(f"{results['device']}, {results['cpu_count']} cores, model {args.model} ({args.precision}), {args.n} structures")
+    print(f"{results['device']}, {results['cpu_count']} cores, model {args.model} ({args.precision}{', compiled' if args.compile else ''}), {args.n} structures")
     for r in rows:
         print(f"  {r['processes']} process(es) x {r['workers_per_process']:2d} workers: {r['structures_per_s']:8.0f} structures/s "
               f"({r['structures_per_s'] / base:.2f}x)")

@@ -15,12 +15,13 @@ from pathlib import Path
 def _rows(result: dict) -> dict:
     rows = {}
     for row in result.get("end_to_end", []):
-        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision") if k in row)
+        label = ", ".join(f"{k}={row[k]}" for k in ("num_workers", "batch_size", "precision", "compile") if k in row)
         rows[f"end to end, {label} (structures/s)"] = row["structures_per_s"]
         if row.get("peak_gpu_memory_gib") is not None:
             rows[f"end to end, {label} (peak GPU memory, GiB)"] = row["peak_gpu_memory_gib"]
     for row in result.get("end_to_end_paper_F512_T4", []):
         label = f"end to end, paper F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32')}"
+        label += ", compiled" if row.get("compile") else ""
         rows[f"{label} (structures/s)"] = row["structures_per_s"]
         if row.get("peak_gpu_memory_gib") is not None:
             rows[f"{label} (peak GPU memory, GiB)"] = row["peak_gpu_memory_gib"]

@@ -56,11 +56,14 @@ class InteractionLayer(nn.Module):
         """
         return (u * self.w_lattice.to(u.dtype)[:, None]).sum(dim=-2)
 
-    def forward(self, graph: CrystalGraph, state: dict) -> dict:
+    def forward(self, graph: CrystalGraph, state: dict, message_passing=None) -> dict:
+        """One layer; ``message_passing`` runs in place of ``self.message_passing`` when given
+        (the same function compiled: ``compiled.CompiledForward``)."""
         h, v, s, u = state["h"], state["v"], state["s"], state["u"]
         positions, cell = state["positions"], state["cell"]
         h, v, u = self.broadcast(h, v, s, u, positions, cell, graph.batch, graph.n_graphs)
-        m, mv = self.message_passing(h, v, edge_vectors(graph, positions, cell), graph.edge_src, graph.edge_dst)
+        message_passing = self.message_passing if message_passing is None else message_passing
+        m, mv = message_passing(h, v, edge_vectors(graph, positions, cell), graph.edge_src, graph.edge_dst)
         h, v = self.self_interaction(h, v, m, mv)
         s, u = self.atom_to_lattice(h, v, s, u, cell, graph.batch)
         s, u = self.lattice_mixing(s, u)
@@ -90,13 +93,15 @@ class E3RelaxH2(nn.Module):
         self.axis_embedding = nn.Embedding(3, f)
         self.layers = nn.ModuleList([InteractionLayer(self.config) for _ in range(self.config.num_layers)])
 
-    def forward(self, graph: CrystalGraph) -> ModelOutput:
+    def forward(self, graph: CrystalGraph, message_passing=None) -> ModelOutput:
         """Predict every layer's structure for a batch of crystals.
 
         Args:
             graph: batched crystals; positions should be wrapped into the cell and the cell
                 reduced (``e3relax_ase.canonical`` does both) for the prediction to be
                 invariant to how the input is written.
+            message_passing: per layer, a callable to run in place of the layer's
+                ``message_passing`` (its compiled form, ``compiled.CompiledForward``), or None.
 
         Returns:
             ModelOutput with positions [T, n_atoms, 3] and cell [T, n_graphs, 3, 3].
@@ -113,8 +118,8 @@ class E3RelaxH2(nn.Module):
             "cell": graph.cell,
         }
         positions, cells = [], []
-        for layer in self.layers:
-            state = layer(graph, state)
+        for k, layer in enumerate(self.layers):
+            state = layer(graph, state, message_passing[k] if message_passing is not None else None)
             positions.append(state["positions"])
             cells.append(state["cell"])
         return ModelOutput(torch.stack(positions), torch.stack(cells))

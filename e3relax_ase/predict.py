@@ -14,6 +14,7 @@ import torch
 
 from e3relax_ase.canonical import CanonicalForm, canonicalize, image_translation
 from e3relax_ase.graph import CrystalGraph, build_graph
+from e3relax_ase.compiled import CompiledForward
 from e3relax_ase.graphed import GraphedForward
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.nn.scatter import scatter_mean
@@ -99,7 +100,7 @@ def predict(
     graph: CrystalGraph | None = None,
     precision: str = "float32",
     wait: bool = True,
-    forward: GraphedForward | None = None,
+    forward: GraphedForward | CompiledForward | Sequence | None = None,
 ) -> list[Prediction] | PendingPredictions:
     """Predict the relaxed structures of a batch of crystals in one forward pass.
 
@@ -117,8 +118,11 @@ def predict(
         wait: False returns as soon as the pass is queued on the device, as
             ``PendingPredictions`` (on CUDA the pass then runs while the caller works on;
             on a CPU it has run already).
-        forward: a ``graphed.GraphedForward`` of ``model``, to replay small CUDA batches
-            from captured CUDA graphs (it says which batches it ``handles``).
+        forward: another way to run ``model``'s forward pass, or several in order of
+            preference; the first whose ``handles(graph)`` is true runs the batch, and the
+            plain ``model(graph)`` runs it otherwise: ``graphed.GraphedForward`` replays small
+            CUDA batches from captured CUDA graphs, ``compiled.CompiledForward`` runs any
+            batch with the message passing compiled.
 
     Returns:
         One ``Prediction`` per crystal, in the caller's lattice basis and atom images (with
@@ -130,8 +134,9 @@ def predict(
         graph = graph_from_canonical(crystals, forms, model.config.cutoff, model.config.max_neighbors, device, dtype)
     else:
         graph = to_device(graph, device, dtype)
-    if forward is not None and forward.handles(graph):
-        output = forward(graph, precision)
+    runner = next((f for f in _as_list(forward) if f.handles(graph)), None)
+    if runner is not None:
+        output = runner(graph, precision)
     else:
         with matmul_precision(precision, device):
             output = model(graph)
@@ -139,6 +144,14 @@ def predict(
     bounds = np.concatenate([[0], np.cumsum([len(c.numbers) for c in crystals])]).tolist()
     pending = PendingPredictions(forms, positions, output.cell, bounds)
     return pending if not wait else pending.result()
+
+
+def _as_list(forward) -> list:
+    if forward is None:
+        return []
+    if isinstance(forward, (list, tuple)):
+        return [f for f in forward if f is not None]
+    return [forward]
 
 
 class PendingPredictions:

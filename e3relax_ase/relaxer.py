@@ -31,6 +31,7 @@ from e3relax_ase.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.canonical import CanonicalForm
 from e3relax_ase.graph import graph_from_edges
+from e3relax_ase.compiled import CompiledForward
 from e3relax_ase.graphed import GraphedForward
 from e3relax_ase.heap import keep_freed_heap
 from e3relax_ase.predict import CrystalArrays, Prediction, ReadyPredictions, predict
@@ -252,6 +253,7 @@ class OneShotRelaxer:
         reduce_cell: bool = True,
         precision: str = "float32",
         cuda_graphs: bool = True,
+        compile: bool = False,
     ):
         """
         Args:
@@ -273,6 +275,12 @@ class OneShotRelaxer:
                 (single structures, short lists) by replaying a CUDA graph captured once
                 per size bucket: their time is kernel launches, not arithmetic. False runs
                 every batch eagerly.
+            compile: run the network's message passing compiled by ``torch.compile``
+                (``e3relax_ase.compiled``) for every batch that does not replay a CUDA graph.
+                The first batch waits for the compilation (about 12 s on an H200 host, 10 s
+                on a 2-core CPU), later ones run faster: at the paper's size with TF32, 1.9x
+                the forward pass. For long runs; outputs agree with the eager pass to
+                rounding. Needs Triton on CUDA, a C++ compiler on a CPU.
 
         Raises:
             CheckpointError: the checkpoint cannot be loaded.
@@ -287,6 +295,7 @@ class OneShotRelaxer:
             model, info = load_checkpoint(checkpoint, map_location="cpu")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self._graphed = GraphedForward(self.model) if cuda_graphs and self.device.type == "cuda" else None
+        self._compiled = CompiledForward(self.model) if compile else None
         if self.device.type == "cpu":
             keep_freed_heap()  # no page faults on every forward pass (e3relax_ase.heap)
         self.info = info
@@ -301,6 +310,7 @@ class OneShotRelaxer:
 
     def __repr__(self) -> str:
         extra = "" if self.precision == "float32" else f", precision={self.precision!r}"
+        extra += ", compile=True" if self._compiled is not None else ""
         return f"OneShotRelaxer(checkpoint={self.info.name!r}, device={str(self.device)!r}, dtype={self.dtype}{extra})"
 
     # --- validation ------------------------------------------------------------------------
@@ -670,7 +680,7 @@ class OneShotRelaxer:
             graph=graph,
             precision=self.precision,
             wait=False,
-            forward=self._graphed,
+            forward=[self._graphed, self._compiled],
         )
 
     def _advance(
