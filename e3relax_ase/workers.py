@@ -50,7 +50,7 @@ READ_AHEAD_ATOMS = 1_500_000
 AUTO_MAX_WORKERS = 14
 AUTO_RESERVED_CORES = 2  # on a share of 8 cores or more; 1 on smaller shares
 AUTO_MIN_STRUCTURES = 256  # fewer structures than this are not worth starting workers for
-_UNNAMED = "\x00unnamed\x00"  # stands for a structure's name in a worker (named on failure only)
+UNNAMED = "\x00unnamed\x00"  # stands for a structure's name until it fails (naming may take time)
 
 
 # --- the work, run by the relaxer itself or by a worker --------------------------------------------
@@ -272,7 +272,7 @@ def _submit(pool, entries: list, settings: PreparationSettings):
         np.array([s.cell for s in specs]),  # np.array, not np.stack: the same array, ~3x faster for many small ones
         np.array([s.pbc for s in specs]),
         np.array([len(s.numbers) for s in specs], dtype=np.int64),
-        [s.name if s.name is not None else _UNNAMED for s in specs],
+        [s.name if s.name is not None else UNNAMED for s in specs],
         [s.lengths for s in specs],
     )
     return entries, pool.submit(_prepare_task, packed, settings)
@@ -286,8 +286,8 @@ def _collect(entries: list, task) -> Iterator:
         if isinstance(entry, tuple):
             entry = entry[0]
             outcome = next(outcomes)
-            if isinstance(outcome, InvalidStructureError) and str(outcome).startswith(_UNNAMED):
-                outcome = InvalidStructureError(entry.name + str(outcome)[len(_UNNAMED) :])  # the name, now
+            if isinstance(outcome, InvalidStructureError) and str(outcome).startswith(UNNAMED):
+                outcome = InvalidStructureError(entry.name + str(outcome)[len(UNNAMED) :])  # the name, now
         yield index, entry, outcome
 
 

@@ -220,6 +220,31 @@ def test_insane_prediction_flagged_and_logged(relaxer, monkeypatch, caplog):
         relaxer.relax(atoms, on_insane="raise")
 
 
+def test_insane_prediction_is_not_named_when_nobody_reads_the_message(relaxer, monkeypatch):
+    """Naming a structure can mean building its formula: with warnings off and on_insane="warn"
+    the message is not built, and the result (flags, problems) is the same."""
+    import e3relax_ase.relaxer as relaxer_module
+
+    def collapse(prediction, crystal):
+        prediction.positions[-1][1] = prediction.positions[-1][0] + [0.1, 0.0, 0.0]
+
+    patch_predict(monkeypatch, collapse)
+    named = []
+    real_name_of = relaxer_module._name_of
+    monkeypatch.setattr(relaxer_module, "_name_of", lambda *args: named.append(args) or real_name_of(*args))
+    logger = logging.getLogger("e3relax_ase")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        quiet = relaxer.relax_many([nacl()])[0]
+    finally:
+        logger.setLevel(level)
+    assert not named
+    assert quiet.info["e3relax_sane"] is False and "0.100 Å apart" in quiet.info["e3relax_problems"]
+    relaxer.relax_many([nacl()])  # warnings on: the message names it
+    assert named
+
+
 def test_nan_prediction_falls_back_to_input(relaxer, monkeypatch):
     def poison(prediction, crystal):
         prediction.positions[-1][0, 0] = np.nan
