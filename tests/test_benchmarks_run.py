@@ -80,3 +80,31 @@ def test_bench_processes_per_gpu_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["configs"]
     assert [(r["processes"], r["workers_per_process"]) for r in rows] == [(1, 0), (2, 0)]
     assert all(r["relaxed"] > 0 and r["structures_per_s"] > 0 for r in rows) and "2 process(es)" in stdout
+
+
+@pytest.mark.slow
+def test_bench_host_stages_on_cpu_and_compared(tmp_path):
+    """The host-stage costs of this package, lined up against themselves by compare_results."""
+    out = tmp_path / "stages.json"
+    stdout = run(["benchmarks/bench_host_stages.py", "--n", "256", "--out", str(out)], tmp_path)
+    stages = json.loads(out.read_text())["us_per_structure"]
+    assert set(stages) == {"niggli_ase", "niggli_batched", "worker_prepare", "worker_judge", "main_thread"}
+    assert all(value > 0 for value in stages.values()) and "worker_prepare" in stdout
+    table = run(["benchmarks/compare_results.py", str(out), str(out)], tmp_path)
+    assert "host stage worker_judge (µs per structure)" in table and " 1.00" in table
+
+
+@pytest.mark.slow
+def test_bench_inference_compiled_rows_on_cpu(tmp_path):
+    """--compile adds the compiled forward, deviation and end-to-end rows (needs a C++ compiler)."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("Inductor on a CPU needs a C++ compiler")
+    out = tmp_path / "compiled.json"
+    run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32", "--workers", "0",
+         "--compile", "--skip", "latency,scaling", "--out", str(out)], tmp_path)
+    results = json.loads(out.read_text())
+    assert [row["compiled"] for row in results["forward"]["shipped"]] == [False, True]
+    assert any(row.get("compile") for row in results["end_to_end"])
+    assert any(row["compiled"] for row in results["deviation"])
