@@ -244,7 +244,6 @@ def confidence(positions_layers, cell_layers, positions_input, cell_input) -> Co
     return Confidence(d_total, s_total, ratio, advised, d_last)
 
 
-
 # --- many predictions at once ------------------------------------------------------------------
 
 
@@ -313,7 +312,10 @@ def judge_batch(
         regular = _regular(positions_layers, cell_layers, cells_input, np.asarray(pbcs, dtype=bool), bounds)
         rows = np.flatnonzero(regular)
         if len(rows):
-            atoms = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in rows.tolist()])
+            if len(rows) == n:  # the common case: every structure
+                atoms = np.arange(bounds[-1])
+            else:
+                atoms = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in rows.tolist()])
             judged = _judge_regular(
                 positions_layers[:, atoms],
                 cell_layers[:, rows],

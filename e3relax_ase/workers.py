@@ -315,13 +315,21 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
         except Exception as exc:
             outcomes.append(picklable_error(exc))
         start = stop
-    # The graph edges of every prepared structure in one pass (graph_edges, batched).
+    # The graph edges of every prepared structure in one pass (graph_edges, batched); should
+    # that fail, each structure alone, so that a failure stays its structure's own.
     done = [k for k, o in enumerate(outcomes) if not isinstance(o, Exception)]
-    edges = capped_edges_many(
-        [outcomes[k].pairs for k in done], [len(outcomes[k].form.positions) for k in done], settings.checks["max_neighbors"]
-    )
+    try:
+        edges = capped_edges_many(
+            [outcomes[k].pairs for k in done], [len(outcomes[k].form.positions) for k in done], settings.checks["max_neighbors"]
+        )
+    except Exception:  # noqa: BLE001
+        edges = [None] * len(done)
     for k, edge in zip(done, edges):
-        outcomes[k] = (outcomes[k].report, outcomes[k].form, edge)
+        try:
+            edge = edge if edge is not None else graph_edges(outcomes[k], settings)
+            outcomes[k] = (outcomes[k].report, outcomes[k].form, edge)
+        except Exception as exc:
+            outcomes[k] = picklable_error(exc)
     return _pack_outcomes(outcomes)
 
 
