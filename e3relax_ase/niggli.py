@@ -85,45 +85,19 @@ def niggli_transforms(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = _apply(d, g0[active[rest]])
 
         # ... then at most one of the steps A5-A8; a cell that needs none is reduced.
-        g0_, g1, g2, g3, g4, g5 = g.T
-        del g2
-        step5 = _gt(np.abs(g3), g1, e) | (_eq(g3, g1, e) & _lt(2 * g4, g5, e)) | (_eq(g3, -g1, e) & _lt(g5, 0.0, e))
-        step6 = ~step5 & (
-            _gt(np.abs(g4), g0_, e) | (_eq(g4, g0_, e) & _lt(2 * g3, g5, e)) | (_eq(g4, -g0_, e) & _lt(g5, 0.0, e))
-        )
-        taken = step5 | step6
-        step7 = ~taken & (
-            _gt(np.abs(g5), g0_, e) | (_eq(g5, g0_, e) & _lt(2 * g3, g4, e)) | (_eq(g5, -g0_, e) & _lt(g4, 0.0, e))
-        )
-        taken |= step7
+        taken = np.zeros(len(rest), dtype=bool)
+        for term, i, j, other, partner in _SHEARS:  # A5, A6, A7 in order
+            t, gi = g[:, term], g[:, i]
+            step = ~taken & (
+                _gt(np.abs(t), gi, e) | (_eq(t, gi, e) & _lt(2 * g[:, other], g[:, partner], e)) | (_eq(t, -gi, e) & _lt(g[:, partner], 0.0, e))
+            )
+            if step.any():
+                _shear(c, d, np.flatnonzero(step), np.sign(t[step]).astype(np.int64)[:, None], i, j, term, other, partner)
+            taken |= step
+        g0_, g1, _, g3, g4, g5 = g.T
         total = (((g0_ + g1) + g3) + g4) + g5  # summed in the order numpy sums g[[0, 1, 3, 4, 5]]
         step8 = ~taken & (_lt(total, 0.0, e) | (_eq(total, 0.0, e) & _gt(2 * (g0_ + g4) + g5, 0.0, e)))
         taken |= step8
-
-        if step5.any():
-            k = np.flatnonzero(step5)
-            s = np.sign(g3[k]).astype(np.int64)[:, None]
-            c[k, :, 2] -= s * c[k, :, 1]
-            d1, d3, d5 = d[k, 1], d[k, 3], d[k, 5]
-            d[k, 2] = d[k, 2] + d1 - s * d3
-            d[k, 4] = d[k, 4] - s * d5
-            d[k, 3] = d3 - 2 * s * d1
-        if step6.any():
-            k = np.flatnonzero(step6)
-            s = np.sign(g4[k]).astype(np.int64)[:, None]
-            c[k, :, 2] -= s * c[k, :, 0]
-            d0, d4, d5 = d[k, 0], d[k, 4], d[k, 5]
-            d[k, 2] = d[k, 2] + d0 - s * d4
-            d[k, 3] = d[k, 3] - s * d5
-            d[k, 4] = d4 - 2 * s * d0
-        if step7.any():
-            k = np.flatnonzero(step7)
-            s = np.sign(g5[k]).astype(np.int64)[:, None]
-            c[k, :, 1] -= s * c[k, :, 0]
-            d0, d4, d5 = d[k, 0], d[k, 4], d[k, 5]
-            d[k, 1] = d[k, 1] + d0 - s * d5
-            d[k, 3] = d[k, 3] - s * d4
-            d[k, 5] = d5 - 2 * s * d0
         if step8.any():
             k = np.flatnonzero(step8)
             c[k, :, 2] += c[k, :, 0] + c[k, :, 1]
@@ -142,6 +116,22 @@ def niggli_transforms(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             keep[finished] = False
             active, basis, metric_map = active[keep], basis[keep], metric_map[keep]
     return transforms, converged
+
+
+# Steps A5-A7: (metric term 2 x.y, vector x, vector y, the other two off-diagonal terms): when
+# the term is too large, vector y -= sign(term) * vector x.
+_SHEARS = ((3, 1, 2, 4, 5), (4, 0, 2, 3, 5), (5, 0, 1, 3, 4))
+
+
+def _shear(c: np.ndarray, d: np.ndarray, k: np.ndarray, s: np.ndarray, i: int, j: int, term: int, other: int, partner: int) -> None:
+    """Vector j -= s * vector i in the bases ``c[k]`` (columns), and the metric maps ``d[k]`` to
+    match: |j|^2 gains |i|^2 - s (2 i.j), the term 2 i.j loses 2 s |i|^2, and the third term
+    loses s times its partner."""
+    c[k, :, j] -= s * c[k, :, i]
+    d_i, d_term, d_partner = d[k, i], d[k, term], d[k, partner]
+    d[k, j] = d[k, j] + d_i - s * d_term
+    d[k, other] = d[k, other] - s * d_partner
+    d[k, term] = d_term - 2 * s * d_i
 
 
 def _metric(cells: np.ndarray) -> np.ndarray:
