@@ -108,3 +108,13 @@ def test_bench_inference_compiled_rows_on_cpu(tmp_path):
     assert [row["compiled"] for row in results["forward"]["shipped"]] == [False, True]
     assert any(row.get("compile") for row in results["end_to_end"])
     assert any(row["compiled"] for row in results["deviation"])
+
+
+@pytest.mark.slow
+def test_bench_cpu_latency_on_cpu(tmp_path):
+    """The CPU latency benchmark, with its stage timers wrapped around the relaxer's own functions."""
+    out = tmp_path / "latency.json"
+    run(["benchmarks/bench_cpu_latency.py", "--threads", "1", "--repeats", "2", "--rounds", "1", "--out", str(out)], tmp_path)
+    results = json.loads(out.read_text())
+    entry = next(iter(results["results"].values()))
+    assert entry and set(results["stage_meaning"]) >= {"validate", "network", "judge", "apply_provenance"}
