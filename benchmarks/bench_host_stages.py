@@ -22,9 +22,7 @@ device, versions, package, figures) to benchmarks/results/host_stages_cpu.json b
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_inference import test_structures  # noqa: E402
-from bench_pipeline import device_name, versions  # noqa: E402
+from bench_pipeline import result_header, write_result  # noqa: E402
 
 TASK = 32  # structures per worker task (workers.TASK_STRUCTURES)
 
@@ -147,18 +145,13 @@ def main(argv=None) -> None:
     stages["main_thread"] = _main_thread_us(crystals)
 
     results = {
-        "command": " ".join(["python"] + sys.argv),
-        "device": device_name("cpu"),
-        "cpu_count": os.cpu_count(),
-        "versions": versions(),
+        **result_header("cpu"),
         "package": str(Path(e3relax_ase.__file__).parent),
         "n_structures": len(crystals),
         "mean_atoms": float(np.mean([len(c.numbers) for c in crystals])),
         "us_per_structure": stages,  # compare_results.py lines these up between two packages
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "host_stages_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    write_result(results, args.out, "host_stages_cpu.json")
     print(f"{results['device']}; package {results['package']}; {len(crystals)} structures, mean {results['mean_atoms']:.1f} atoms")
     for name, value in stages.items():
         print(f"  {name:16s} {value:8.1f} µs per structure")

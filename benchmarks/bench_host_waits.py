@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -28,7 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # a package named on PYTHONPATH first is the one measured
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import e3relax_ase.predict as predict_module  # noqa: E402
@@ -37,7 +34,7 @@ import e3relax_ase.workers as workers_module  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_inference import test_structures  # noqa: E402
-from bench_pipeline import device_name  # noqa: E402
+from bench_pipeline import result_header, write_result  # noqa: E402
 
 _WAITS: dict[str, float] = {}
 _BUSY_DIR = Path(tempfile.mkdtemp(prefix="host_waits_"))  # workers append their task times here
@@ -204,18 +201,13 @@ def main(argv=None) -> None:
         measure(atoms, device, int(w), args.sample and k == 0, args.model, args.precision) for k, w in enumerate(args.workers.split(","))
     ]
     results = {
-        "command": " ".join(["python"] + sys.argv),
-        "device": device_name(str(device)),
-        "cpu_count": os.cpu_count(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__},
+        **result_header(str(device)),
         "n_structures": args.n,
         "model": args.model,
         "precision": args.precision,
         "runs": rows,
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"host_waits_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    write_result(results, args.out, f"host_waits_{device.type}.json")
     print(f"{results['device']}, {results['cpu_count']} cores, model {args.model} ({args.precision}), {args.n} structures")
     print(f"{'workers':>7} {'struct/s':>9} {'main cpu us':>11} {'wait prep':>9} {'wait judge':>10} {'wait gpu':>8} {'restore':>7} "
           f"{'prepare us':>10} {'judge us':>8} {'busy':>5}")

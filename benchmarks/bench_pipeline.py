@@ -216,6 +216,19 @@ def versions() -> dict:
     return out
 
 
+def result_header(device: str) -> dict:
+    """The fields a benchmark's JSON starts with: its command, the machine and the versions."""
+    return {"command": " ".join(["python"] + sys.argv), "device": device_name(device), "cpu_count": os.cpu_count(), "versions": versions()}
+
+
+def write_result(results: dict, out: str | None, default_name: str) -> Path:
+    """Write ``results`` as JSON to ``out``, or to benchmarks/results/``default_name``."""
+    path = Path(out) if out else ROOT / "benchmarks" / "results" / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
 def git_state() -> dict:
     def git(*cmd):
         try:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # a package named on PYTHONPATH first is the one measured
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_pipeline import device_name  # noqa: E402
+from bench_pipeline import result_header, write_result  # noqa: E402
 
 
 def child(args) -> None:
@@ -120,19 +118,14 @@ def main(argv=None) -> None:
     rows = [run_config(args, p, w) for p, w in configs]
     device = torch.device(args.device)
     results = {
-        "command": " ".join(["python"] + sys.argv),
-        "device": device_name(str(device)),
-        "cpu_count": os.cpu_count(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **result_header(str(device)),
         "model": args.model,
         "precision": args.precision,
         "compile": args.compile,
         "n_structures": args.n,
         "configs": rows,
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"processes_per_gpu_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    write_result(results, args.out, f"processes_per_gpu_{device.type}.json")
     base = rows[0]["structures_per_s"]
     print(f"{results['device']}, {results['cpu_count']} cores, model {args.model} ({args.precision}{', compiled' if args.compile else ''}), {args.n} structures")
     for r in rows:
