@@ -402,7 +402,8 @@ def _judge_regular(positions_layers, cell_layers, positions_input, cells_input, 
         final_positions, final_cell = _rows_times(positions, np.linalg.solve(cell, cells_input)[owner]), cells_input
     det_input, det = np.linalg.det(cells_input), np.linalg.det(final_cell)
     lengths_product = np.prod(np.linalg.norm(final_cell, axis=2), axis=1)
-    deformation = np.linalg.solve(cells_input, final_cell)
+    strain = np.linalg.solve(cells_input, cell)  # input cell -> predicted cell, also the confidence's strain
+    deformation = strain if relax_cell else np.linalg.solve(cells_input, final_cell)
     try:
         smallest = np.linalg.svd(deformation, compute_uv=False)[:, -1]
     except np.linalg.LinAlgError:
@@ -415,7 +416,7 @@ def _judge_regular(positions_layers, cell_layers, positions_input, cells_input, 
     fractional_input = _rows_times(positions_input, np.linalg.inv(cells_input)[owner])
     fractional = _rows_times(positions, np.linalg.inv(cell)[owner])
     d_total = _largest_norm(_rows_times(fractional - fractional_input, cell[owner]), bounds)
-    s_total = np.abs(np.linalg.solve(cells_input, cell) - np.eye(3)).max(axis=(1, 2))
+    s_total = np.abs(strain - np.eye(3)).max(axis=(1, 2))
     if len(cell_layers) >= 2:
         previous = cell_layers[-2]
         fractional_previous = _rows_times(positions_layers[-2], np.linalg.inv(previous)[owner])
