@@ -75,6 +75,7 @@ from e3relax_ase.workers import (
     StructureSpec,
     UNNAMED,
     graph_edges,
+    named,
     collect_verdicts,
     submit_judging,
     judge_here,
@@ -553,9 +554,10 @@ class OneShotRelaxer:
         try:
             prepared = prepare_atoms(atoms, name=name if name is not None else UNNAMED, **settings.checks)
         except InvalidStructureError as exc:
-            if name is None and str(exc).startswith(UNNAMED):
-                raise InvalidStructureError(_name_of(structure, index) + str(exc)[len(UNNAMED) :]) from None
-            raise
+            renamed = named(exc, lambda: _name_of(structure, index))
+            if renamed is exc:
+                raise
+            raise renamed from None
         arrays = crystal_arrays(atoms)
         edges = graph_edges(prepared, settings)
         work, pristine = _work_copies(atoms, kind, inplace, keep_pristine)

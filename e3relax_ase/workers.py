@@ -286,9 +286,16 @@ def _collect(entries: list, task) -> Iterator:
         if isinstance(entry, tuple):
             entry = entry[0]
             outcome = next(outcomes)
-            if isinstance(outcome, InvalidStructureError) and str(outcome).startswith(UNNAMED):
-                outcome = InvalidStructureError(entry.name + str(outcome)[len(UNNAMED) :])  # the name, now
+            outcome = named(outcome, lambda: entry.name)
         yield index, entry, outcome
+
+
+def named(error, name: Callable[[], str]):
+    """``error`` with the ``UNNAMED`` placeholder that starts its message replaced by ``name()``
+    (called only then: naming may take time); anything else as it is."""
+    if isinstance(error, InvalidStructureError) and str(error).startswith(UNNAMED):
+        return InvalidStructureError(name() + str(error)[len(UNNAMED) :])
+    return error
 
 
 def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
