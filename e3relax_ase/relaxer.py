@@ -782,19 +782,19 @@ class OneShotRelaxer:
 
     def _submit_judging(self, items: list[_Item], predictions: list[Prediction], options: _Options) -> list:
         """Send the judging of every item to the worker processes; the tasks."""
-        crystals = [item.arrays for item in items]
-        closest = [self._closest(item) for item in items]
-        return submit_judging(options.pool, predictions, crystals, closest, options.relax_cell, self.min_distance)
+        return submit_judging(options.pool, predictions, *self._judged_inputs(items), options.relax_cell, self.min_distance)
 
     def _judge_here(self, items: list[_Item], predictions: list[Prediction], options: _Options) -> list:
         """The verdicts of ``_submit_judging``, computed in this process (the same function).
         Should packing the batch fail, each item is judged alone in ``_finish``."""
         try:
-            crystals = [item.arrays for item in items]
-            closest = [self._closest(item) for item in items]
-            return judge_here(predictions, crystals, closest, options.relax_cell, self.min_distance)
+            return judge_here(predictions, *self._judged_inputs(items), options.relax_cell, self.min_distance)
         except Exception:  # noqa: BLE001 (e.g. a prediction of the wrong shape: that item fails alone)
             return [None] * len(items)
+
+    def _judged_inputs(self, items: list[_Item]) -> tuple[list, list]:
+        """What judging needs of each item: its input arrays, and a lower bound on its pair distances."""
+        return [item.arrays for item in items], [self._closest(item) for item in items]
 
     def _closest(self, item: _Item) -> float:
         """A lower bound on every input pair distance: validation's closest pair, or the cutoff."""
