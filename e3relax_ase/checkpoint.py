@@ -3,10 +3,13 @@
 A checkpoint is a ``torch.save`` of a dict holding only tensors and plain Python values, so it
 loads with ``torch.load(weights_only=True)``: a file carrying pickled code is refused, never run.
 
-    {"format": "e3relax-ase-checkpoint", "format_version": 1,
+    {"format": "e3relax-ase-checkpoint", "format_version": 2,
      "config": {...ModelConfig fields...}, "state_dict": {name: tensor},
      "versions": {"e3relax_ase", "torch", "e3nn", "python"},
      "metadata": {free JSON-like: name, training data, metrics, licence, ...}}
+
+Format version 2 added ``config["architecture"]``; a version-1 file holds the paper's
+"axis-lattice" network (``model_axis_lattice``), the only one there was.
 
 Shipped checkpoints are listed in ``checkpoints/registry.json`` (name -> file, sha256, ...).
 """
@@ -24,11 +27,11 @@ from pathlib import Path
 import torch
 
 from e3relax_ase import __version__
+from e3relax_ase.architectures import build_model
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.model import E3RelaxH2
 
 FORMAT_NAME = "e3relax-ase-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 REGISTRY_FILE = "registry.json"
 
@@ -67,7 +70,7 @@ def _versions() -> dict:
     return {"e3relax_ase": __version__, "torch": str(torch.__version__), "e3nn": str(e3nn.__version__), "python": platform.python_version()}
 
 
-def save_checkpoint(path: str | os.PathLike, model: E3RelaxH2, metadata: dict | None = None) -> str:
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: dict | None = None) -> str:
     """Write a checkpoint atomically (temporary file, then rename); returns its sha256.
 
     Raises:
@@ -135,7 +138,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, str | None,
 
 def load_checkpoint(
     checkpoint: str | os.PathLike = "default", map_location="cpu", expected_sha256: str | None = None
-) -> tuple[E3RelaxH2, CheckpointInfo]:
+) -> tuple[torch.nn.Module, CheckpointInfo]:
     """Rebuild a model from a checkpoint (safe loading, strict weights, verified hash).
 
     Args:
@@ -170,8 +173,11 @@ def load_checkpoint(
             f"checkpoint {path} has format version {version}, newer than this e3relax-ase reads ({FORMAT_VERSION}); upgrade e3relax-ase"
         )
     try:
-        config = ModelConfig.from_dict(payload["config"])
-        model = E3RelaxH2(config)
+        config_values = dict(payload["config"])
+        if version == 1:
+            config_values.setdefault("architecture", "axis-lattice")
+        config = ModelConfig.from_dict(config_values)
+        model = build_model(config)
         model.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -17,8 +17,6 @@ from e3relax_ase.graph import CrystalGraph, build_graph
 from e3relax_ase.compiled import CompiledForward
 from e3relax_ase.graphed import GraphedForward
 from e3relax_ase.model import E3RelaxH2
-from e3relax_ase.nn.scatter import scatter_mean
-from e3relax_ase.nn.solve import solve_unchecked
 from e3relax_ase.precision import matmul_precision
 
 
@@ -58,34 +56,6 @@ def graph_from_canonical(
         max_neighbors,
         dtype=dtype,
     )
-
-
-def keep_fractional_centroid(
-    positions_pred: torch.Tensor, cell_pred: torch.Tensor, positions_in: torch.Tensor, cell_in: torch.Tensor, batch: torch.Tensor
-) -> torch.Tensor:
-    """Translate each predicted crystal so its fractional centroid is the input's.
-
-    The network is translation equivariant: it keeps the Cartesian centroid. DFT codes keep
-    the fractional one (they deform the cell about the cell origin), so a relaxed structure
-    from VASP differs from ours by the rigid translation c (L_in^-1 L_pred - 1). Applying it
-    puts the prediction in the frame users compare against; being rigid, it changes no
-    interatomic geometry.
-
-    Args:
-        positions_pred: [..., n_atoms, 3] (a leading layer axis is allowed).
-        cell_pred: [..., n_graphs, 3, 3].
-        positions_in: [n_atoms, 3]; cell_in: [n_graphs, 3, 3]; batch: [n_atoms].
-
-    Returns:
-        Translated positions, shape of ``positions_pred``.
-    """
-    n_graphs = cell_in.shape[0]
-    centroid_in = scatter_mean(positions_in, batch, n_graphs)  # [n_graphs, 3]
-    fractional = solve_unchecked(cell_in.transpose(-1, -2), centroid_in.unsqueeze(-1)).squeeze(-1)
-    wanted = torch.einsum("gc,...gcx->...gx", fractional, cell_pred)  # [..., n_graphs, 3]
-    current = torch.stack([scatter_mean(p, batch, n_graphs) for p in positions_pred.reshape(-1, *positions_pred.shape[-2:])])
-    current = current.reshape(wanted.shape)
-    return positions_pred + (wanted - current)[..., batch, :]
 
 
 @torch.no_grad()
@@ -140,7 +110,7 @@ def predict(
     else:
         with matmul_precision(precision, device):
             output = model(graph)
-    positions = keep_fractional_centroid(output.positions, output.cell, graph.positions, graph.cell, graph.batch)
+    positions = output.positions
     bounds = np.concatenate([[0], np.cumsum([len(c.numbers) for c in crystals])]).tolist()
     pending = PendingPredictions(forms, positions, output.cell, bounds)
     return pending if not wait else pending.result()

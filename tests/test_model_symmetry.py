@@ -1,18 +1,51 @@
-"""Symmetry and continuity of E3Relax-H2, in float64 with random weights and non-zero heads.
+"""One crystal, one answer: symmetry, invariance and continuity of E3Relax-H2, in float64 with
+random weights and non-zero heads (the shipped checkpoints: test_shipped_checkpoint.py).
 
-Each test compares against a change that a broken model would get wrong; see
-test_column_lattice_update_fails_rotation_test for the authors' lattice bug being caught.
+Every check is the public test kit's (e3relax_ase/testing.py); the tests on the paper's
+"axis-lattice" network show that each check fails on a network that sees how the crystal
+is written.
 """
 
 import numpy as np
 import pytest
 import torch
 
+from e3relax_ase.architectures import build_model
 from e3relax_ase.config import ModelConfig
 from e3relax_ase.graph import CrystalGraph
-from e3relax_ase.model import E3RelaxH2, InteractionLayer
+from e3relax_ase.model import E3RelaxH2
+from e3relax_ase.model_axis_lattice import InteractionLayer as AxisLatticeLayer
 from e3relax_ase.predict import CrystalArrays, predict
-from e3relax_ase.testing import TINY_CONFIG, assert_rotation_equivariant, graph_of, random_crystal, random_rotation, tiny_model
+from e3relax_ase.testing import (
+    TINY_CONFIG,
+    assert_basis_invariant,
+    assert_face_grazing_invariant,
+    assert_o3_equivariant,
+    assert_one_crystal_one_answer,
+    assert_rotation_equivariant,
+    assert_space_group_kept,
+    assert_supercell_invariant,
+    assert_translation_invariant,
+    graph_of,
+    network_predictor,
+    pipeline_predictor,
+    prototypes,
+    random_crystal,
+    random_rotation,
+    random_unimodular,
+    supercell,
+    tiny_model,
+)
+
+AXIS_LATTICE_CONFIG = ModelConfig(
+    architecture="axis-lattice", num_channels=16, num_layers=2, num_rbf=16, num_lattice_rbf=8, max_neighbors=24, output_init_scale=0.05
+)
+
+
+@pytest.fixture
+def axis_lattice_model():
+    torch.manual_seed(0)
+    return build_model(AXIS_LATTICE_CONFIG).double().eval()
 
 
 def _run(model, crystals):
@@ -28,67 +61,125 @@ def test_output_moves_atoms_and_cell(model, crystal):
     assert out.cell.shape == (TINY_CONFIG.num_layers, 1, 3, 3)
 
 
-def test_rotation_equivariance_several_rotations(model, rng):
-    for _ in range(3):
+@pytest.mark.parametrize("level", ["network", "pipeline"])
+def test_one_crystal_one_answer_random_weights(level, rng):
+    """Basis, supercells, translations across faces, images, face-grazing atoms, rotations,
+    reflections and permutations, on several random crystals and two random networks."""
+    for seed in (0, 1):
+        model = tiny_model(seed)
+        predictor = network_predictor(model) if level == "network" else pipeline_predictor(model)
+        for n_atoms in (1, 3, 5):
+            assert_one_crystal_one_answer(predictor, random_crystal(rng, n_atoms=n_atoms), rng)
+
+
+def test_every_layer_is_rotation_equivariant(model, rng):
+    for _ in range(2):
         crystal = random_crystal(rng, n_atoms=5)
-        assert_rotation_equivariant(model, crystal, [random_rotation(rng) for _ in range(4)], atol=1e-9)
+        assert_rotation_equivariant(model, crystal, [random_rotation(rng) for _ in range(3)], atol=1e-9)
 
 
-def test_column_lattice_update_fails_rotation_test(model, crystal, rng, monkeypatch):
+def test_supercell_helper_copies_every_atom_once(rng):
+    crystal = random_crystal(rng, n_atoms=3)
+    transform = np.array([[2, 1, 0], [0, 1, 1], [1, 0, 2]])
+    big, copies = supercell(crystal, transform)
+    assert len(big.numbers) == 3 * round(np.linalg.det(transform))
+    fractional = np.linalg.solve(big.cell.T, big.positions.T).T
+    distinct = {tuple(np.round(f % 1.0, 6)) for f in fractional}
+    assert len(distinct) == len(big.numbers)
+
+
+@pytest.mark.parametrize("level", ["network", "pipeline"])
+def test_prototypes_keep_their_space_group(level):
+    """Every crystal system, primitive and conventional cells; random weights strain the cell
+    by several percent, so a symmetry-breaking network could not pass."""
+    model = tiny_model(3)
+    predictor = network_predictor(model) if level == "network" else pipeline_predictor(model)
+    crystals = prototypes()
+    assert_space_group_kept(predictor, list(crystals.values()), list(crystals))
+    strained = [np.abs(cell - c.cell).max() for c, (_, cell) in zip(crystals.values(), predictor(list(crystals.values())))]
+    assert min(strained) > 1e-3
+
+
+def test_primitive_and_conventional_cells_give_the_same_volume_per_atom():
+    model = tiny_model(2)
+    predictor = pipeline_predictor(model)
+    crystals = prototypes()
+    for name in ("Cu fcc", "Fe bcc", "Si diamond", "NaCl rocksalt"):
+        primitive, conventional = crystals[f"{name} primitive"], crystals[f"{name} cubic"]
+        (_, cell_p), (_, cell_c) = predictor([primitive, conventional])
+        per_atom_p = abs(np.linalg.det(cell_p)) / len(primitive.numbers)
+        per_atom_c = abs(np.linalg.det(cell_c)) / len(conventional.numbers)
+        assert abs(per_atom_p / per_atom_c - 1) < 1e-6, name
+        assert abs(per_atom_p / (abs(np.linalg.det(primitive.cell)) / len(primitive.numbers)) - 1) > 1e-4, name
+
+
+def test_the_checks_fail_on_the_axis_lattice_network(axis_lattice_model, rng):
+    """The paper's lattice nodes see the basis: each check the kit makes catches it."""
+    crystal = random_crystal(rng, n_atoms=4)
+    network = network_predictor(axis_lattice_model)
+    pipeline = pipeline_predictor(axis_lattice_model)
+    with pytest.raises(AssertionError, match="not basis invariant"):
+        assert_basis_invariant(network, crystal, [random_unimodular(rng)])
+    with pytest.raises(AssertionError, match="not supercell invariant"):
+        assert_supercell_invariant(pipeline, crystal, [np.diag([2, 1, 1])])
+    with pytest.raises(AssertionError, match="not translation invariant"):
+        assert_translation_invariant(pipeline, crystal, [0.5 * crystal.cell.sum(0)])
+    crystals = prototypes()
+    with pytest.raises(AssertionError, match="space group not kept"):
+        assert_space_group_kept(pipeline, list(crystals.values()), list(crystals))
+
+
+def test_lattice_written_into_columns_is_caught(axis_lattice_model, crystal, rng, monkeypatch):
     """Writing axis c's update into column c (the authors' bug) must be caught."""
-    original = InteractionLayer.lattice_step
-    monkeypatch.setattr(InteractionLayer, "lattice_step", lambda self, u: original(self, u).transpose(-1, -2))
+    original = AxisLatticeLayer.lattice_step
+    monkeypatch.setattr(AxisLatticeLayer, "lattice_step", lambda self, u: original(self, u).transpose(-1, -2))
     with pytest.raises(AssertionError, match="not rotation equivariant"):
-        assert_rotation_equivariant(model, crystal, [random_rotation(rng)], atol=1e-9)
+        assert_rotation_equivariant(axis_lattice_model, crystal, [random_rotation(rng)], atol=1e-9)
 
 
-def test_translation_moves_positions_keeps_lattice(model, crystal, rng):
+def test_a_strain_that_is_not_a_tensor_is_caught(model, crystal, rng, monkeypatch):
+    """A strain step read off fixed Cartesian axes (a diagonal in the lab frame) breaks
+    rotation equivariance, and the kit says so."""
+    from e3relax_ase.nn.strain import StrainHead
+
+    original = StrainHead.forward
+
+    def lab_frame(self, *args):
+        step = original(self, *args)
+        return step + torch.diag_embed(step.diagonal(dim1=-2, dim2=-1))
+
+    monkeypatch.setattr(StrainHead, "forward", lab_frame)
+    with pytest.raises(AssertionError, match="not rotation equivariant"):
+        assert_o3_equivariant(network_predictor(model), crystal, [random_rotation(rng)])
+
+
+def test_a_wrap_dependent_centre_is_caught(model, rng, monkeypatch):
+    """Displacements that depend on where atoms are written (here: on the centroid of the
+    positions as given) are caught by the face-grazing check."""
+    from e3relax_ase import model as model_module
+    from e3relax_ase.nn.scatter import scatter_mean
+
+    original = model_module.InputGeometry.__init__
+
+    def centred_on_written_atoms(self, graph):
+        original(self, graph)
+        centroid = scatter_mean(graph.positions, graph.batch, graph.n_graphs)  # of the atoms as written
+        self.edge_vec = self.edge_vec + 1e-3 * centroid[self.edge_graph]
+
+    monkeypatch.setattr(model_module.InputGeometry, "__init__", centred_on_written_atoms)
+    with pytest.raises(AssertionError, match="face-grazing"):
+        assert_face_grazing_invariant(network_predictor(model), random_crystal(rng, n_atoms=3), offsets=(1e-9,))
+
+
+def test_translation_keeps_lattice_and_carries_positions(model, crystal, rng):
     graph = graph_of([crystal], model.config)
     shift = torch.tensor(rng.normal(size=3) * 3.0)
     moved = CrystalGraph(**{**graph.__dict__, "positions": graph.positions + shift})
     with torch.no_grad():
         a, b = model(graph), model(moved)
-    assert torch.allclose(b.positions, a.positions + shift, atol=1e-10)
+    carried = shift @ torch.linalg.solve(graph.cell[0], a.cell[:, 0])  # [T, 3]
+    assert torch.allclose(b.positions, a.positions + carried[:, None, :], atol=1e-10)
     assert torch.allclose(b.cell, a.cell, atol=1e-10)
-
-
-def test_permutation_permutes_output(model, crystal, rng):
-    perm = rng.permutation(len(crystal.numbers))
-    permuted = CrystalArrays(crystal.numbers[perm], crystal.positions[perm], crystal.cell, crystal.pbc)
-    a, b = _run(model, [crystal]), _run(model, [permuted])
-    assert torch.allclose(b.positions, a.positions[:, perm], atol=1e-10)
-    assert torch.allclose(b.cell, a.cell, atol=1e-10)
-
-
-def test_wrapping_an_atom_changes_only_that_atom_by_the_predicted_lattice_vector(model, crystal):
-    base = predict(model, [crystal], dtype=torch.float64)[0]
-    for axis, sign in ((0, 1), (1, -1), (2, 2)):
-        moved_positions = crystal.positions.copy()
-        moved_positions[2] += sign * crystal.cell[axis]
-        moved = predict(model, [CrystalArrays(crystal.numbers, moved_positions, crystal.cell, crystal.pbc)], dtype=torch.float64)[0]
-        np.testing.assert_allclose(moved.cell, base.cell, atol=1e-10)
-        expected = base.positions.copy()
-        expected[:, 2] += sign * base.cell[:, axis]
-        np.testing.assert_allclose(moved.positions, expected, atol=1e-10)
-
-
-def test_cell_choice_invariance(model, crystal):
-    """A different basis of the same lattice gives the same relaxed crystal, in that basis."""
-    base = predict(model, [crystal], dtype=torch.float64)[0]
-    transform = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]])  # unimodular
-    other_cell = transform @ crystal.cell
-    other = predict(model, [CrystalArrays(crystal.numbers, crystal.positions, other_cell, crystal.pbc)], dtype=torch.float64)[0]
-    np.testing.assert_allclose(other.cell, transform @ base.cell, atol=1e-9)
-    np.testing.assert_allclose(other.positions, base.positions, atol=1e-9)
-
-
-def test_pipeline_rotation_equivariance(model, crystal, rng):
-    base = predict(model, [crystal], dtype=torch.float64)[0]
-    rotation = random_rotation(rng)
-    rotated = CrystalArrays(crystal.numbers, crystal.positions @ rotation.T, crystal.cell @ rotation.T, crystal.pbc)
-    out = predict(model, [rotated], dtype=torch.float64)[0]
-    np.testing.assert_allclose(out.positions, base.positions @ rotation.T, atol=1e-9)
-    np.testing.assert_allclose(out.cell, base.cell @ rotation.T, atol=1e-9)
 
 
 def test_batch_equals_one_by_one(model, rng):
@@ -108,9 +199,11 @@ def _pair_in_box(separation: float) -> CrystalArrays:
 
 def test_atom_crossing_cutoff_changes_output_continuously(model):
     cutoff = model.config.cutoff
+
     def final(sep):
         out = _run(model, [_pair_in_box(sep)])
         return torch.cat([out.positions[-1].flatten(), out.cell[-1].flatten()])
+
     delta = 1e-6
     jump = (final(cutoff - delta) - final(cutoff + delta)).abs().max().item()
     smooth = (final(cutoff + delta) - final(cutoff + 3 * delta)).abs().max().item()
@@ -135,19 +228,33 @@ def test_edge_beyond_cutoff_sends_nothing(model):
     assert torch.equal(a.positions, b.positions) and torch.equal(a.cell, b.cell)
 
 
-def test_vacuum_axis_never_stretched(model, rng):
+@pytest.mark.parametrize("tilt", [0.0, 3.0])
+def test_vacuum_axis_never_stretched(model, rng, tilt):
+    """A slab's vacuum vector is kept exactly (tilted or not), its in-plane vectors strain."""
     crystal = random_crystal(rng, n_atoms=4)
     cell = crystal.cell.copy()
-    cell[2] = [0.0, 0.0, 25.0]
+    cell[2] = [tilt, 0.0, 25.0]
     slab = CrystalArrays(crystal.numbers, crystal.positions, cell, np.array([True, True, False]))
     out = predict(model, [slab], dtype=torch.float64)[0]
     np.testing.assert_array_equal(out.cell[:, 2], np.broadcast_to(cell[2], (model.config.num_layers, 3)))
     assert np.abs(out.cell[-1, :2] - cell[:2]).max() > 1e-4
+    # in-plane vectors stay in the plane of the input's periodic vectors
+    normal = np.cross(cell[0], cell[1])
+    assert np.abs(out.cell[-1, :2] @ normal).max() < 1e-9 * np.linalg.norm(normal) * 10
+
+
+def test_slab_prediction_is_rotation_equivariant(model, rng):
+    crystal = random_crystal(rng, n_atoms=4)
+    cell = crystal.cell.copy()
+    cell[2] = [1.0, -2.0, 24.0]
+    slab = CrystalArrays(crystal.numbers, crystal.positions, cell, np.array([True, True, False]))
+    assert_o3_equivariant(network_predictor(model), slab, [random_rotation(rng), random_rotation(rng, proper=False)])
 
 
 def test_parameter_count_pinned():
-    assert tiny_model().count_parameters() == 18996
-    assert E3RelaxH2(ModelConfig()).count_parameters() == 30985320
+    assert tiny_model().count_parameters() == 17418
+    assert E3RelaxH2(ModelConfig()).count_parameters() == 27740292
+    assert build_model(AXIS_LATTICE_CONFIG).count_parameters() == 18996
 
 
 def test_float32_matches_float64(model, crystal):
@@ -156,18 +263,20 @@ def test_float32_matches_float64(model, crystal):
     np.testing.assert_allclose(out32.positions, out64.positions, atol=1e-4)
 
 
-def test_prediction_keeps_the_inputs_fractional_centroid(model, crystal, rng):
+def test_prediction_keeps_the_inputs_fractional_centroid(model, crystal):
     """Output convention: the rigid translation is that of DFT codes (fractional centroid kept)."""
     out = predict(model, [crystal], dtype=torch.float64)[0]
     frac_in = np.linalg.solve(crystal.cell.T, crystal.positions.T).T.mean(0)
+    for layer in range(model.config.num_layers):
+        frac_out = np.linalg.solve(out.cell[layer].T, out.positions[layer].T).T.mean(0)
+        np.testing.assert_allclose(frac_out, frac_in, atol=1e-10)
+
+
+def test_axis_lattice_network_keeps_the_fractional_centroid_too(axis_lattice_model, crystal):
+    out = predict(axis_lattice_model, [crystal], dtype=torch.float64)[0]
+    frac_in = np.linalg.solve(crystal.cell.T, crystal.positions.T).T.mean(0)
     frac_out = np.linalg.solve(out.cell[-1].T, out.positions[-1].T).T.mean(0)
     np.testing.assert_allclose(frac_out, frac_in, atol=1e-10)
-    # so translating the input by t translates the output by t L_in^-1 L_pred
-    shift = rng.normal(size=3) * 0.01  # small: no atom crosses a cell face
-    moved = predict(model, [CrystalArrays(crystal.numbers, crystal.positions + shift, crystal.cell, crystal.pbc)], dtype=torch.float64)[0]
-    expected = shift @ np.linalg.solve(crystal.cell, out.cell[-1])
-    np.testing.assert_allclose(moved.positions[-1] - out.positions[-1], np.broadcast_to(expected, out.positions[-1].shape), atol=1e-9)
-    np.testing.assert_allclose(moved.cell, out.cell, atol=1e-10)
 
 
 @pytest.mark.parametrize("l_max", [0, 1, 3, 6])
@@ -192,3 +301,18 @@ def test_h2mp_invariants_are_the_summed_products_of_spherical_harmonics(l_max):
     got = layer.invariants(a, b)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_strain_step_is_symmetric_and_bounded(model, rng):
+    """The strain head's step is a symmetric tensor whose norm never exceeds max_step."""
+    from e3relax_ase.nn.strain import StrainHead
+
+    head = StrainHead(16, 4, max_step=0.3, init_scale=50.0).double()  # huge raw output
+    s = torch.randn(3, 16, dtype=torch.float64)
+    v = torch.randn(7, 16, 3, dtype=torch.float64) * 10
+    u = torch.randn(3, 16, 3, dtype=torch.float64)
+    edge_tensors = torch.randn(7, 4, 6, dtype=torch.float64)
+    step = head(s, v, u, edge_tensors, torch.tensor([0, 0, 1, 1, 1, 2, 2]))
+    torch.testing.assert_close(step, step.transpose(-1, -2))
+    norms = torch.linalg.matrix_norm(step)
+    assert norms.max() <= 0.3 + 1e-12 and norms.min() > 0.2

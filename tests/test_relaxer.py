@@ -109,7 +109,8 @@ def test_fixatoms_does_not_move_with_fixed_cell(relaxer):
     slab = slab_with_extras()
     relaxed = relaxer.relax(slab, relax_cell=False)
     assert np.array_equal(relaxed.positions[[0, 1]], slab.positions[[0, 1]])
-    assert np.abs(relaxed.positions[2:] - slab.positions[2:]).max() > 1e-3
+    # the free atoms move (a random network moves a nearly ideal slab's atoms by ~1e-5 Å)
+    assert np.abs(relaxed.positions[2:] - slab.positions[2:]).max() > 1e-6
     assert np.array_equal(relaxed.cell.array, slab.cell.array)
 
 

@@ -8,6 +8,7 @@ from torch import nn
 from e3relax_ase.nn.mlp import MLP, safe_norm
 from e3relax_ase.nn.radial import GaussianBasis, PolynomialEnvelope
 from e3relax_ase.nn.scatter import scatter_sum
+from e3relax_ase.nn.strain import sym6_outer
 
 
 class H2MessagePassing(nn.Module):
@@ -30,7 +31,16 @@ class H2MessagePassing(nn.Module):
     each were a large share of the time the host spent launching a forward pass.
     """
 
-    def __init__(self, channels: int, num_rbf: int, cutoff: float, envelope_exponent: int, l_max: int, avg_num_neighbors: float):
+    def __init__(
+        self,
+        channels: int,
+        num_rbf: int,
+        cutoff: float,
+        envelope_exponent: int,
+        l_max: int,
+        avg_num_neighbors: float,
+        num_tensor_channels: int = 0,
+    ):
         super().__init__()
         self.l_max = l_max
         self.rbf = GaussianBasis(0.0, cutoff, num_rbf)
@@ -44,6 +54,9 @@ class H2MessagePassing(nn.Module):
         self.phi_hv = nn.Linear(channels, channels, bias=False)
         self.phi_rv = nn.Linear(channels, channels, bias=False)
         self.inv_avg_neighbors = 1.0 / avg_num_neighbors
+        # Each edge's share of the atom's rank-2 tensor: the basis-free raw material of the
+        # strain (nn/strain.py), like a pair term of the virial. None when not asked for.
+        self.phi_tensor = nn.Linear(channels, num_tensor_channels, bias=False) if num_tensor_channels else None
 
     def invariants(self, edge_dir: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """[n_edges, 3] x [n_edges, 3] -> [n_edges, l_max + 1] of sum_m Y_lm(a) Y_lm(b) (class docstring).
@@ -68,7 +81,9 @@ class H2MessagePassing(nn.Module):
             edge_src, edge_dst: [n_edges].
 
         Returns:
-            (m [n_atoms, F] scalar aggregate, mv [n_atoms, F, 3] vector aggregate).
+            (m [n_atoms, F] scalar aggregate, mv [n_atoms, F, 3] vector aggregate,
+            t [n_atoms, K, 6] the symmetric tensors sum_j w_k(m_ji) d_ji (x) d_ji of the edge
+            directions d_ji in ``strain.SYM6`` order, or None without tensor channels).
         """
         n_atoms = h.shape[0]
         distance = safe_norm(edge_vec)  # [n_edges]
@@ -93,4 +108,10 @@ class H2MessagePassing(nn.Module):
         hv, rv = nn.functional.linear(message, torch.cat([self.phi_hv.weight, self.phi_rv.weight])).chunk(2, dim=-1)
         vector_message = (rv.unsqueeze(-1) * edge_dir.unsqueeze(1)).addcmul_(hv.unsqueeze(-1), v[edge_src])
         mv = scatter_sum(vector_message, edge_dst, n_atoms) * self.inv_avg_neighbors  # [n_atoms, F, 3]
-        return m, mv
+        if self.phi_tensor is None:
+            return m, mv, None
+        # The message already carries the envelope (radial), so an edge crossing the cutoff
+        # leaves the tensor continuously, as it leaves m.
+        tensor = self.phi_tensor(message).unsqueeze(-1) * sym6_outer(edge_dir).unsqueeze(1)  # [n_edges, K, 6]
+        t = scatter_sum(tensor, edge_dst, n_atoms) * self.inv_avg_neighbors  # [n_atoms, K, 6]
+        return m, mv, t
