@@ -6,6 +6,8 @@ import itertools
 
 import torch
 
+from e3relax_ase.nn.scatter import scatter_mean
+
 # The 27 lattice translations {-1, 0, 1}^3 searched when aligning a predicted atom to its target.
 IMAGE_SHIFTS = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), dtype=torch.float64)  # [27, 3]
 
@@ -35,9 +37,20 @@ def align_to_target(positions_pred: torch.Tensor, positions_target: torch.Tensor
 
 
 def pacd_loss(positions_pred, positions_target, cell_target, batch) -> torch.Tensor:
-    """Mean |aligned prediction - target| over atoms and xyz (L1); [T, ...] input gives [T]."""
+    """Mean |aligned prediction - target| over atoms and xyz (L1), each crystal's rigid
+    translation removed; [T, ...] input gives [T].
+
+    The translation is removed because it means nothing for a crystal: prediction and target
+    share the fractional-centroid frame, and what remains between them is the centroid times
+    the error of the strain, which depends on where the crystal was written, not on its
+    relaxation (the same reason ``metrics.structure_errors`` removes it from coord_mae).
+    """
     aligned = align_to_target(positions_pred, positions_target, cell_target, batch)
-    return (aligned - positions_target).abs().mean(dim=(-1, -2))
+    error = aligned - positions_target  # [..., n_atoms, 3]
+    n_graphs = cell_target.shape[0]
+    by_atom = error.movedim(-2, 0)  # [n_atoms, ..., 3]
+    rigid = scatter_mean(by_atom, batch, n_graphs).to(error.dtype)[batch].movedim(0, -2)
+    return (error - rigid).abs().mean(dim=(-1, -2))
 
 
 def lattice_loss(cell_pred: torch.Tensor, cell_target: torch.Tensor) -> torch.Tensor:
@@ -45,13 +58,14 @@ def lattice_loss(cell_pred: torch.Tensor, cell_target: torch.Tensor) -> torch.Te
     return (cell_pred - cell_target).abs().mean(dim=(-1, -2, -3))
 
 
-def relaxation_loss(output, positions_target, cell_target, batch, layer_weights=None) -> tuple[torch.Tensor, dict]:
-    """sum_t alpha_t (PACD_t + lattice_t) over the layers of a ``ModelOutput``.
+def relaxation_loss(output, positions_target, cell_target, batch, layer_weights=None, lattice_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """sum_t alpha_t (PACD_t + lattice_weight lattice_t) over the layers of a ``ModelOutput``.
 
     Args:
         output: ModelOutput (positions [T, n_atoms, 3], cell [T, n_graphs, 3, 3]).
         positions_target, cell_target, batch: the relaxed structures.
         layer_weights: alpha_t, [T]; ones by default.
+        lattice_weight: weight of the lattice term relative to PACD.
 
     Returns:
         (total loss, dict of the last layer's PACD and lattice terms as detached tensors;
@@ -63,5 +77,5 @@ def relaxation_loss(output, positions_target, cell_target, batch, layer_weights=
         layer_weights = torch.ones_like(pacd)
     else:
         layer_weights = torch.as_tensor(layer_weights, dtype=pacd.dtype, device=pacd.device)
-    total = (layer_weights * (pacd + lattice)).sum()
+    total = (layer_weights * (pacd + lattice_weight * lattice)).sum()
     return total, {"pacd": pacd[-1].detach(), "lattice": lattice[-1].detach()}

@@ -17,7 +17,7 @@ from e3relax_ase.training.pairs import load_pairs, save_pairs
 from e3relax_ase.training.trainer import LOG_FILE, STATE_FILE, SUMMARY_FILE, train
 
 FIXTURE = Path(__file__).parent / "data" / "nrel_sample_pairs.npz"
-TINY = {"num_channels": 8, "num_layers": 2, "num_rbf": 8, "num_lattice_rbf": 4, "max_neighbors": 16}
+TINY = {"num_channels": 8, "num_layers": 2, "num_rbf": 8, "num_strain_channels": 2, "max_neighbors": 16}
 WORLD_SIZE = 2
 BATCH_PER_RANK = 2
 EPOCHS = 3

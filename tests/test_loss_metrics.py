@@ -30,24 +30,43 @@ def test_pacd_matches_per_atom_loop_and_is_l1(rng):
     for i in range(len(pred)):
         images = [pred[i] + torch.tensor([a, b, c], dtype=pred.dtype) @ cells[batch[i]] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)]
         best = min(images, key=lambda x: float((x - positions[i]).norm()))
-        expected.append((best - positions[i]).abs())
-    assert torch.allclose(pacd_loss(pred, positions, cells, batch), torch.stack(expected).mean())
+        expected.append(best - positions[i])
+    errors = torch.stack(expected)
+    for k in range(int(batch.max()) + 1):  # each crystal's rigid translation is no error
+        errors[batch == k] -= errors[batch == k].mean(0)
+    assert torch.allclose(pacd_loss(pred, positions, cells, batch), errors.abs().mean())
+
+
+def test_pacd_ignores_each_crystals_rigid_translation(rng):
+    positions, cells, batch = _batch(rng)
+    shifted = positions + torch.tensor([[0.3, -0.2, 0.1]], dtype=positions.dtype) * (batch.unsqueeze(-1) + 1)
+    assert pacd_loss(shifted, positions, cells, batch).item() < 1e-12
 
 
 def test_pacd_gradient_flows_through_aligned_coordinate(rng):
     positions, cells, batch = _batch(rng)
-    pred = (positions + 0.1).requires_grad_()
+    step = torch.zeros_like(positions)
+    step[0] = 0.1  # one atom moves: minus the crystal's mean, each atom's error keeps its sign
+    pred = (positions + step).requires_grad_()
     pacd_loss(pred, positions, cells, batch).backward()
-    assert torch.allclose(pred.grad, torch.full_like(pred, 1.0 / pred.numel()))
+    n_first = int((batch == 0).sum())
+    # d/d pred_0 of mean |e_i - mean_j e_j| over the first crystal's atoms, xyz: all signs known
+    expected = torch.zeros_like(pred)
+    expected[batch == 0] = -1.0 / pred.numel()
+    expected[0] = (n_first - 1) / n_first / pred.numel() + (n_first - 1) / n_first / pred.numel()
+    assert torch.allclose(pred.grad[0], expected[0]) and torch.allclose(pred.grad[batch == 1], torch.zeros_like(pred.grad[batch == 1]))
 
 
 def test_relaxation_loss_sums_layers_with_weights(rng):
     positions, cells, batch = _batch(rng)
-    layers = ModelOutput(torch.stack([positions + 0.2, positions + 0.1]), torch.stack([cells + 0.3, cells]))
-    total, parts = relaxation_loss(layers, positions, cells, batch, layer_weights=[0.5, 1.0])
-    expected = 0.5 * (0.2 + 0.3) + 1.0 * (0.1 + 0.0)
+    pattern = torch.tensor([1.0, -1.0], dtype=positions.dtype)[torch.arange(len(positions)) % 2].unsqueeze(-1)
+    pattern = pattern - torch.stack([pattern[batch == k].mean(0) for k in batch.tolist()])  # mean-free per crystal
+    layers = ModelOutput(torch.stack([positions + 0.2 * pattern, positions + 0.1 * pattern]), torch.stack([cells + 0.3, cells]))
+    total, parts = relaxation_loss(layers, positions, cells, batch, layer_weights=[0.5, 1.0], lattice_weight=2.0)
+    size = pattern.abs().mean().item()
+    expected = 0.5 * (0.2 * size + 2.0 * 0.3) + 1.0 * (0.1 * size + 0.0)
     assert abs(total.item() - expected) < 1e-9
-    assert abs(parts["pacd"] - 0.1) < 1e-9 and parts["lattice"] == 0.0
+    assert abs(parts["pacd"] - 0.1 * size) < 1e-9 and parts["lattice"] == 0.0
 
 
 def test_structure_errors_against_hand_values(rng):

@@ -13,7 +13,7 @@ from e3relax_ase.training.pairs import load_pairs, save_pairs
 from e3relax_ase.training.trainer import STATE_FILE, export_checkpoint, train
 
 FIXTURE = Path(__file__).parent / "data" / "nrel_sample_pairs.npz"
-TINY = {"num_channels": 8, "num_layers": 2, "num_rbf": 8, "num_lattice_rbf": 4, "max_neighbors": 16}
+TINY = {"num_channels": 8, "num_layers": 2, "num_rbf": 8, "num_strain_channels": 2, "max_neighbors": 16}
 
 
 @pytest.fixture(scope="module")
@@ -87,18 +87,49 @@ def test_unknown_config_keys_are_rejected(tmp_path):
     assert TrainConfig.from_yaml(path).model_config.num_channels == 16
 
 
-def test_prepared_targets_are_centred_nearest_images(pair_files):
+def test_prepared_targets_are_strained_nearest_images_in_the_output_frame(pair_files):
+    """Targets are the relaxed crystal reached by a pure strain (its rigid rotation removed),
+    each atom on the image nearest its input, with the input's fractional centroid."""
     pairs = load_pairs(pair_files[0])
     prepared = prepare_pairs(pairs, 6.0, 50, dtype=torch.float64)
     graph, target, cell_target = prepared.batch(torch.arange(len(prepared)))
     from e3relax_ase.nn.scatter import scatter_mean
 
-    drift = scatter_mean(target - graph.positions, graph.batch, graph.n_graphs)
-    assert drift.abs().max() < 1e-9
+    deformation = torch.linalg.solve(graph.cell, cell_target)  # cell_in^-1 cell_target
+    torch.testing.assert_close(deformation, deformation.transpose(1, 2), atol=1e-9, rtol=0)
+    assert (torch.linalg.eigvalsh(deformation) > 0).all()
+    # the same crystal as the relaxed one: its metric (cell shape) is untouched by the rotation
+    for k in range(len(pairs)):
+        relaxed = pairs.cell_relaxed[k]
+        gram_file = np.sort(np.linalg.eigvalsh(relaxed @ relaxed.T))
+        gram_target = np.sort(np.linalg.eigvalsh(cell_target[k].numpy() @ cell_target[k].numpy().T))
+        np.testing.assert_allclose(gram_target, gram_file, rtol=1e-9)
+    centroid_in = scatter_mean(graph.positions, graph.batch, graph.n_graphs)
+    wanted = (centroid_in.unsqueeze(-1) * deformation).sum(-2)  # centroid_in @ deformation
+    assert (scatter_mean(target, graph.batch, graph.n_graphs) - wanted).abs().max() < 1e-9
     # every target atom sits on the image nearest its input in fractional coordinates
     frac_in = torch.linalg.solve(graph.cell[graph.batch].transpose(1, 2), graph.positions.unsqueeze(-1)).squeeze(-1)
     frac_out = torch.linalg.solve(cell_target[graph.batch].transpose(1, 2), target.unsqueeze(-1)).squeeze(-1)
     assert (frac_out - frac_in).abs().max() < 0.75
+
+
+def test_a_rotated_relaxed_crystal_gives_the_same_target():
+    """Writing the relaxed crystal turned (a standard orientation) changes nothing."""
+    from e3relax_ase.canonical import canonicalize
+    from e3relax_ase.testing import random_crystal, random_rotation
+    from e3relax_ase.training.dataset import align_target
+
+    rng = np.random.default_rng(4)
+    crystal = random_crystal(rng, n_atoms=4)
+    strain = np.eye(3) + 0.05 * rng.normal(size=(3, 3))
+    relaxed_cell = crystal.cell @ strain
+    relaxed_positions = crystal.positions @ strain + 0.05 * rng.normal(size=(4, 3))
+    form = canonicalize(crystal.positions, crystal.cell, crystal.pbc)
+    plain = align_target(form.positions, form.cell, relaxed_positions, relaxed_cell, form.transform, crystal.pbc)
+    rotation = random_rotation(rng)
+    turned = align_target(form.positions, form.cell, relaxed_positions @ rotation.T, relaxed_cell @ rotation.T, form.transform, crystal.pbc)
+    np.testing.assert_allclose(turned[0], plain[0], atol=1e-10)
+    np.testing.assert_allclose(turned[1], plain[1], atol=1e-10)
 
 
 def test_finetune_from_a_checkpoint_starts_from_its_weights(pair_files, tmp_path):

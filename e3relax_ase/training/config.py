@@ -17,8 +17,16 @@ class TrainConfig:
             are concatenated.
         out_dir: where the training state, the log and the exported checkpoint go.
         model: ModelConfig fields.
-        batch_size: crystals per optimiser step (per process under DDP).
-        lr, weight_decay: AdamW.
+        batch_size: crystals per optimiser step (per process under DDP): at most this many
+            when ``batch_atoms`` is set, exactly this many otherwise (0 = no count limit).
+        batch_atoms, batch_edges: fill each batch up to this many atoms and graph edges
+            (0 = no limit): a step's cost follows atoms and edges, not crystals.
+        lr, weight_decay: AdamW. ``lr`` is the rate of a batch of ``lr_reference_atoms``
+            atoms when that is set, and scales with sqrt(batch_atoms / lr_reference_atoms):
+            larger batches average out more noise and take larger steps.
+        warmup_epochs: the learning rate rises linearly from 0 over this many epochs (large
+            batches and large rates diverge without it).
+        compile: run each layer's message passing compiled by torch.compile (CUDA).
         lr_factor, lr_patience, min_lr: ReduceLROnPlateau on validation coordinate MAE.
         ema_decay: exponential moving average of the weights used for evaluation and export.
         grad_clip: max global gradient norm.
@@ -41,7 +49,12 @@ class TrainConfig:
     out_dir: str = "runs/default"
     model: dict = field(default_factory=dict)
     batch_size: int = 32
+    batch_atoms: int = 0
+    batch_edges: int = 0
     lr: float = 3e-4
+    lr_reference_atoms: int = 0
+    warmup_epochs: float = 0.0
+    compile: bool = False
     weight_decay: float = 1e-5
     lr_factor: float = 0.5
     lr_patience: int = 5
@@ -64,14 +77,29 @@ class TrainConfig:
         object.__setattr__(self, "val_data", tuple([self.val_data] if isinstance(self.val_data, str) else self.val_data))
         object.__setattr__(self, "layer_weights", tuple(self.layer_weights))
         ModelConfig.from_dict(self.model)  # reject unknown model keys early
-        if self.batch_size < 1 or self.lr <= 0 or self.max_epochs < 1:
-            raise ValueError("batch_size, lr and max_epochs must be positive")
+        if self.batch_size < 0 or (self.batch_size == 0 and self.batch_atoms <= 0) or self.lr <= 0 or self.max_epochs < 1:
+            raise ValueError("batch_size (or batch_atoms), lr and max_epochs must be positive")
+        if min(self.batch_atoms, self.batch_edges, self.lr_reference_atoms) < 0 or self.warmup_epochs < 0:
+            raise ValueError("batch_atoms, batch_edges, lr_reference_atoms and warmup_epochs must not be negative")
+        if self.lr_reference_atoms and not self.batch_atoms:
+            raise ValueError("lr_reference_atoms scales the rate by batch_atoms, which is not set")
+        if self.model_config.architecture != "strain":
+            raise ValueError(
+                f"architecture {self.model_config.architecture!r} is kept to load old checkpoints only; train the 'strain' architecture"
+            )
         if self.layer_weights and len(self.layer_weights) != self.model_config.num_layers:
             raise ValueError(f"layer_weights has {len(self.layer_weights)} entries for {self.model_config.num_layers} layers")
 
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
+
+    @property
+    def effective_lr(self) -> float:
+        """The peak learning rate: ``lr`` scaled to the batch (see ``lr``)."""
+        if self.lr_reference_atoms:
+            return self.lr * (self.batch_atoms / self.lr_reference_atoms) ** 0.5
+        return self.lr
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

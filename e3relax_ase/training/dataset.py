@@ -2,9 +2,11 @@
 
 Preparation does, per pair and once: the canonical form of the unrelaxed crystal (Niggli
 reduction + wrapping, exactly as at inference), the relaxed crystal written in the same basis
-with each atom on the periodic image nearest (in fractional coordinates) to its input, and
-the neighbour edges of the input. Batching is then pure tensor indexing, on the GPU if the
-tensors live there.
+with each atom on the periodic image nearest (in fractional coordinates) to its input, turned
+back by the rigid rotation its relaxation picked up (``strain_rotation``) and placed in the
+network's output frame (the input's fractional centroid), and the neighbour edges of the
+input. Batching is then pure tensor indexing, on the GPU if the tensors live there
+(``training.batching``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ import torch
 
 from e3relax_ase.canonical import canonicalize
 from e3relax_ase.graph import CrystalGraph, neighbor_edges
+
+
+# Changes whenever preparation gives other tensors for the same files (a stale cache must miss):
+# 2 = targets rotated back (strain_rotation) and in the fractional-centroid frame, + ``source``.
+PREPARATION_VERSION = 2
 
 
 @dataclass
@@ -33,6 +40,7 @@ class PreparedPairs:
     edge_dst: torch.Tensor  # [E] int64, local to its pair
     edge_shift: torch.Tensor  # [E, 3]
     edge_offsets: torch.Tensor  # [n + 1] int64
+    source: torch.Tensor  # [n] int64 | which of the prepared files the pair came from
 
     def __len__(self) -> int:
         return self.cell.shape[0]
@@ -71,6 +79,23 @@ def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts - begin, counts) + torch.arange(total, device=starts.device)
 
 
+def strain_rotation(cell_input: np.ndarray, cell_target: np.ndarray) -> np.ndarray:
+    """The rotation Q [3, 3] of the left polar decomposition cell_input^-1 cell_target = S Q.
+
+    S is symmetric positive definite: cell_input S = cell_target Q^T is the relaxed lattice
+    reached by a pure strain, the only cell change the network can predict (a rigid rotation
+    means nothing for a crystal). Relaxed cells often come rotated: codes and databases write
+    cells in a standard orientation, so a sheared triclinic cell turns (NREL: 1,302 of 7,798
+    training pairs by more than 1 degree, 150 by more than 20).
+    """
+    deformation = np.linalg.solve(cell_input, cell_target)
+    u, _, wt = np.linalg.svd(deformation)
+    rotation = u @ wt
+    if np.linalg.det(rotation) < 0:  # a relaxation that flips handedness: not a rotation
+        return np.eye(3)
+    return rotation
+
+
 def align_target(positions_input, cell_input, positions_target, cell_target, transform, pbc, center: bool = True):
     """The relaxed structure in the input's reduced basis, each atom on the image nearest its input.
 
@@ -80,22 +105,27 @@ def align_target(positions_input, cell_input, positions_target, cell_target, tra
         positions_target, cell_target: the relaxed structure in the caller's basis.
         transform: [3, 3] int, reduced = transform @ caller's cell.
         pbc: [3] bool.
-        center: remove the rigid translation (see Returns).
+        center: place the target in the network's output frame (see Returns).
 
     Returns:
-        (positions [n, 3], cell [3, 3]) of the relaxed structure, with ``center`` translated rigidly so that
-        its centroid is the input's: DFT codes deform the cell about the cell origin, which
-        adds a uniform translation that no translation-equivariant model can (or should)
-        predict.
+        (positions [n, 3], cell [3, 3]) of the relaxed structure, rotated back by
+        ``strain_rotation`` when periodic in 3D, and with ``center`` translated rigidly so
+        that its fractional centroid is the input's, as the network's output (and DFT codes,
+        which deform the cell about the cell origin) keep it.
     """
     cell = transform @ cell_target
+    if np.all(pbc):
+        rotation = strain_rotation(cell_input, cell)
+        cell = cell @ rotation.T
+        positions_target = positions_target @ rotation.T
     fractional_input = np.linalg.solve(cell_input.T, positions_input.T).T
     fractional_target = np.linalg.solve(cell.T, positions_target.T).T
     shift = np.round(fractional_target - fractional_input)
     shift[:, ~pbc] = 0
     aligned = positions_target - shift @ cell
     if center:
-        aligned = aligned - (aligned - positions_input).mean(axis=0)
+        wanted = positions_input.mean(axis=0) @ np.linalg.solve(cell_input, cell)
+        aligned = aligned - aligned.mean(axis=0) + wanted
     return aligned, cell
 
 
@@ -141,6 +171,7 @@ def prepare_pairs(pairset, cutoff: float, max_neighbors: int, dtype=torch.float3
         edge_dst=torch.cat(dsts),
         edge_shift=torch.cat(shifts).to(dtype),
         edge_offsets=torch.as_tensor(edge_offsets, dtype=torch.long),
+        source=torch.zeros(len(numbers), dtype=torch.long),
     )
 
 
@@ -163,15 +194,18 @@ def load_or_prepare(paths, cutoff: float, max_neighbors: int, cache_dir=None, ce
         digest = hashlib.sha256()
         for path in paths:
             digest.update(Path(path).read_bytes())
-        digest.update(f"{cutoff}|{max_neighbors}|{center_targets}|{max_pairs}".encode())
+        digest.update(f"{PREPARATION_VERSION}|{cutoff}|{max_neighbors}|{center_targets}|{max_pairs}".encode())
         cache_path = Path(cache_dir) / f"prepared_{digest.hexdigest()[:20]}.pt"
         if cache_path.exists():
             return PreparedPairs(**torch.load(cache_path, weights_only=True))
     sets = [load_pairs(p) for p in paths]
     pairs = sets[0] if len(sets) == 1 else PairSet.concatenate(sets)
+    source = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
     if max_pairs and len(pairs) > max_pairs:
         pairs = pairs.subset(range(max_pairs))
+        source = source[:max_pairs]
     prepared = prepare_pairs(pairs, cutoff, max_neighbors, center_targets=center_targets)
+    prepared.source = torch.as_tensor(source, dtype=torch.long)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from e3relax_ase.checkpoint import load_checkpoint
-from e3relax_ase.predict import keep_fractional_centroid
 from e3relax_ase.metrics import MATCHER_SETTINGS, structure_errors, structures_match
 from e3relax_ase.training.dataset import prepare_pairs
 from e3relax_ase.training.pairs import load_pairs
@@ -46,8 +45,7 @@ def evaluate_checkpoint(
         indices = torch.arange(start, min(start + batch_size, len(data)))
         graph, target, cell_target = data.batch(indices)
         output = model(graph)
-        pred_cell = output.cell[-1]
-        pred_pos = keep_fractional_centroid(output.positions[-1], pred_cell, graph.positions, graph.cell, graph.batch)
+        pred_cell, pred_pos = output.cell[-1], output.positions[-1]  # the input's fractional centroid kept
         ours = structure_errors(pred_pos, pred_cell, target, cell_target, graph.batch)
         dummy = structure_errors(graph.positions, graph.cell, target, cell_target, graph.batch)
         bounds = np.concatenate([[0], np.cumsum(graph.n_atoms.cpu().numpy())])

@@ -1,9 +1,15 @@
-"""The training loop: small functions, exact resume, a wall-time budget, DDP-ready.
+"""The training loop: small functions, exact resume, a wall-time budget, DDP-ready, and a
+step the host never waits for.
 
 train() -> train_one_epoch() -> take_step(); evaluate() on the EMA weights after each epoch.
+Pairs, their graphs and targets are prepared once and live on the training device; an epoch's
+batches are packed by an atom/edge budget and indexed on the host (``training.batching``),
+so within an epoch no value is read back from the device: the host queues steps ahead of
+the GPU, and the epoch's loss sums are read once at its end.
+
 The full training state is written atomically at the end of every epoch, and the data order
 of epoch e is drawn from a generator seeded with (seed, e), so a run interrupted at any epoch
-boundary and resumed gives bit-identical weights to an uninterrupted one.
+boundary and resumed gives the same weights as an uninterrupted one (bit for bit on a CPU).
 """
 
 from __future__ import annotations
@@ -12,19 +18,20 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from e3relax_ase.architectures import build_model
 from e3relax_ase.checkpoint import load_checkpoint, save_checkpoint
 from e3relax_ase.distributed import World
 from e3relax_ase.loss import relaxation_loss
 from e3relax_ase.metrics import structure_errors
-from e3relax_ase.model import E3RelaxH2
+from e3relax_ase.training.batching import Budget, EpochBatches, pair_sizes, shard
 from e3relax_ase.training.config import TrainConfig
 from e3relax_ase.training.dataset import PreparedPairs, load_or_prepare
 
@@ -41,6 +48,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
+def training_budget(config: TrainConfig) -> Budget:
+    return Budget(max_atoms=config.batch_atoms, max_edges=config.batch_edges, max_graphs=config.batch_size)
+
+
 def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     # Warm-up: early on, average over fewer steps so the EMA does not drag the initial weights.
     decay = min(decay, (1 + step) / (10 + step))
@@ -48,18 +59,53 @@ def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float,
         torch._foreach_lerp_(list(ema_model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
-def take_step(model, optimizer, graph, positions_target, cell_target, config: TrainConfig, device) -> dict:
-    """One optimiser step on one batch; returns the loss terms."""
+class LearningRate:
+    """Linear warm-up to the peak rate, then ReduceLROnPlateau's rule on validation error.
+
+    Kept as plain numbers (saved with the training state): the rate of a step is set on the
+    optimiser as a Python float, which costs the device nothing.
+    """
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int):
+        self.peak = config.effective_lr
+        self.warmup_steps = max(int(config.warmup_epochs * steps_per_epoch), 0)
+        self.factor, self.patience, self.min_lr = config.lr_factor, config.lr_patience, config.min_lr
+        self.scale, self.best, self.bad_epochs = 1.0, float("inf"), 0
+        self.warm_from = 0  # step where the warm-up starts (again, after a resume without moments)
+
+    def at(self, step: int) -> float:
+        warm = min(1.0, (step - self.warm_from + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        # min_lr floors the reductions only (as ReduceLROnPlateau), never raises a smaller peak.
+        return max(self.peak * self.scale, min(self.min_lr, self.peak)) * warm
+
+    def end_epoch(self, error: float) -> None:
+        if error < self.best * (1 - 1e-4):
+            self.best, self.bad_epochs = error, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.scale *= self.factor
+            self.bad_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.best, self.bad_epochs = state["scale"], state["best"], state["bad_epochs"]
+
+
+def take_step(model, optimizer, graph, positions_target, cell_target, config: TrainConfig, device, forward=None) -> dict:
+    """One optimiser step on one batch; returns the loss terms as device tensors."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     with autocast:
-        output = model(graph)
+        output = model(graph) if forward is None else forward(graph)
     output = type(output)(output.positions.float(), output.cell.float())
     layer_weights = list(config.layer_weights) or None
-    loss, parts = relaxation_loss(output, positions_target, cell_target, graph.batch, layer_weights)
+    loss, parts = relaxation_loss(output, positions_target.float(), cell_target.float(), graph.batch, layer_weights, config.lattice_weight)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
     # A non-finite gradient zeroes the step instead of corrupting the weights; done on the
     # device (no `if` on a GPU value) so the host never waits for the GPU inside an epoch.
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -72,45 +118,64 @@ def take_step(model, optimizer, graph, positions_target, cell_target, config: Tr
 
 
 @torch.no_grad()
-def evaluate(model, data: PreparedPairs, batch_size: int, device) -> dict:
-    """Mean per-structure errors of the last layer, and of the Dummy (input) baseline."""
+def evaluate(model, data: PreparedPairs, budget: Budget, device, source_names=()) -> dict:
+    """Mean per-structure errors of the last layer, and of the Dummy (input) baseline.
+
+    Means over all pairs, and per source file as ``<name>_<metric>`` when ``source_names``
+    names the files the pairs came from. Read back from the device once, at the end.
+    """
     model.eval()
-    totals: dict[str, float] = {}
-    count = 0
-    for start in range(0, len(data), batch_size):
-        indices = torch.arange(start, min(start + batch_size, len(data)))
-        graph, positions_target, cell_target = data.batch(indices)
+    n_sources = max(len(source_names), 1)
+    sums: dict[str, torch.Tensor] = {}
+    counts = torch.zeros(n_sources, dtype=torch.float64, device=device)
+    batches = EpochBatches(data, np.arange(len(data)), budget)
+    for b in range(len(batches)):
+        graph, positions_target, cell_target, source = batches.collate(b)
         output = model(graph)
         errors = structure_errors(output.positions[-1], output.cell[-1], positions_target, cell_target, graph.batch)
         dummy = structure_errors(graph.positions, graph.cell, positions_target, cell_target, graph.batch)
         for name, values in list(errors.items()) + [(f"dummy_{k}", v) for k, v in dummy.items()]:
-            totals[name] = totals.get(name, 0.0) + float(values.double().sum())
-        count += len(indices)
-    return {name: value / count for name, value in totals.items()}
+            by_source = torch.zeros(n_sources, dtype=torch.float64, device=device).index_add_(0, source.clamp(max=n_sources - 1), values.double())
+            sums[name] = sums.get(name, 0.0) + by_source
+        counts.index_add_(0, source.clamp(max=n_sources - 1), torch.ones_like(source, dtype=torch.float64))
+    totals = {name: value.cpu().numpy() for name, value in sums.items()}
+    counts = counts.cpu().numpy()
+    metrics = {name: float(value.sum() / max(counts.sum(), 1)) for name, value in totals.items()}
+    if len(source_names) > 1:
+        for k, source_name in enumerate(source_names):
+            for name, value in totals.items():
+                metrics[f"{source_name}_{name}"] = float(value[k] / max(counts[k], 1))
+    return metrics
 
 
-def train_one_epoch(model, ddp_model, ema_model, optimizer, data: PreparedPairs, config, epoch, step, device, dist: World):
-    order = epoch_order(len(data), config.seed, epoch)
-    # Every rank must take the same number of steps (an extra step waits forever in DDP's
-    # all-reduce), so the epoch drops its last len % world_size structures: fewer than
-    # world_size, and different ones each epoch since the permutation changes.
-    order = order[: len(order) - len(order) % dist.world_size]
-    order = order[dist.rank :: dist.world_size]  # each rank its own shard of the same permutation
-    n_batches = math.ceil(len(order) / config.batch_size)
+def source_labels(paths) -> list[str]:
+    """Short labels of pair files for per-source metrics: data/nrel_zintl/val.npz -> nrel_zintl."""
+    return [Path(path).parent.name or Path(path).stem for path in paths]
+
+
+def train_one_epoch(model, ddp_model, ema_model, optimizer, rate: LearningRate, data: PreparedPairs, config, epoch, step, device, dist: World, forward=None):
+    order = epoch_order(len(data), config.seed, epoch).numpy()
+    atoms, edges = pair_sizes(data)
+    order, bounds = shard(order, atoms[order], edges[order], training_budget(config), dist.rank, dist.world_size)
+    batches = EpochBatches(data, order, pair_bounds=bounds)
     sums: dict[str, torch.Tensor] = {}
-    for b in range(n_batches):
-        graph, positions_target, cell_target = data.batch(order[b * config.batch_size : (b + 1) * config.batch_size])
-        parts = take_step(ddp_model, optimizer, graph, positions_target, cell_target, config, device)
+    for b in range(len(batches)):
+        for group in optimizer.param_groups:
+            group["lr"] = rate.at(step)
+        graph, positions_target, cell_target, _ = batches.collate(b)
+        parts = take_step(ddp_model, optimizer, graph, positions_target, cell_target, config, device, forward)
         step += 1
         ema_update(ema_model, model, config.ema_decay, step)
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value
+    n_batches = len(batches)
     if dist.world_size > 1 and sums:  # the log reports the whole epoch, not rank 0's shard
         names = sorted(sums)
         totals = dist.all_reduce_sum(torch.stack([sums[k].float() for k in names]))
         sums = {k: totals[i] / dist.world_size for i, k in enumerate(names)}
     metrics = {f"train_{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
-    metrics["train_skipped"] = metrics["train_skipped"] * max(n_batches, 1) * dist.world_size  # a count, not a mean
+    metrics["train_skipped"] = metrics.get("train_skipped", 0.0) * max(n_batches, 1) * dist.world_size  # a count, not a mean
+    metrics["train_pairs"] = len(order) * dist.world_size
     if metrics["train_skipped"]:
         logger.warning("epoch %d: %d steps with a non-finite gradient were skipped", epoch, metrics["train_skipped"])
     return metrics, step
@@ -139,7 +204,9 @@ def _write_log(out_dir: Path, history: list[dict]) -> None:
 
 
 # Operational settings a resumed run may change; everything else must match the saved run.
-_RESUMABLE_CHANGES = ("time_budget_minutes", "max_epochs", "early_stop_patience", "cache_dir")
+# train_data may grow while a long run continues (new distilled pairs as they land), and a run
+# may move to another machine (out_dir, compile).
+_RESUMABLE_CHANGES = ("time_budget_minutes", "max_epochs", "early_stop_patience", "cache_dir", "out_dir", "compile", "train_data")
 
 
 def _resume_key(values: dict) -> dict:
@@ -176,7 +243,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
     train_set, val_set = train_set.to(device), val_set.to(device)
 
     torch.manual_seed(config.seed)
-    model = E3RelaxH2(model_config)
+    model = build_model(model_config)
     if config.init_from:
         initial, info = load_checkpoint(config.init_from)
         if info.config != model_config:
@@ -185,31 +252,42 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
     model = model.to(device)
     ema_model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
+        model.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
     )
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
-    )
+    atoms, edges = pair_sizes(train_set)
+    steps_per_epoch = max(len(shard(np.arange(len(atoms)), atoms, edges, training_budget(config), 0, dist.world_size)[1]) - 1, 1)
+    rate = LearningRate(config, steps_per_epoch)
     state_path = out_dir / STATE_FILE
     epoch, step, history, best, stale = 0, 0, [], None, 0
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         if _resume_key(state["train_config"]) != _resume_key(config.to_dict()):
             raise ValueError(f"{state_path} was written by a different training config; use a new out_dir")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("model", state["ema"]))
         ema_model.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        rate.load_state_dict(state["rate"])
         epoch, step, history, best, stale = state["epoch"], state["step"], state["history"], state["best"], state["stale"]
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        else:  # a portable state (``write_portable_state``): Adam's moments rebuild during a new warm-up
+            rate.warm_from = step
         logger.info("resumed %s at epoch %d", out_dir, epoch)
     ddp_model = model
     if dist.world_size > 1:
-        # static_graph: the last layer's lattice-mixing weights never reach the loss (their
-        # output is not read), which plain DDP reports as an error; the set of parameters used
-        # is the same every step, so DDP learns it once instead of searching every step.
+        # static_graph: the set of parameters used is the same every step, so DDP learns it
+        # once instead of searching every step.
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
         )
+    forward = None
+    if config.compile:
+        compiled = [torch.compile(layer.message_passing, dynamic=True) for layer in model.layers]
+
+        def forward(graph):
+            return ddp_model(graph, message_passing=compiled)
+
+    val_sources = source_labels(config.val_data) if prepared is None else ()
+    val_budget = Budget(max_atoms=4 * config.batch_atoms, max_edges=4 * config.batch_edges, max_graphs=4 * config.batch_size)
 
     status = "finished"
     epoch_seconds = 0.0
@@ -226,19 +304,19 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
             status = "paused"
             break
         tick = time.monotonic()
-        train_metrics, step = train_one_epoch(model, ddp_model, ema_model, optimizer, train_set, config, epoch, step, device, dist)
+        train_metrics, step = train_one_epoch(model, ddp_model, ema_model, optimizer, rate, train_set, config, epoch, step, device, dist, forward)
         # The epoch's metrics were read back from the device, so the training work is done here:
         # train_seconds is the optimisation alone (the samples/s of scaling measurements).
         train_seconds = time.monotonic() - tick
         # The EMA weights are the same on every rank; evaluating once and sharing the result keeps
         # the LR scheduler, the best epoch and early stopping identical on all ranks (GPU
         # scatter-adds are not bitwise reproducible, so per-rank evaluations could disagree).
-        val_metrics = dist.broadcast(evaluate(ema_model, val_set, 4 * config.batch_size, device) if dist.is_main else None)
-        scheduler.step(val_metrics["coord_mae"])
+        val_metrics = dist.broadcast(evaluate(ema_model, val_set, val_budget, device, val_sources) if dist.is_main else None)
+        rate.end_epoch(val_metrics["coord_mae"])
         epoch += 1
         epochs_this_call += 1
         epoch_seconds = time.monotonic() - tick
-        row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": round(epoch_seconds, 3),
+        row = {"epoch": epoch, "step": step, "lr": rate.at(step), "seconds": round(epoch_seconds, 3),
                "train_seconds": round(train_seconds, 3), **train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
         history.append(row)
         if best is None or val_metrics["coord_mae"] < best["val_coord_mae"]:
@@ -255,7 +333,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
             )
             _atomic_save({
                 "train_config": config.to_dict(), "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                "optimizer": optimizer.state_dict(), "rate": rate.state_dict(), "epoch": epoch, "step": step,
                 "history": history, "best": best, "stale": stale,
             }, state_path)
             _write_log(out_dir, history)
@@ -278,9 +356,25 @@ def export_checkpoint(out_dir: str | os.PathLike, path: str | os.PathLike, metad
     out_dir = Path(out_dir)
     state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
     config = TrainConfig.from_dict(state["train_config"])
-    model = E3RelaxH2(config.model_config)
+    model = build_model(config.model_config)
     weights = torch.load(out_dir / "best_ema.pt", map_location="cpu", weights_only=True)["ema"] if which == "best" else state["ema"]
     model.load_state_dict(weights)
     meta = {"train_config": config.to_dict(), "epochs": state["epoch"], "best_validation": state["best"]}
     meta.update(metadata or {})
     return save_checkpoint(path, model, meta)
+
+
+def write_portable_state(out_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """The part of a run's state worth carrying between machines, in one file.
+
+    The EMA weights (the model that ships), the schedule, the log and the counters; the raw
+    weights and Adam's moments are left out (three times the size, and rebuilt: a resume
+    from this file starts the raw weights at the EMA and warms the rate up again). Copy it to
+    ``<out_dir>/training_state.pt`` of a new machine to continue the run there.
+    """
+    state = torch.load(Path(out_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    portable = {k: state[k] for k in ("train_config", "ema", "rate", "epoch", "step", "history", "best", "stale")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(portable, path)
+    return path
