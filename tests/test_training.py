@@ -56,7 +56,7 @@ def test_resumed_training_is_bit_identical_to_uninterrupted(pair_files, tmp_path
 def test_resume_refuses_a_different_config(pair_files, tmp_path):
     train(_config(pair_files, tmp_path, max_epochs=1), device="cpu")
     with pytest.raises(ValueError, match="different training config"):
-        train(_config(pair_files, tmp_path, max_epochs=1, lr=1e-3), device="cpu")
+        train(_config(pair_files, tmp_path, max_epochs=1, weight_decay=1e-3), device="cpu")
 
 
 def test_training_reduces_the_loss_on_real_pairs(pair_files, tmp_path):
@@ -153,3 +153,45 @@ def test_finetune_from_a_checkpoint_starts_from_its_weights(pair_files, tmp_path
     with pytest.raises(ValueError, match="model config differs"):
         train(_config(pair_files, tmp_path / "bad", max_epochs=1, init_from=str(tmp_path / "base.pt"),
                       model={**TINY, "num_channels": 12}), device="cpu")
+
+
+def test_a_portable_state_resumes_on_another_machine(pair_files, tmp_path):
+    """The EMA-only state carried between machines continues the run: counters and log go on,
+    the raw weights start at the EMA, the rate warms up again, and a lowered rate is allowed."""
+    import shutil
+
+    from e3relax_ase.training.trainer import write_portable_state
+
+    first = train(_config(pair_files, tmp_path / "here", max_epochs=2, batch_size=0, batch_atoms=64, warmup_epochs=1), device="cpu")
+    assert first["epochs"] == 2
+    portable = write_portable_state(tmp_path / "here", tmp_path / "carried.pt")
+    state = torch.load(portable, weights_only=True)
+    assert "optimizer" not in state and "model" not in state and state["epoch"] == 2
+    there = tmp_path / "there"
+    there.mkdir()
+    shutil.copy(portable, there / STATE_FILE)
+    resumed = train(_config(pair_files, there, max_epochs=3, batch_size=0, batch_atoms=64, warmup_epochs=1, lr=1e-3), device="cpu")
+    assert resumed["epochs"] == 3 and resumed["steps"] > first["steps"]
+    log = torch.load(there / STATE_FILE, weights_only=True)["history"]
+    assert [row["epoch"] for row in log] == [1, 2, 3]
+    assert log[2]["lr"] <= 1e-3  # the new, lower rate (warming up again)
+    with pytest.raises(ValueError, match="different training config"):
+        train(_config(pair_files, there, max_epochs=4, batch_size=0, batch_atoms=32, warmup_epochs=1, lr=1e-3), device="cpu")
+
+
+def test_batches_follow_the_atom_budget_and_cover_the_epoch(pair_files):
+    from e3relax_ase.training.batching import Budget, EpochBatches
+
+    prepared = prepare_pairs(load_pairs(pair_files[0]), 6.0, 50, dtype=torch.float64)
+    order = np.random.default_rng(0).permutation(len(prepared))
+    batches = EpochBatches(prepared, order, Budget(max_atoms=40))
+    seen = []
+    for b in range(len(batches)):
+        graph, target, cell_target, _ = batches.collate(b)
+        assert graph.positions.shape[0] <= 40 or graph.n_graphs == 1
+        reference, reference_target, reference_cell = prepared.batch(torch.as_tensor(order[batches.pair_bounds[b] : batches.pair_bounds[b + 1]]))
+        for name in ("numbers", "positions", "batch", "edge_src", "edge_dst", "edge_shift", "n_atoms", "cell"):
+            assert torch.equal(getattr(graph, name), getattr(reference, name)), name
+        assert torch.equal(target, reference_target) and torch.equal(cell_target, reference_cell)
+        seen += order[batches.pair_bounds[b] : batches.pair_bounds[b + 1]].tolist()
+    assert seen == order.tolist()

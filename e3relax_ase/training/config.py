@@ -27,6 +27,7 @@ class TrainConfig:
         warmup_epochs: the learning rate rises linearly from 0 over this many epochs (large
             batches and large rates diverge without it).
         compile: run each layer's message passing compiled by torch.compile (CUDA).
+        prepare_workers: processes that prepare the pairs (0 = one per CPU core).
         lr_factor, lr_patience, min_lr: ReduceLROnPlateau on validation coordinate MAE.
         ema_decay: exponential moving average of the weights used for evaluation and export.
         grad_clip: max global gradient norm.
@@ -55,6 +56,7 @@ class TrainConfig:
     lr_reference_atoms: int = 0
     warmup_epochs: float = 0.0
     compile: bool = False
+    prepare_workers: int = 0
     weight_decay: float = 1e-5
     lr_factor: float = 0.5
     lr_patience: int = 5

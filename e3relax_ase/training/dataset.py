@@ -129,12 +129,28 @@ def align_target(positions_input, cell_input, positions_target, cell_target, tra
     return aligned, cell
 
 
-def prepare_pairs(pairset, cutoff: float, max_neighbors: int, dtype=torch.float32, center_targets: bool = True) -> PreparedPairs:
+def prepare_pairs(
+    pairset, cutoff: float, max_neighbors: int, dtype=torch.float32, center_targets: bool = True, workers: int = 1
+) -> PreparedPairs:
     """Canonicalise, align and build the edges of every pair of a ``PairSet`` (CPU, once).
 
     ``center_targets=False`` keeps the relaxed structure's own translation (for the paper's
-    coordinate metric, which counts it as error).
+    coordinate metric, which counts it as error). ``workers`` > 1 prepares contiguous chunks
+    in that many processes (about 1 ms a pair: a minute for 60,000 pairs on one core); the
+    result is the same as with one.
     """
+    if workers > 1 and len(pairset) > 256:
+        import concurrent.futures
+        import multiprocessing
+
+        chunks = np.array_split(np.arange(len(pairset)), workers * 4)
+        jobs = [(pairset.subset(chunk), cutoff, max_neighbors, dtype, center_targets) for chunk in chunks if len(chunk)]
+        # spawn, not fork: a forked torch process can hang in its thread pools. One thread each:
+        # 16 workers of 16 threads each ran 20x slower than one process on a 16-core host.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            parts = list(pool.map(_prepare_as_arrays, jobs))
+        return concatenate_prepared([PreparedPairs(**{k: torch.as_tensor(v) for k, v in part.items()}) for part in parts])
     numbers, positions, targets, cells, cell_targets, pbcs = [], [], [], [], [], []
     srcs, dsts, shifts, edge_counts = [], [], [], []
     for k in range(len(pairset)):
@@ -175,7 +191,26 @@ def prepare_pairs(pairset, cutoff: float, max_neighbors: int, dtype=torch.float3
     )
 
 
-def load_or_prepare(paths, cutoff: float, max_neighbors: int, cache_dir=None, center_targets: bool = True, max_pairs: int = 0) -> PreparedPairs:
+def _prepare_as_arrays(job) -> dict:
+    """One chunk's ``prepare_pairs``, as numpy arrays to send between processes."""
+    pairset, cutoff, max_neighbors, dtype, center_targets = job
+    prepared = prepare_pairs(pairset, cutoff, max_neighbors, dtype, center_targets)
+    return {f.name: getattr(prepared, f.name).numpy() for f in fields(prepared)}
+
+
+def concatenate_prepared(parts) -> PreparedPairs:
+    """Prepared pairs of several parts, in order, as one."""
+    atom_base = np.cumsum([0] + [int(p.atom_offsets[-1]) for p in parts[:-1]])
+    edge_base = np.cumsum([0] + [int(p.edge_offsets[-1]) for p in parts[:-1]])
+    joined = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PreparedPairs) if not f.name.endswith("_offsets")}
+    joined["atom_offsets"] = torch.cat([parts[0].atom_offsets[:1]] + [p.atom_offsets[1:] + int(b) for p, b in zip(parts, atom_base)])
+    joined["edge_offsets"] = torch.cat([parts[0].edge_offsets[:1]] + [p.edge_offsets[1:] + int(b) for p, b in zip(parts, edge_base)])
+    return PreparedPairs(**joined)
+
+
+def load_or_prepare(
+    paths, cutoff: float, max_neighbors: int, cache_dir=None, center_targets: bool = True, max_pairs: int = 0, workers: int = 1
+) -> PreparedPairs:
     """Prepared pairs of one or more pair files, cached on disk under ``cache_dir``.
 
     The cache key is the files' sha256, the graph settings and the options, so a changed file
@@ -204,7 +239,7 @@ def load_or_prepare(paths, cutoff: float, max_neighbors: int, cache_dir=None, ce
     if max_pairs and len(pairs) > max_pairs:
         pairs = pairs.subset(range(max_pairs))
         source = source[:max_pairs]
-    prepared = prepare_pairs(pairs, cutoff, max_neighbors, center_targets=center_targets)
+    prepared = prepare_pairs(pairs, cutoff, max_neighbors, center_targets=center_targets, workers=workers)
     prepared.source = torch.as_tensor(source, dtype=torch.long)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)

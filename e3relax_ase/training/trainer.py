@@ -204,9 +204,13 @@ def _write_log(out_dir: Path, history: list[dict]) -> None:
 
 
 # Operational settings a resumed run may change; everything else must match the saved run.
-# train_data may grow while a long run continues (new distilled pairs as they land), and a run
-# may move to another machine (out_dir, compile).
-_RESUMABLE_CHANGES = ("time_budget_minutes", "max_epochs", "early_stop_patience", "cache_dir", "out_dir", "compile", "train_data")
+# train_data may grow while a long run continues (new distilled pairs as they land), a run may
+# move to another machine (out_dir, compile, prepare_workers), and its rate and clipping may be
+# lowered when it turns out unstable (the log records every epoch's rate).
+_RESUMABLE_CHANGES = (
+    "time_budget_minutes", "max_epochs", "early_stop_patience", "cache_dir", "out_dir", "compile", "prepare_workers", "train_data",
+    "lr", "grad_clip", "warmup_epochs", "lr_patience",
+)
 
 
 def _resume_key(values: dict) -> dict:
@@ -236,8 +240,11 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
 
     if prepared is None:
         cache = config.cache_dir or None
-        train_set = load_or_prepare(config.train_data, model_config.cutoff, model_config.max_neighbors, cache)
-        val_set = load_or_prepare(config.val_data, model_config.cutoff, model_config.max_neighbors, cache, max_pairs=config.val_max_pairs)
+        workers = config.prepare_workers or os.cpu_count() or 1
+        train_set = load_or_prepare(config.train_data, model_config.cutoff, model_config.max_neighbors, cache, workers=workers)
+        val_set = load_or_prepare(
+            config.val_data, model_config.cutoff, model_config.max_neighbors, cache, max_pairs=config.val_max_pairs, workers=workers
+        )
     else:
         train_set, val_set = prepared
     train_set, val_set = train_set.to(device), val_set.to(device)
