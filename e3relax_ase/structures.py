@@ -45,7 +45,7 @@ INFO_NSTEPS = "e3relax_nsteps"  # int | refinement only: optimizer steps taken
 INFO_FMAX = "e3relax_fmax"  # float | refinement only: max(fmax_atoms, fmax_cell), eV/Å
 INFO_FMAX_ATOMS = "e3relax_fmax_atoms"  # float | refinement only: largest atomic force at the end, evaluated afresh, eV/Å
 INFO_FMAX_CELL = "e3relax_fmax_cell"  # float | refinement with a cell filter only: its cell rows, filter built afresh, eV/Å
-INFO_VACUUM_AXES = "e3relax_vacuum_axes"  # str | periodic axes found to hold vacuum, kept as given ("2", "0,1")
+INFO_VACUUM_AXES = "e3relax_vacuum_axes"  # str | lattice vectors holding vacuum, kept as given: "c", "a,b" (extxyz reads "0,2" as numbers)
 INFO_CLUSTER = "e3relax_cluster"  # bool | an isolated cluster relaxed in its box (allow_cluster)
 # Where the CLI read a structure (set on the input, kept through relaxation: they describe the
 # input, not the result, so clear_provenance leaves them).

@@ -201,6 +201,27 @@ def test_fix_symmetry_applies_a_halved_cell_without_ases_large_step_warning(rela
     assert kept.info["e3relax_spacegroup"] == 225
 
 
+def test_progress_counts_every_structure_failures_included(relaxer):
+    class Counter:
+        def __init__(self):
+            self.done = 0
+
+        def update(self, n):
+            self.done += n
+
+    counter = Counter()
+    bad = nacl()
+    bad.positions[1] = bad.positions[0]
+    relaxer.relax_many([nacl(), bad, nacl()], errors="return", progress=counter)
+    assert counter.done == 3
+
+
+def test_progress_true_shows_a_bar_on_stderr(relaxer, capsys):
+    relaxer.relax_many([nacl(), nacl()], progress=True)
+    err = capsys.readouterr().err
+    assert "relaxing" in err and "2/2" in err and "structure/s" in err
+
+
 def test_pymatgen_in_pymatgen_out(relaxer):
     atoms = nacl()
     atoms.set_initial_magnetic_moments(np.arange(8) * 0.1)
