@@ -178,3 +178,19 @@ def test_relax_of_one_cif_imports_neither_pymatgen_nor_the_optimizers(tmp_path, 
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "0 []"
+
+
+def test_a_busy_cpu_gets_one_torch_thread(monkeypatch, tmp_path, checkpoint):
+    """OpenMP waits for its descheduled threads: on a loaded machine one thread beats two."""
+    from e3relax_ase import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert threads.threads_for_a_busy_cpu(2) == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert threads.threads_for_a_busy_cpu(2) == 2
+    source = tmp_path / "in.cif"
+    ase.io.write(source, nacl())
+    result = relax([str(source), "--threads", "many"], checkpoint)
+    assert result.exit_code == 2 and "neither 'auto' nor a number" in result.stderr
+    assert relax([str(source), "--threads", "1"], checkpoint).exit_code == 0

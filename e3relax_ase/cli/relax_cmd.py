@@ -92,6 +92,13 @@ class _DropUntrainedWarning(logging.Filter):
     "--batch-size", type=int, default=None, help="Structures per forward pass [default: 1 on CPU, 2048 on GPU, within its memory]."
 )
 @click.option(
+    "--threads",
+    default="auto",
+    show_default=True,
+    help="torch threads for a network on the CPU, or 'auto': one when other work keeps a core busy (load average), "
+    "else torch's default.",
+)
+@click.option(
     "--chunk-size",
     type=click.IntRange(min=1),
     default=CHUNK_SIZE,
@@ -118,7 +125,7 @@ class _DropUntrainedWarning(logging.Filter):
 @click.option("-q", "--quiet", count=True, help="Errors only (no closing line).")
 def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dtype, precision, compile_network, no_relax_cell,
           fix_symmetry, symprec, allow_cluster, refine_spec, optimizer, cell_filter, fmax, steps, pressure, trajectory, logfile,
-          batch_size, chunk_size, workers, distributed, progress, as_json, verbose, quiet):  # fmt: skip
+          batch_size, threads, chunk_size, workers, distributed, progress, as_json, verbose, quiet):  # fmt: skip
     """Relax the structures in INPUTS (files or folders; CIF, POSCAR, extxyz, traj, db, ...).
 
     Each result goes next to its input as NAME_relaxed.EXT unless -o says otherwise. No input, and
@@ -201,6 +208,7 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
     if symprec is not None and not fix_symmetry and fmt != "cif" and not (output or "").lower().endswith(".cif"):
         logger.info("--symprec: used by --fix-symmetry and for CIF outputs")
     num_workers, min_structures = _workers(workers, relaxer, world)
+    cpu_threads = _cpu_threads(threads, relaxer)
     ready = time.perf_counter()  # the model is loaded: relaxing starts
     show_progress = world.is_main and quiet == 0 and (progress if progress is not None else sys.stderr.isatty())
     bar = Progress(len(files), show_progress)
@@ -236,7 +244,7 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
         queue.clear()
 
     try:
-        with bar.logging_through_the_bar():
+        with bar.logging_through_the_bar(), cpu_threads:
             for path in files:
                 job = FileJob(path, rules)
                 jobs.append(job)
@@ -308,6 +316,30 @@ def _make_relaxer(OneShotRelaxer, CheckpointError, checkpoint, device, dtype, ba
         raise click.ClickException(str(exc)) from None
     finally:
         relaxer_logger.removeFilter(quiet_filter)
+
+
+def _cpu_threads(threads: str, relaxer):
+    """A context setting torch's threads for the run from --threads (the network on a CPU only)."""
+    import contextlib
+
+    import torch
+
+    from e3relax_ase.threads import threads_for_a_busy_cpu, torch_threads
+
+    if threads == "auto":
+        if relaxer.device.type != "cpu":
+            return contextlib.nullcontext()
+        count = threads_for_a_busy_cpu(torch.get_num_threads())
+        if count < torch.get_num_threads():
+            logger.info("other work keeps the CPU busy (load average %.1f): the network runs on one thread", os.getloadavg()[0])
+        return torch_threads(count)
+    try:
+        count = int(threads)
+    except ValueError:
+        raise click.BadParameter(f"{threads!r} is neither 'auto' nor a number", param_hint="--threads") from None
+    if count < 1:
+        raise click.BadParameter("must be 1 or more", param_hint="--threads")
+    return torch_threads(count)
 
 
 def _workers(workers: str, relaxer, world) -> tuple[int, int]:
