@@ -330,7 +330,7 @@ def named(error, name: Callable[[], str]):
     """``error`` with the ``UNNAMED`` placeholder that starts its message replaced by ``name()``
     (called only then: naming may take time); anything else as it is."""
     if isinstance(error, InvalidStructureError) and str(error).startswith(UNNAMED):
-        return InvalidStructureError(name() + str(error)[len(UNNAMED) :])
+        return type(error)(name() + str(error)[len(UNNAMED) :])  # the same class (e.g. vacuum.ClusterError)
     return error
 
 
