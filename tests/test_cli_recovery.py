@@ -175,6 +175,28 @@ def test_interrupted_run_keeps_finished_chunks_and_resume_finishes_the_rest(tmp_
     assert sorted(os.listdir(tmp_path)) == ["big.extxyz", "out.extxyz", "reference.extxyz"]
 
 
+def test_resume_after_a_stop_between_the_last_chunk_and_the_join(tmp_path, checkpoint, monkeypatch):
+    from e3relax_ase.streamed import StreamedOutput
+
+    source = tmp_path / "in.extxyz"
+    write_frames(source, 5)
+    reference = tmp_path / "reference.extxyz"
+    assert relax([str(source), "-o", str(reference)], checkpoint).exit_code == 0
+    real_finish = StreamedOutput.finish
+
+    def stop(self, replace):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamedOutput, "finish", stop)
+    output = tmp_path / "out.extxyz"
+    assert relax([str(source), "-o", str(output), "--chunk-size", "2"], checkpoint).exit_code == 1
+    assert not output.exists() and len(list(parts_dir(output).glob("part-*.json"))) == 3  # every frame done, not joined
+    monkeypatch.setattr(StreamedOutput, "finish", real_finish)
+    result = relax([str(source), "-o", str(output), "--resume"], checkpoint)
+    assert result.exit_code == 0 and output.read_bytes() == reference.read_bytes()
+    assert not parts_dir(output).exists()
+
+
 def test_resume_refuses_parts_made_with_other_settings(tmp_path, checkpoint):
     source = tmp_path / "in.extxyz"
     write_frames(source, 4)

@@ -256,6 +256,7 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
                     if len(queue) >= max(chunk_size, batch_size or 0) * world.world_size:
                         flush()
                 if not work:
+                    job.commit()  # a resumed input whose frames were all done: join its parts
                     job.release()
             flush()
     finally:

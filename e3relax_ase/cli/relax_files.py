@@ -104,7 +104,7 @@ class FileJob:
         self.dropped: list = []  # what the output format loses
         self.stream = None
         self.claim = None
-        self._warned_losses = False
+        self.accepted = False  # opened, and its outputs may be written
 
     # --- opening ---------------------------------------------------------------------------
     def open(self) -> list:
@@ -152,6 +152,7 @@ class FileJob:
                 frame.atoms.info[INFO_INDEX] = frame.index
                 work.append((frame.index, frame.atoms))
         self.pending = {index for index, _ in work}
+        self.accepted = True
         return work
 
     def label(self, index: int) -> str:
@@ -278,8 +279,8 @@ class FileJob:
     def commit(self) -> None:
         """Write the results that came in since the last commit (see the module docstring)."""
         waiting, self.waiting = sorted(self.waiting, key=lambda pair: pair[0]), []
-        if not self.rules.writes:
-            return
+        if not self.rules.writes or not self.accepted:
+            return  # another rank writes, or the input was refused or skipped whole
         if waiting:
             self._warn_losses([atoms for _, atoms in waiting])
         try:
