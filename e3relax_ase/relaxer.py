@@ -951,7 +951,7 @@ class OneShotRelaxer:
 
         kwargs = dict(options.refine_kwargs)
         if _per_structure(kwargs.get("trajectory")):
-            kwargs["trajectory"] = str(kwargs["trajectory"]).format(index=item.index, name=_file_safe(item.name))
+            kwargs["trajectory"] = trajectory_path(kwargs["trajectory"], item.index, item.name)
         if item.vacuum is not None and not item.vacuum.cluster and relax_cell and kwargs.get("mask") is None:
             try:  # the vacuum axes found stay frozen under the cell filter too
                 kwargs["mask"] = vacuum_cell_mask(atoms.cell.array, item.vacuum.pbc)
@@ -1028,9 +1028,11 @@ def _per_structure(trajectory) -> bool:
     return isinstance(trajectory, (str, os.PathLike)) and ("{index}" in str(trajectory) or "{name}" in str(trajectory))
 
 
-def _file_safe(name: str) -> str:
-    """A structure's name as part of a file name (no separators)."""
-    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in str(name))
+def trajectory_path(pattern, index: int, name: str) -> str:
+    """The refinement trajectory file of one structure: ``pattern`` with "{index}" (its index
+    in the call) and "{name}" (its name, made safe for a file name) replaced."""
+    safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in str(name))
+    return str(pattern).format(index=index, name=safe)
 
 
 def _freeze_garbage_collection() -> bool:

@@ -99,6 +99,12 @@ def test_refinement_controls_on_the_command_line(tmp_path, checkpoint):
     assert sorted(os.listdir(per_structure)) == sorted(f"{str(source).replace('/', '_')}@{i}.traj" for i in (0, 1))
     for fixed in ase.io.read(tmp_path / "fixed.extxyz", ":"):
         assert "e3relax_fmax_cell" not in fixed.info and "e3relax_fmax_atoms" in fixed.info  # positions only: no cell criterion
+    again = [str(source), "--refine", "emt", "--trajectory", f"{per_structure}/", "-o", str(tmp_path / "again.extxyz")]
+    result = relax(again, checkpoint)  # the per-structure files exist: those structures are not refined over them
+    assert result.exit_code == 1 and result.stderr.count("exists (this run did not write it); --overwrite replaces it") == 2
+    assert relax([*again, "--overwrite"], checkpoint).exit_code == 0
+    result = relax([str(source), "--refine", "emt", "--trajectory", str(tmp_path / "t{index}.traj")], checkpoint)
+    assert result.exit_code == 2 and "use {name}" in result.stderr
 
     result = relax([str(source), "--refine", "emt", "--trajectory", str(trajectory), "-o", str(tmp_path / "again.extxyz")], checkpoint)
     assert result.exit_code == 2 and "exists (this run did not write it)" in result.stderr

@@ -219,7 +219,12 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
 
     def flush():
         nonlocal n_flushed
+        touched = {id(j): j for j, _, _ in queue}
+        dropped = extras.drop_existing_trajectories(queue)  # a structure whose trajectory file exists fails, unrelaxed
+        bar.update(dropped)
         if not queue:
+            for job in touched.values():
+                job.commit()
             return
         atoms = [a for _, _, a in queue]
         names = [job.label(i) for job, i, _ in queue]
@@ -237,7 +242,7 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
                 label = job.label(index)
                 result = result.message if result.message.startswith(label) else f"{label}: {result.message}"
             job.take(index, result)
-        for job in {id(j): j for j, _, _ in queue}.values():
+        for job in touched.values():
             job.commit()
             if job.finished:
                 job.release()
@@ -365,6 +370,8 @@ class _Extras:
     def __init__(self, trajectory, logfile, overwrite: bool, world):
         self.trajectory = None
         self.logfile = None
+        self.overwrite = overwrite
+        self.written = set()  # per-structure trajectory files this run writes
         self._opened = []
         if trajectory:
             self.trajectory = self._trajectory(trajectory, overwrite, world)
@@ -374,6 +381,8 @@ class _Extras:
             self.logfile = self._open(Path(logfile), overwrite, "--logfile", lambda p: open(p, "w"))
 
     def _trajectory(self, given: str, overwrite: bool, world):
+        if "{index}" in given:
+            raise click.BadParameter("use {name} (the structure's input file and frame), not {index}", param_hint="--trajectory")
         if "{" in given:
             return given  # one file per structure, named by relax_many
         if given.endswith(("/", os.sep)) or Path(given).is_dir():
@@ -391,6 +400,26 @@ class _Extras:
         handle = opener(path)
         self._opened.append(handle)
         return handle
+
+    def drop_existing_trajectories(self, queue: list) -> int:
+        """Fail (and take out of ``queue``) the structures whose own trajectory file exists
+        and was not written by this run, unless --overwrite; how many."""
+        if self.overwrite or not isinstance(self.trajectory, str):
+            return 0
+        from e3relax_ase.relaxer import trajectory_path
+
+        kept = []
+        for entry in queue:
+            job, index, _ = entry
+            path = Path(trajectory_path(self.trajectory, index, job.label(index)))
+            if path.exists() and path not in self.written:
+                job.take(index, f"{job.label(index)}: trajectory {path} exists (this run did not write it); --overwrite replaces it")
+            else:
+                self.written.add(path)
+                kept.append(entry)
+        dropped = len(queue) - len(kept)
+        queue[:] = kept
+        return dropped
 
     def options(self) -> dict:
         extra = {}
