@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -34,6 +35,11 @@ FORMAT_NAME = "e3relax-ase-checkpoint"
 FORMAT_VERSION = 2
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 REGISTRY_FILE = "registry.json"
+# What a file written by torch.save starts with: a zip archive (torch >= 1.6), or a pickle
+# (the legacy format, protocol 2 or later). Anything else is not a checkpoint at all.
+_TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -158,6 +164,11 @@ def load_checkpoint(
     expected = expected_sha256 or registry_sha
     if expected and sha != expected:
         raise CheckpointError(f"checkpoint {path}: sha256 mismatch, expected {expected}, found {sha}")
+    with open(path, "rb") as handle:
+        start = handle.read(16)
+    if not start.startswith(_TORCH_FILE_MAGIC):
+        what = f"it starts with {start.decode('ascii', 'replace').split()[0]!r}" if start.strip() else "it is empty or blank"
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint file (not written by torch.save; {what})")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt, truncated or unsafe files
@@ -189,6 +200,32 @@ def load_checkpoint(
         config=config,
         versions=dict(payload.get("versions", {})),
         metadata=dict(payload.get("metadata", {})),
-        name=name or payload.get("metadata", {}).get("name"),
+        name=name or _label_of_file(path, sha, payload.get("metadata", {}).get("name")),
     )
     return model, info
+
+
+def _label_of_file(path: Path, sha: str, claimed_name) -> str:
+    """The name results of a checkpoint given by path carry: the registry's name when the file
+    is a registered one (same sha256), else the file's own name, with a warning.
+
+    Why not the name stored in the file's metadata: a modified copy of a shipped checkpoint
+    still says it is the shipped one, and its results would be mislabelled.
+    """
+    registered = read_registry().get("checkpoints", {})
+    for entry_name, entry in registered.items():
+        if entry.get("sha256") == sha:
+            return entry_name
+    label = path.name
+    if claimed_name in registered:
+        logger.warning(
+            "checkpoint %s calls itself %r but its sha256 %s is not that registered checkpoint's (a modified or damaged copy?); "
+            "its results are labelled %r",
+            path,
+            claimed_name,
+            sha[:12],
+            label,
+        )
+    else:
+        logger.warning("checkpoint %s is not registered (sha256 %s); its results are labelled %r", path, sha[:12], label)
+    return label

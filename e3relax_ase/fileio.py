@@ -5,7 +5,8 @@ multi-frame file. An unreadable file raises :class:`InputFileError` with one lin
 
 Writing: ``write_atomic`` writes into a temporary file in the output's own directory and
 renames it over the target (``os.replace``), so an interrupted run (SIGINT, crash) never
-leaves a half-written output, and an existing output is replaced only by a complete one.
+leaves a half-written output, and an existing output is replaced only by a complete one; with
+``replace=False`` it is never replaced (the file is linked into place, which fails if it exists).
 
 Format losses (measured by round-tripping a Ni slab with FixAtoms, magmoms, charges, tags,
 info and pbc [T, T, F] through ASE 3.29; tests/test_cli_relax.py re-checks the table):
@@ -14,9 +15,9 @@ info and pbc [T, T, F] through ASE 3.29; tests/test_cli_relax.py re-checks the t
 |---|---|
 | extxyz | constraints other than FixAtoms/FixCartesian; non-scalar info |
 | traj | nothing |
-| db, json | info |
-| vasp (POSCAR) | magmoms, charges, tags, info, constraints other than FixAtoms; sets pbc True |
-| cif (ASE writer, P1) | constraints, magmoms, charges, tags, info; sets pbc True |
+| db, json | info, provenance included |
+| vasp (POSCAR) | magmoms, charges, tags, info, constraints other than FixAtoms; sets pbc True (provenance: first line) |
+| cif (ASE writer, P1) | constraints, magmoms, charges, tags, info; sets pbc True (provenance: comment block) |
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ _BY_EXTENSION = {
 }
 
 # What each format keeps (see the module docstring): (constraint types kept or "all", other properties kept).
+# "provenance": the e3relax_* info keys, in info or in a comment (e3relax_ase.provenance).
 _KEEPS = {
-    "extxyz": (("FixAtoms", "FixCartesian"), {"magmoms", "charges", "tags", "pbc"}),
-    "traj": ("all", {"magmoms", "charges", "tags", "pbc"}),
+    "extxyz": (("FixAtoms", "FixCartesian"), {"magmoms", "charges", "tags", "pbc", "info", "provenance"}),
+    "traj": ("all", {"magmoms", "charges", "tags", "pbc", "info", "provenance"}),
     "db": ("all", {"magmoms", "charges", "tags", "pbc"}),
     "json": ("all", {"magmoms", "charges", "tags", "pbc"}),
-    "vasp": (("FixAtoms",), set()),
-    "cif": ((), set()),
+    "vasp": (("FixAtoms",), {"provenance"}),
+    "cif": ((), {"provenance"}),
 }
+
+
+# What ASE's readers put in info by themselves (CIF: the file's symmetry, which a relaxed P1
+# output no longer has): not worth a warning when an output format drops it.
+_READER_INFO = frozenset({"spacegroup", "unit_cell", "occupancy"})
 
 
 class InputFileError(ValueError):
@@ -162,6 +169,11 @@ def format_losses(atoms, fmt: str) -> list[str]:
         losses.append("tags")
     if "pbc" not in keeps and not np.all(atoms.pbc):
         losses.append("non-periodic axes (written as periodic)")
+    own = [key for key in atoms.info if not str(key).startswith("e3relax_") and key not in _READER_INFO]
+    if "info" not in keeps and own:
+        losses.append(f"info ({', '.join(map(str, own[:3]))}{', ...' if len(own) > 3 else ''})")
+    if "provenance" not in keeps and len(own) < len(atoms.info):
+        losses.append("provenance (the e3relax_* info keys)")
     return losses
 
 
@@ -186,14 +198,36 @@ def atomic_write(path: str | os.PathLike, write, binary: bool = False, suffix: s
         raise
 
 
-def write_atomic(path: str | os.PathLike, frames: list, fmt: str) -> None:
-    """Write structures to ``path`` all at once or not at all (temporary file + ``os.replace``)."""
-    import warnings
+class OutputExistsError(FileExistsError):
+    """An output file that exists and may not be replaced (no ``--overwrite``)."""
 
-    import ase.io
+
+def write_atomic(
+    path: str | os.PathLike, frames: list, fmt: str, *, replace: bool = True, symprec: float | None = None, fsync: bool = False
+) -> None:
+    """Write structures to ``path`` all at once or not at all (temporary file, then one rename).
+
+    Args:
+        path: the output file.
+        frames: the structures (several only for a format that holds many).
+        fmt: the ASE format name. extxyz, cif and vasp carry the provenance keys as
+            ``e3relax_ase.provenance`` describes.
+        replace: False never replaces an existing file: the temporary file is hard-linked to
+            ``path``, which fails when ``path`` exists, so no other writer can slip in between
+            a check and the write.
+        symprec: cif only: write the symmetrized CIF (pymatgen's ``CifWriter`` at this
+            tolerance, conventional standard setting) instead of ASE's P1 one.
+        fsync: flush the data to the disk before the rename (for files a resumed run relies on).
+
+    Raises:
+        OutputExistsError: ``replace`` is False and ``path`` exists.
+    """
+    import warnings
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not replace and path.exists():
+        raise OutputExistsError(f"{path} exists")
     # Keep the real extension: some writers (db) pick their backend from it.
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(handle)
@@ -202,12 +236,104 @@ def write_atomic(path: str | os.PathLike, frames: list, fmt: str) -> None:
             os.unlink(tmp)  # ASE's db writer appends to an existing file
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ase.io.write(tmp, frames if len(frames) > 1 or holds_many(fmt) else frames[0], format=fmt)
+            _write_frames(tmp, frames, fmt, symprec)
         for warning in caught:  # e.g. extxyz skipping non-scalar info: the docs table lists it
             logger.info("%s: %s", path, warning.message)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
+        if fsync:
+            with open(tmp, "rb") as written:
+                os.fsync(written.fileno())
+        _into_place(tmp, path, replace)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, chunks, *, replace: bool = True, fsync: bool = False) -> None:
+    """Write the byte strings ``chunks`` to ``path`` at once or not at all (as ``write_atomic``).
+
+    Raises:
+        OutputExistsError: ``replace`` is False and ``path`` exists.
+    """
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            for chunk in chunks:
+                stream.write(chunk)
+            if fsync:
+                stream.flush()
+                os.fsync(stream.fileno())
+        _into_place(tmp, path, replace)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _into_place(tmp: str, path: Path, replace: bool) -> None:
+    """Give the finished temporary file the name ``path`` (rw-r--r--; mkstemp's 0600 would
+    hide shared data): replacing an existing file, or only if there is none."""
+    os.chmod(tmp, 0o644)
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(f"{path} exists") from None
+    except OSError:  # a file system without hard links: check, then rename (a short window)
+        if path.exists():
+            raise OutputExistsError(f"{path} exists") from None
+        os.rename(tmp, path)
+
+
+def _write_frames(target: str, frames: list, fmt: str, symprec: float | None) -> None:
+    """Serialise ``frames`` into the file ``target`` (see ``write_atomic``)."""
+    import ase.io
+
+    from e3relax_ase import provenance
+
+    if fmt == "extxyz":
+        ase.io.write(target, [provenance.for_extxyz(atoms) for atoms in frames], format="extxyz")
+    elif fmt == "cif":
+        with open(target, "w") as stream:
+            stream.write("".join(_cif_text(atoms, symprec) for atoms in frames))
+    elif fmt == "vasp":
+        import io
+
+        buffer = io.StringIO()
+        ase.io.write(buffer, frames[0], format="vasp")
+        text = buffer.getvalue()
+        with open(target, "w") as stream:
+            stream.write(provenance.poscar_comment(frames[0]) + "\n" + text.split("\n", 1)[1])
+    else:
+        ase.io.write(target, frames if len(frames) > 1 or holds_many(fmt) else frames[0], format=fmt)
+
+
+def _cif_text(atoms, symprec: float | None) -> str:
+    """One CIF data block with the provenance comment block inside it (after ``data_``)."""
+    import io
+
+    from e3relax_ase.provenance import cif_provenance_block
+
+    if symprec is None:
+        import ase.io
+
+        buffer = io.BytesIO()
+        ase.io.write(buffer, atoms, format="cif")
+        text = buffer.getvalue().decode()
+    else:
+        from pymatgen.io.ase import AseAtomsAdaptor
+        from pymatgen.io.cif import CifWriter
+
+        structure = AseAtomsAdaptor.get_structure(_without_calculator(atoms))
+        text = str(CifWriter(structure, symprec=symprec))
+    lines = text.splitlines(keepends=True)
+    at = next((k for k, line in enumerate(lines) if line.startswith("data_")), -1) + 1
+    return "".join(lines[:at]) + cif_provenance_block(atoms.info) + "".join(lines[at:])
+
+
+def _without_calculator(atoms):
+    """A copy without calculator (pymatgen's adaptor would carry its results as site properties)."""
+    copy = atoms.copy()
+    copy.calc = None
+    return copy

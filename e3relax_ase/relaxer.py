@@ -36,9 +36,9 @@ from e3relax_ase.graphed import GraphedForward
 from e3relax_ase.heap import keep_freed_heap
 from e3relax_ase.predict import CrystalArrays, Prediction, ReadyPredictions, predict
 from e3relax_ase.precision import check_precision
-from e3relax_ase.refine import refine as refine_structure
 from e3relax_ase.threads import torch_threads
 from e3relax_ase.structures import (
+    INFO_CLUSTER,
     INFO_CORRECTION_RATIO,
     INFO_LAST_CORRECTION,
     INFO_MAX_DISPLACEMENT,
@@ -53,6 +53,7 @@ from e3relax_ase.structures import (
     INFO_SPACEGROUP,
     INFO_SPACEGROUP_INPUT,
     INFO_UNTRAINED,
+    INFO_VACUUM_AXES,
     INFO_VERSION,
     apply_prediction,
     as_atoms,
@@ -61,12 +62,12 @@ from e3relax_ase.structures import (
     crystal_arrays,
     from_atoms,
     spacegroup_number,
+    vacuum_cell_mask,
 )
 from e3relax_ase.validation import (
     MIN_DISTANCE,
     InvalidStructureError,
     StructureReport,
-    prepare_atoms,
     structure_name,
 )
 from e3relax_ase.workers import (
@@ -82,6 +83,7 @@ from e3relax_ase.workers import (
     judge_prediction,
     pool_is_broken,
     prefetched,
+    prepare_structure,
     prepared_in_pool,
     start_worker_pool,
 )
@@ -145,6 +147,19 @@ class _Item:
     form: CanonicalForm | None = None  # the canonical form validation searched
     edges: tuple | None = None  # the graph's (src, dst, shift), local atom indices
     source: Any = None  # the input as given, to name it on demand
+    vacuum: Any = None  # its vacuum.VacuumLayout when a periodic axis holds vacuum (``arrays`` are then as the network sees it)
+
+    def seen_by_network(self, layout) -> None:
+        """Record a vacuum layout: a slab's vacuum axes become non-periodic and its atoms sit
+        together (an allowed cluster is relaxed as given, keeping its box)."""
+        self.vacuum = layout
+        if layout is not None and not layout.cluster:
+            self.arrays = CrystalArrays(self.arrays.numbers, layout.positions, self.arrays.cell, layout.pbc)
+
+    @property
+    def keeps_cell(self) -> bool:
+        """An allowed cluster keeps its box whatever ``relax_cell`` says."""
+        return self.vacuum is not None and self.vacuum.cluster
 
     @property
     def name(self) -> str:
@@ -163,6 +178,7 @@ class _Options:
     refine: Any = None
     refine_kwargs: dict = field(default_factory=dict)
     pool: Any = None  # worker processes (num_workers > 0) that also judge predictions
+    settings: Any = None  # the call's PreparationSettings
     provenance: dict = field(default_factory=dict)  # the info keys common to every structure (_provenance), once a call
 
 
@@ -316,16 +332,24 @@ class OneShotRelaxer:
         return f"OneShotRelaxer(checkpoint={self.info.name!r}, device={str(self.device)!r}, dtype={self.dtype}{extra})"
 
     # --- validation ------------------------------------------------------------------------
-    def validate(self, structure, name: str | None = None) -> StructureReport:
+    def validate(self, structure, name: str | None = None, allow_cluster: bool = False) -> StructureReport:
         """Check a structure as ``relax`` would, without running the network.
 
         Raises:
             InvalidStructureError: naming the structure and the problem.
         """
         atoms, _ = as_atoms(structure)
-        return prepare_atoms(atoms, name=name, **self._settings().checks).report
+        return self._prepare_atoms(atoms, name or structure_name(atoms), self._settings(allow_cluster))[0].report
 
-    def _settings(self) -> PreparationSettings:
+    def _prepare_atoms(self, atoms, name: str, settings: PreparationSettings):
+        """``workers.prepare_structure`` on an Atoms: (PreparedCrystal, VacuumLayout or None)."""
+        arrays = atoms.arrays
+        others = {key: value for key, value in arrays.items() if key not in ("numbers", "positions")}
+        return prepare_structure(
+            arrays["numbers"], arrays["positions"], atoms.cell.array, atoms.pbc, name=name, per_atom_arrays=others, settings=settings
+        )
+
+    def _settings(self, allow_cluster: bool = False) -> PreparationSettings:
         config = self.model.config
         checks = {
             "cutoff": config.cutoff,
@@ -336,7 +360,8 @@ class OneShotRelaxer:
             "max_edges": self.max_edges,
             "reduce": self.reduce_cell,
         }
-        return PreparationSettings(checks)
+        # Vacuum at least as thick as the cutoff: no graph edge crosses it (e3relax_ase.vacuum).
+        return PreparationSettings(checks, vacuum_gap=config.cutoff, allow_cluster=allow_cluster)
 
     # --- public API ------------------------------------------------------------------------
     def relax(self, structure, **options):
@@ -377,10 +402,12 @@ class OneShotRelaxer:
         cell_filter="FrechetCellFilter",
         scalar_pressure: float = 0.0,
         mask=None,
-        trajectory: str | None = None,
+        trajectory=None,
         logfile=None,
         prefetch: bool = False,
         num_workers: int = 0,
+        allow_cluster: bool = False,
+        progress=False,
     ) -> list:
         """Relax many structures, batched on the device within the atom/edge budget.
 
@@ -405,8 +432,9 @@ class OneShotRelaxer:
                 relaxer's ``max_edges`` as the per-structure limit.
             refine: an ASE calculator (or factory, or name) to continue from the prediction
                 with real forces; then fmax, steps, optimizer, cell_filter, scalar_pressure
-                (eV/Å^3), mask, trajectory (path; "{index}" is replaced for many
-                structures) and logfile apply, as in :func:`e3relax_ase.refine.refine`.
+                (eV/Å^3), mask, trajectory (a path, where "{index}" and "{name}" are replaced
+                for each structure, or an open ASE Trajectory that every refinement appends
+                to) and logfile apply, as in :func:`e3relax_ase.refine.refine`.
             prefetch: prepare (validate, canonicalise, search neighbours) the next
                 structures in a background thread while the network runs; results are the
                 same either way. The input is then read up to ``PREFETCH_ITEMS`` structures
@@ -421,6 +449,12 @@ class OneShotRelaxer:
                 runs this process's CPU work on one thread during the call (restored after;
                 process-wide while it lasts): its idle OpenMP threads otherwise spin on the
                 workers' cores (``e3relax_ase.threads.torch_threads``).
+            allow_cluster: an isolated cluster or molecule in a periodic box (vacuum along
+                every periodic axis, ``e3relax_ase.vacuum``) is relaxed keeping its box
+                instead of refused. A structure with vacuum along some periodic axes is
+                always relaxed with those lattice vectors kept, with a warning.
+            progress: True shows a tqdm bar on stderr (structures done, structures/s); an
+                object with ``update(n)`` (e.g. a tqdm bar of your own) is updated instead.
 
         Returns:
             One result per input, in input order, of the type given.
@@ -441,18 +475,20 @@ class OneShotRelaxer:
         }
         options = _Options(relax_cell, fix_symmetry, symprec, return_trajectory, on_insane, refine, refine_kwargs)
         options.provenance = self._provenance(relax_cell)
+        options.settings = self._settings(allow_cluster)
         budget = (
             batch_size if batch_size is not None else self.batch_size,
             max_atoms if max_atoms is not None else self.max_atoms,
             min(max_edges, self._batch_edges) if max_edges is not None else self._batch_edges,
         )
-        results: dict[int, Any] = {}
+        bar, own_bar = _progress_bar(progress, structures)
+        results: dict[int, Any] = _Results(bar.update) if bar is not None else {}
         keep_pristine = bool(return_trajectory)
         if num_workers and num_workers > 0:
             options.pool = self._worker_pool(int(num_workers))
-            source = self._pooled(structures, names, inplace, keep_pristine, errors, options.pool, int(num_workers))
+            source = self._pooled(structures, names, inplace, keep_pristine, errors, options, int(num_workers))
         else:
-            source = self._prepared(structures, names, inplace, keep_pristine, errors)
+            source = self._prepared(structures, names, inplace, keep_pristine, errors, options.settings)
             if prefetch and not (hasattr(structures, "__len__") and len(structures) <= 1):
                 source = prefetched(source, PREFETCH_ITEMS)
         frozen = _freeze_garbage_collection()
@@ -468,8 +504,12 @@ class OneShotRelaxer:
             source.close()
             if options.pool is not None and pool_is_broken(options.pool):
                 self.close()  # a worker died: start afresh next time
-        if trajectory and "{index}" not in str(trajectory) and len(results) > 1:
-            logger.warning("one refinement trajectory file for %d structures keeps only the last; put {index} in its name", len(results))
+            if own_bar:
+                bar.close()
+        if isinstance(trajectory, (str, os.PathLike)) and not _per_structure(trajectory) and len(results) > 1:
+            logger.warning(
+                "one refinement trajectory file for %d structures keeps only the last; put {index} or {name} in its name", len(results)
+            )
         return [results[index] for index in sorted(results)]
 
     @property
@@ -546,13 +586,14 @@ class OneShotRelaxer:
         self._workers = (num_workers, pool, weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True))
         return pool
 
-    def _prepare(self, index: int, name: str | None, structure, inplace: bool, keep_pristine: bool = True) -> _Item:
+    def _prepare(
+        self, index: int, name: str | None, structure, inplace: bool, keep_pristine: bool, settings: PreparationSettings
+    ) -> _Item:
         """Validate, canonicalise and search one structure here. ``name`` None: named only if
         a message needs it (a formula costs ~12 µs)."""
         atoms, kind = _input_atoms(structure, inplace)
-        settings = self._settings()
         try:
-            prepared = prepare_atoms(atoms, name=name if name is not None else UNNAMED, **settings.checks)
+            prepared, layout = self._prepare_atoms(atoms, name if name is not None else UNNAMED, settings)
         except InvalidStructureError as exc:
             renamed = named(exc, lambda: _name_of(structure, index))
             if renamed is exc:
@@ -561,20 +602,22 @@ class OneShotRelaxer:
         arrays = crystal_arrays(atoms)
         edges = graph_edges(prepared, settings)
         work, pristine = _work_copies(atoms, kind, inplace, keep_pristine)
-        return _Item(index, name, kind, work, pristine, arrays, prepared.report, prepared.form, edges, source=structure)
+        item = _Item(index, name, kind, work, pristine, arrays, prepared.report, prepared.form, edges, source=structure)
+        item.seen_by_network(layout)
+        return item
 
-    def _prepared(self, structures, names, inplace: bool, keep_pristine: bool, errors: str) -> Iterator:
+    def _prepared(self, structures, names, inplace: bool, keep_pristine: bool, errors: str, settings: PreparationSettings) -> Iterator:
         """(index, _Item or RelaxFailure) for each input, in order, prepared here."""
         for index, structure in enumerate(structures):
             try:
-                item = self._prepare(index, names[index] if names is not None else None, structure, inplace, keep_pristine)
+                item = self._prepare(index, names[index] if names is not None else None, structure, inplace, keep_pristine, settings)
             except Exception as exc:
                 if errors == "raise":
                     raise
                 item = RelaxFailure(index, _given_name(names, structure, index), exc)
             yield index, item
 
-    def _pooled(self, structures, names, inplace: bool, keep_pristine: bool, errors: str, pool, num_workers: int) -> Iterator:
+    def _pooled(self, structures, names, inplace: bool, keep_pristine: bool, errors: str, options: _Options, num_workers: int) -> Iterator:
         """``_prepared``, with validation, canonical form and neighbour search in worker processes.
 
         This process converts and copies each structure (``_shell``) and sends its arrays; the
@@ -583,9 +626,9 @@ class OneShotRelaxer:
         """
 
         def shell(index: int, structure):
-            return self._shell(index, structure, names, inplace, keep_pristine, errors)
+            return self._shell(index, structure, names, inplace, keep_pristine, errors, options.settings)
 
-        entries = prepared_in_pool(structures, shell, pool, num_workers, self._settings())
+        entries = prepared_in_pool(structures, shell, options.pool, num_workers, options.settings)
         try:
             for index, entry, outcome in entries:
                 if isinstance(entry, _Raise):
@@ -595,12 +638,13 @@ class OneShotRelaxer:
                         raise outcome
                     entry = RelaxFailure(index, entry.name, outcome)
                 elif outcome is not None:
-                    entry.report, entry.form, entry.edges = outcome
+                    entry.report, entry.form, entry.edges, layout = outcome
+                    entry.seen_by_network(layout)
                 yield index, entry
         finally:
             entries.close()  # cancels the tasks still in flight
 
-    def _shell(self, index: int, structure, names, inplace: bool, keep_pristine: bool, errors: str):
+    def _shell(self, index: int, structure, names, inplace: bool, keep_pristine: bool, errors: str, settings: PreparationSettings):
         """Everything of ``_prepare`` that needs the Atoms object, and the arrays a worker checks.
 
         Returns (shell _Item, StructureSpec) for a worker, or a finished _Item / RelaxFailure
@@ -624,7 +668,7 @@ class OneShotRelaxer:
                 and all(n == len(numbers) for n in lengths.values())
             )
             if not regular:  # refused by the first checks: no need for a worker
-                return self._prepare(index, _given_name(names, structure, index), structure, inplace, keep_pristine)
+                return self._prepare(index, _given_name(names, structure, index), structure, inplace, keep_pristine, settings)
             # crystal_arrays(atoms), from the arrays read above (the same copies, read once)
             arrays = CrystalArrays(np.array(numbers, dtype=np.int64), np.array(positions), np.array(cell), np.array(pbc))
             work, pristine = _work_copies(atoms, kind, inplace, keep_pristine)
@@ -807,7 +851,10 @@ class OneShotRelaxer:
         a worker), or its exception; None judges it here alone (``judge_prediction``).
         """
         positions, cell = prediction.positions[-1], prediction.cell[-1]
-        if verdict is None:
+        relax_cell = options.relax_cell and not item.keeps_cell
+        if item.vacuum is not None and not item.vacuum.cluster:
+            positions = positions - item.vacuum.translation  # back to the caller's images
+        if verdict is None or relax_cell != options.relax_cell:  # an allowed cluster is judged keeping its box
             arrays = item.arrays
             verdict = judge_prediction(
                 prediction.positions,
@@ -816,7 +863,7 @@ class OneShotRelaxer:
                 arrays.cell,
                 arrays.pbc,
                 self._closest(item),
-                options.relax_cell,
+                relax_cell,
                 self.min_distance,
             )
         elif isinstance(verdict, Exception):
@@ -840,23 +887,24 @@ class OneShotRelaxer:
             spacegroup_input = spacegroup_number(atoms, options.symprec)
             symmetry = FixSymmetry(atoms, symprec=options.symprec)
             atoms.set_constraint(list(atoms.constraints) + [symmetry])
+        if item.vacuum is not None:
+            self._warn_vacuum(item)
         frames = None
         try:
             if use_prediction:
-                apply_prediction(atoms, positions, cell, options.relax_cell)
+                apply_prediction(atoms, positions, cell, relax_cell)
             if options.return_trajectory:
                 frames = self._frames(item, prediction, options, symmetry)
             if options.refine is not None:
-                kwargs = dict(options.refine_kwargs)
-                if kwargs.get("trajectory") and "{index}" in str(kwargs["trajectory"]):
-                    kwargs["trajectory"] = str(kwargs["trajectory"]).format(index=item.index)
-                refine_structure(atoms, options.refine, relax_cell=options.relax_cell, **kwargs)
+                self._refine(item, atoms, options, relax_cell)
         finally:
             if symmetry is not None:
                 atoms.set_constraint([c for c in atoms.constraints if c is not symmetry])
 
         info = atoms.info
         info.update(options.provenance)
+        if relax_cell != options.relax_cell:
+            info[INFO_RELAX_CELL] = relax_cell  # an allowed cluster kept its box
         info[INFO_MAX_DISPLACEMENT] = signal.max_displacement
         info[INFO_MAX_STRAIN] = signal.max_strain
         info[INFO_SANE] = bool(sanity.ok)
@@ -864,6 +912,10 @@ class OneShotRelaxer:
         info[INFO_CORRECTION_RATIO] = signal.correction_ratio
         info[INFO_LAST_CORRECTION] = signal.last_correction
         info[INFO_REFINE_ADVISED] = bool(signal.refine_advised or not sanity.ok)
+        if item.vacuum is not None:
+            info[INFO_VACUUM_AXES] = ",".join("abc"[axis] for axis in item.vacuum.axes)
+            if item.vacuum.cluster:
+                info[INFO_CLUSTER] = True
         if self.precision != "float32":
             info[INFO_PRECISION] = self.precision
         if options.fix_symmetry:
@@ -875,6 +927,38 @@ class OneShotRelaxer:
                 )
         result = atoms if item.kind == "ase" else from_atoms(atoms, item.kind)
         return (result, frames) if options.return_trajectory else result
+
+    def _warn_vacuum(self, item: _Item) -> None:
+        if item.vacuum.cluster:
+            logger.warning(
+                "%s: an isolated cluster in a periodic box (vacuum of %s): relaxed keeping its box (allow_cluster); "
+                "the network was trained on crystals",
+                item.name,
+                item.vacuum.describe(),
+            )
+        else:
+            axes = ", ".join(map(str, item.vacuum.axes))
+            logger.warning(
+                "%s: vacuum of %s: the lattice vector of periodic axis %s is kept as given (relaxed as a non-periodic axis)",
+                item.name,
+                item.vacuum.describe(),
+                axes,
+            )
+
+    def _refine(self, item: _Item, atoms, options: _Options, relax_cell: bool) -> None:
+        """Continue from the prediction with real forces (``e3relax_ase.refine``)."""
+        from e3relax_ase.refine import refine as refine_structure  # ase.optimize imports scipy: only when refining
+
+        kwargs = dict(options.refine_kwargs)
+        if _per_structure(kwargs.get("trajectory")):
+            kwargs["trajectory"] = trajectory_path(kwargs["trajectory"], item.index, item.name)
+        if item.vacuum is not None and not item.vacuum.cluster and relax_cell and kwargs.get("mask") is None:
+            try:  # the vacuum axes found stay frozen under the cell filter too
+                kwargs["mask"] = vacuum_cell_mask(atoms.cell.array, item.vacuum.pbc)
+            except ValueError as exc:
+                logger.warning("%s: %s; refining positions only", item.name, exc)
+                relax_cell = False
+        refine_structure(atoms, options.refine, relax_cell=relax_cell, **kwargs)
 
     def _provenance(self, relax_cell: bool) -> dict:
         """The provenance keys that are the same for every structure of a call, in the order
@@ -894,12 +978,61 @@ class OneShotRelaxer:
             frame = copy_atoms(item.pristine)
             if symmetry is not None:
                 frame.set_constraint(list(frame.constraints) + [symmetry])
-            apply_prediction(frame, prediction.positions[layer], prediction.cell[layer], options.relax_cell)
+            positions = prediction.positions[layer]
+            if item.vacuum is not None and not item.vacuum.cluster:
+                positions = positions - item.vacuum.translation
+            apply_prediction(frame, positions, prediction.cell[layer], options.relax_cell and not item.keeps_cell)
             if symmetry is not None:
                 frame.set_constraint([c for c in frame.constraints if c is not symmetry])
             frame.info["e3relax_layer"] = layer + 1
             frames.append(frame)
         return [from_atoms(f, item.kind) for f in frames]
+
+
+class _Results(dict):
+    """The results of ``relax_many``, telling a progress bar how many arrive."""
+
+    def __init__(self, advance):
+        super().__init__()
+        self._advance = advance
+
+    def __setitem__(self, key, value):
+        new = key not in self
+        super().__setitem__(key, value)
+        if new:
+            self._advance(1)
+
+    def update(self, other):
+        new = sum(1 for key in other if key not in self)
+        super().update(other)
+        if new:
+            self._advance(new)
+
+
+def _progress_bar(progress, structures) -> tuple:
+    """(the bar to update or None, whether this call made it and closes it)."""
+    if progress is None or progress is False:
+        return None, False
+    if hasattr(progress, "update"):
+        return progress, False
+    import sys
+
+    from tqdm.auto import tqdm
+
+    total = len(structures) if hasattr(structures, "__len__") else None
+    return tqdm(total=total, desc="relaxing", unit="structure", file=sys.stderr, dynamic_ncols=True, mininterval=0.5), True
+
+
+def _per_structure(trajectory) -> bool:
+    """A trajectory path with a placeholder for each structure ("{index}" or "{name}")."""
+    return isinstance(trajectory, (str, os.PathLike)) and ("{index}" in str(trajectory) or "{name}" in str(trajectory))
+
+
+def trajectory_path(pattern, index: int, name: str) -> str:
+    """The refinement trajectory file of one structure: ``pattern`` with "{index}" (its index
+    in the call) and "{name}" (its name, made safe for a file name) replaced."""
+    safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in str(name))
+    return str(pattern).format(index=index, name=safe)
 
 
 def _freeze_garbage_collection() -> bool:

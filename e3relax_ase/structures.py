@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 
 import numpy as np
 
@@ -43,9 +42,19 @@ INFO_SPACEGROUP = "e3relax_spacegroup"  # int | with fix_symmetry only, after re
 INFO_CALCULATOR = "e3relax_refine_calculator"  # str | refinement only
 INFO_CONVERGED = "e3relax_converged"  # bool | refinement only: fmax < target at the end
 INFO_NSTEPS = "e3relax_nsteps"  # int | refinement only: optimizer steps taken
-INFO_FMAX = "e3relax_fmax"  # float | refinement only: final max force (cell rows included), eV/Å
+INFO_FMAX = "e3relax_fmax"  # float | refinement only: max(fmax_atoms, fmax_cell), eV/Å
+INFO_FMAX_ATOMS = "e3relax_fmax_atoms"  # float | refinement only: largest atomic force at the end, evaluated afresh, eV/Å
+INFO_FMAX_CELL = "e3relax_fmax_cell"  # float | refinement with a cell filter only: its cell rows, filter built afresh, eV/Å
+INFO_VACUUM_AXES = "e3relax_vacuum_axes"  # str | lattice vectors holding vacuum, kept as given: "c", "a,b" (extxyz reads "0,2" as numbers)
+INFO_CLUSTER = "e3relax_cluster"  # bool | an isolated cluster relaxed in its box (allow_cluster)
+# Where the CLI read a structure (set on the input, kept through relaxation: they describe the
+# input, not the result, so clear_provenance leaves them).
+INFO_SOURCE = "e3relax_source"  # str | the file, as given on the command line
+INFO_INDEX = "e3relax_index"  # int | the frame index in that file (0 for a single structure)
+INPUT_KEYS = (INFO_SOURCE, INFO_INDEX)
 
 MAX_SYMMETRY_STEP = 0.1  # largest deformation-gradient entry per step under FixSymmetry
+MAX_SYMMETRY_STEPS = 1000  # a bound on the steps (each shrinks the remaining change by a fixed share)
 
 
 def as_atoms(structure):
@@ -150,23 +159,30 @@ def crystal_arrays(atoms) -> CrystalArrays:
 
 
 def clear_provenance(atoms) -> None:
-    """Remove every key an earlier run wrote, so no stale flag (e.g. converged) survives."""
-    for key in [k for k in atoms.info if str(k).startswith(INFO_PREFIX)]:
+    """Remove every key an earlier run wrote, so no stale flag (e.g. converged) survives (the
+    input's origin, ``INPUT_KEYS``, stays)."""
+    for key in [k for k in atoms.info if str(k).startswith(INFO_PREFIX) and k not in INPUT_KEYS]:
         del atoms.info[key]
 
 
 def _set_cell_in_steps(atoms, cell: np.ndarray) -> None:
-    """``set_cell(scale_atoms=True)``, split into small steps when a constraint adjusts cells."""
+    """``set_cell(scale_atoms=True)``, split into small steps when a constraint adjusts cells.
+
+    FixSymmetry measures each step against the cell it starts from (ASE warns above 0.15 and
+    refuses above 0.25), so every step is sized against the cell as it is now: equal steps of
+    the total change grow relative to a shrinking cell, and FixSymmetry's symmetrisation moves
+    the cell off the straight path, so the last step used to reach 0.15 (MgO: 0.1535).
+    """
     adjusts_cell = any(type(c).__name__ == "FixSymmetry" for c in atoms.constraints)
-    n_steps = 1
     if adjusts_cell:
-        start = atoms.cell.array.copy()
-        deformation = np.linalg.solve(start, cell).T - np.eye(3)
-        n_steps = max(1, math.ceil(float(np.abs(deformation).max()) / MAX_SYMMETRY_STEP))
-    start = atoms.cell.array.copy()
-    for step in range(1, n_steps):
-        atoms.set_cell(start + (cell - start) * (step / n_steps), scale_atoms=True)
-    atoms.set_cell(cell, scale_atoms=True)  # the last step exactly, not start + (cell - start)
+        for _ in range(MAX_SYMMETRY_STEPS):
+            current = atoms.cell.array.copy()
+            # FixSymmetry's measure of a step to `cell`: the deformation gradient minus I.
+            largest = float(np.abs(np.linalg.solve(current, cell).T - np.eye(3)).max())
+            if largest <= MAX_SYMMETRY_STEP:
+                break
+            atoms.set_cell(current + (cell - current) * (MAX_SYMMETRY_STEP / largest), scale_atoms=True)
+    atoms.set_cell(cell, scale_atoms=True)  # the last step exactly
 
 
 def apply_prediction(atoms, positions: np.ndarray, cell: np.ndarray, relax_cell: bool = True) -> None:

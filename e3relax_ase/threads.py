@@ -9,14 +9,34 @@ threads of torch (a calculator's own) are left alone there.
 A relaxing process whose network runs on CUDA, beside worker processes, does only small
 torch work on the CPU (joining arrays, pinned copies), yet each of those ops wakes torch's
 OpenMP team, whose threads then spin on the cores the workers need (``torch_threads``).
+
+A network running on a CPU that other work keeps busy suffers the same way: OpenMP waits for
+its descheduled threads at every parallel region, so two threads on a loaded 2-core machine
+are slower than one (``threads_for_a_busy_cpu``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
+
+
+def threads_for_a_busy_cpu(default: int) -> int:
+    """torch's intra-op threads for a network on the CPU: one when the machine's load (1-minute
+    average) shows other work keeping a core busy, else ``default`` (what it costs and saves:
+    benchmarks/README.md, start-up)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return default
+    return 1 if cores > 1 and load >= cores - 0.5 else default
 
 
 def single_threaded_blas():

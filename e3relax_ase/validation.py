@@ -4,7 +4,7 @@ Each failed check raises :class:`InvalidStructureError` with a one-line message 
 structure and the problem. The checks, in order (docs/reliability.md has the full table):
 
 1. atoms and per-atom arrays: at least one atom, every per-atom array of the same length;
-2. finite numbers: no NaN or inf in positions or cell;
+2. finite numbers: no NaN or inf in positions or cell, no coordinate beyond ``MAX_COORDINATE``;
 3. periodicity: at least one periodic axis (a molecule, pbc all False, is refused: the
    network predicts a lattice and needs one);
 4. cell: every lattice vector non-zero and the volume |det(cell)| clearly non-zero. A
@@ -42,6 +42,7 @@ MIN_DISTANCE = 0.5  # Å | closer atoms are a broken input (shortest real bond, 
 MIN_CELL_ANGLE = 5.0  # degrees | lattice vectors closer than this to (anti)parallel are refused
 MIN_VOLUME_FRACTION = 1e-6  # |det| / (|a| |b| |c|) below this is a degenerate (flat) cell
 MAX_VACUUM_EXTENT = 1000.0  # Å | atoms spread wider than this along a vacuum axis are refused
+MAX_COORDINATE = 1e8  # Å | farther out, float64 keeps a position only to ~1e-8 Å (1e15 Å: 0.1 Å)
 MAX_PAIRS_SEARCHED = 50_000_000  # neighbour pairs a search may produce before it is refused
 
 
@@ -195,6 +196,10 @@ def prepare_arrays(
         _fail(name, f"has NaN or infinite positions (atoms {np.flatnonzero(~np.isfinite(positions).all(1))[:5].tolist()})")
     if not np.all(np.isfinite(cell)):
         _fail(name, "has a NaN or infinite cell")
+    farthest = float(np.abs(positions).max())
+    if farthest > MAX_COORDINATE:
+        kept = f"where float64 keeps positions only to {np.spacing(farthest):.2g} Å"
+        _fail(name, f"has an atom {farthest:.3g} Å from the origin, {kept}; wrap the atoms into the cell first (atoms.wrap())")
     if not pbc.any():
         _fail(name, "is not periodic (pbc all False, a molecule); E3Relax relaxes crystals, slabs and 2D materials")
 

@@ -34,6 +34,7 @@ import torch
 from e3relax_ase.canonical import CanonicalForm, reduce_cells
 from e3relax_ase.graph import capped_edges, capped_edges_many
 from e3relax_ase.sanity import Confidence, SanityReport, judge_batch, judge_prediction  # noqa: F401 (judge_prediction: re-exported)
+from e3relax_ase.vacuum import ClusterError, find_vacuum
 from e3relax_ase.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
 
 PREFETCH_ITEMS = 4096  # most structures prepared ahead of the network by the background thread
@@ -61,6 +62,35 @@ class PreparationSettings:
     """What preparing a structure needs from the relaxer (picklable, for worker processes)."""
 
     checks: dict  # keyword arguments of validation.prepare_arrays
+    vacuum_gap: float | None = None  # Å | find vacuum along periodic axes (e3relax_ase.vacuum); None: do not look
+    allow_cluster: bool = False  # relax an isolated cluster in a box (keeping the box) instead of refusing it
+
+
+def prepare_structure(numbers, positions, cell, pbc, *, name: str, per_atom_arrays: dict, settings: PreparationSettings, transform=None):
+    """Validate one structure for the network, after looking for vacuum along its periodic axes.
+
+    Returns:
+        (PreparedCrystal, VacuumLayout or None). With vacuum axes, the crystal was prepared as
+        the network will see it: those axes non-periodic, the atoms moved together
+        (``layout.positions``, ``layout.pbc``); an allowed cluster is prepared as given.
+
+    Raises:
+        InvalidStructureError: refused by validation, or an isolated cluster (``ClusterError``)
+            when clusters are not allowed.
+    """
+    layout = find_vacuum(positions, cell, pbc, settings.vacuum_gap) if settings.vacuum_gap else None
+    if layout is not None:
+        if layout.cluster:
+            if not settings.allow_cluster:
+                raise ClusterError(
+                    f"{name}: an isolated cluster or molecule in a periodic box (vacuum of {layout.describe()}), not a "
+                    "crystal: the network would reshape its box; allow_cluster=True (CLI --allow-cluster) relaxes it "
+                    "keeping the box"
+                )
+        else:
+            positions, pbc, transform = layout.positions, layout.pbc, None
+    prepared = prepare_arrays(numbers, positions, cell, pbc, name=name, per_atom_arrays=per_atom_arrays, transform=transform, **settings.checks)
+    return prepared, layout
 
 
 def graph_edges(prepared: PreparedCrystal, settings: PreparationSettings) -> tuple:
@@ -279,14 +309,20 @@ def _submit(pool, entries: list, settings: PreparationSettings):
 
 
 def _collect(entries: list, task) -> Iterator:
-    """(index, entry, outcome) for ``entries``, with the worker's outcomes."""
-    outcomes = _unpack_outcomes(task.result()) if task is not None else iter(())
+    """(index, entry, outcome) for ``entries``, with the worker's outcomes: (report, form,
+    edges, vacuum layout or None) or the exception."""
+    packed, layouts = task.result() if task is not None else ((0, {}, None), {})
+    outcomes = _unpack_outcomes(packed)
+    k = 0
     for index, entry in entries:
         outcome = None
         if isinstance(entry, tuple):
             entry = entry[0]
             outcome = next(outcomes)
             outcome = named(outcome, lambda: entry.name)
+            if not isinstance(outcome, Exception):
+                outcome = (*outcome, layouts.get(k))
+            k += 1
         yield index, entry, outcome
 
 
@@ -294,7 +330,7 @@ def named(error, name: Callable[[], str]):
     """``error`` with the ``UNNAMED`` placeholder that starts its message replaced by ``name()``
     (called only then: naming may take time); anything else as it is."""
     if isinstance(error, InvalidStructureError) and str(error).startswith(UNNAMED):
-        return InvalidStructureError(name() + str(error)[len(UNNAMED) :])
+        return type(error)(name() + str(error)[len(UNNAMED) :])  # the same class (e.g. vacuum.ClusterError)
     return error
 
 
@@ -304,21 +340,24 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
     numbers, positions, cells, pbcs, sizes, names, lengths = packed
     transforms = task_transforms(cells, pbcs)
     outcomes = []
+    layouts = {}  # k -> VacuumLayout, for the (rare) structures with vacuum along a periodic axis
     start = 0
     for k, size in enumerate(sizes.tolist()):
         stop = start + size
         try:
-            prepared = prepare_arrays(
+            prepared, layout = prepare_structure(
                 numbers[start:stop],
                 positions[start:stop],
                 cells[k],
                 pbcs[k],
                 name=names[k],
                 per_atom_arrays={key: range(n) for key, n in lengths[k].items()},
+                settings=settings,
                 transform=transforms[k],
-                **settings.checks,
             )
             outcomes.append(prepared)
+            if layout is not None:
+                layouts[k] = layout
         except Exception as exc:
             outcomes.append(picklable_error(exc))
         start = stop
@@ -337,7 +376,7 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
             outcomes[k] = (outcomes[k].report, outcomes[k].form, edge)
         except Exception as exc:
             outcomes[k] = picklable_error(exc)
-    return _pack_outcomes(outcomes)
+    return _pack_outcomes(outcomes), layouts
 
 
 def task_transforms(cells: np.ndarray, pbcs: np.ndarray) -> list:

@@ -98,3 +98,41 @@ def test_sha256_mismatch_names_both_hashes():
 def test_unknown_name_is_a_clear_error():
     with pytest.raises(CheckpointError, match="neither a registered name"):
         load_checkpoint("no-such-model")
+
+
+def _shipped_path() -> Path:
+    from e3relax_ase.checkpoint import CHECKPOINT_DIR, read_registry
+
+    registry = read_registry()
+    return CHECKPOINT_DIR / registry["checkpoints"][registry["default"]]["file"]
+
+
+def test_modified_copy_of_a_shipped_checkpoint_is_labelled_by_its_file_name(tmp_path, caplog):
+    data = bytearray(_shipped_path().read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit inside the weights
+    path = tmp_path / "copy.pt"
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+        _, info = load_checkpoint(path)
+    assert info.name == "copy.pt" and info.metadata["name"] == "e3relax-h2-f128"
+    assert "calls itself 'e3relax-h2-f128'" in caplog.text and "labelled 'copy.pt'" in caplog.text
+
+
+def test_unregistered_checkpoint_warns_and_a_registered_file_keeps_its_name(tmp_path, caplog):
+    path = tmp_path / "mine.pt"
+    save_checkpoint(path, tiny_model(), {"name": "my-model"})
+    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+        _, info = load_checkpoint(path)
+    assert info.name == "mine.pt" and "is not registered" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+        _, info = load_checkpoint(_shipped_path())  # the shipped file given by its path
+    assert info.name == "e3relax-h2-f128" and caplog.text == ""
+
+
+@pytest.mark.parametrize("content", [b"hello, I am a text file\n", b"", b"   \n"])
+def test_a_file_that_is_not_a_checkpoint_gets_a_clear_message(tmp_path, content):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="is not a checkpoint file \\(not written by torch.save"):
+        load_checkpoint(path)

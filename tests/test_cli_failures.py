@@ -50,11 +50,11 @@ def poscar_text():
     return buffer.getvalue()
 
 
-def extxyz_text():
+def extxyz_text(n_frames=2):
     import io
 
     buffer = io.StringIO()
-    ase.io.write(buffer, [nacl(0), nacl(1)], format="extxyz")
+    ase.io.write(buffer, [nacl(seed) for seed in range(n_frames)], format="extxyz")
     return buffer.getvalue()
 
 
@@ -71,7 +71,7 @@ BAD_INPUTS = [
     ("truncated-cif", "cut.cif", cif_text()[:-40], "could not be read as cif"),
     ("truncated-cif-header", "head.cif", cif_text()[: len(cif_text()) // 3], "contains no structures"),
     ("truncated-poscar", "POSCAR_cut", poscar_text()[:-90], "could not be read as vasp"),
-    ("truncated-extxyz", "cut.extxyz", extxyz_text()[:-150], "could not be read as extxyz"),
+    ("truncated-extxyz", "cut.extxyz", extxyz_text(1)[:-150], "line 1: a frame of 8 atoms runs past the end of the file"),
     ("unknown-format", "notes.xyzq", "hello\n", "could not be read as xyzq"),
     ("no-extension-garbage", "mystery", "\x00\x01binary", "unknown structure format"),
     ("missing", "missing.cif", None, "no such file"),
@@ -173,18 +173,18 @@ def test_write_failure_reported(tmp_path, checkpoint, monkeypatch):
 
 
 def test_interrupt_while_writing_leaves_no_partial_file(tmp_path, checkpoint, monkeypatch, capsys):
-    real_write = ase.io.write
+    from e3relax_ase import fileio
 
-    def interrupted(filename, images, format=None, **kwargs):
-        with open(filename, "w") as handle:
+    def interrupted(target, frames, fmt, symprec):
+        with open(target, "w") as handle:
             handle.write("data_half_written\n_cell_length_a 5.6")
         raise KeyboardInterrupt
 
     source = tmp_path / "a.cif"
-    real_write(source, nacl())
+    ase.io.write(source, nacl())
     (tmp_path / "a_relaxed.cif").write_text("previous complete result")
-    monkeypatch.setattr(ase.io, "write", interrupted)
-    code = main(["relax", str(source), "--checkpoint", checkpoint])
+    monkeypatch.setattr(fileio, "_write_frames", interrupted)
+    code = main(["relax", str(source), "--checkpoint", checkpoint, "--overwrite"])
     assert code == 130
     assert sorted(os.listdir(tmp_path)) == ["a.cif", "a_relaxed.cif"]
     assert (tmp_path / "a_relaxed.cif").read_text() == "previous complete result"

@@ -79,7 +79,7 @@ def test_output_file_dir_suffix_and_format(tmp_path, checkpoint):
     assert run(["relax", str(a), str(b), "-o", str(tmp_path / "out")], checkpoint).exit_code == 0
     assert sorted(os.listdir(tmp_path / "out")) == ["POSCAR", "a.cif"]
     assert run(["relax", str(a), str(b), "--suffix", "_pre", "--format", "traj"], checkpoint).exit_code == 0
-    assert ase.io.read(tmp_path / "a_pre.traj").info["e3relax_model"] == "tiny-test"
+    assert ase.io.read(tmp_path / "a_pre.traj").info["e3relax_model"] == "tiny.pt"
     assert ase.io.read(tmp_path / "POSCAR_pre.traj", format="traj").get_chemical_formula() == "Si8"  # ASE guesses vasp from the name
     assert run(["relax", str(b)], checkpoint).exit_code == 0
     assert ase.io.read(tmp_path / "POSCAR_relaxed", format="vasp").get_chemical_formula() == "Si8"
@@ -118,7 +118,7 @@ def test_json_summary(tmp_path, checkpoint):
     ase.io.write(source, nacl())
     result = run(["relax", str(source), "--json"], checkpoint)
     summary = json.loads(result.stdout)
-    assert summary["checkpoint"] == {"name": "tiny-test", "sha256": file_sha256(checkpoint), "untrained": False}
+    assert summary["checkpoint"] == {"name": "tiny.pt", "sha256": file_sha256(checkpoint), "untrained": False}
     assert (summary["n_ok"], summary["n_failed"], summary["n_skipped"]) == (1, 0, 0)
     entry = summary["results"][0]
     assert entry["status"] == "ok" and entry["output"] == str(tmp_path / "NaCl_relaxed.cif")
@@ -228,7 +228,7 @@ def test_folder_input(tmp_path, checkpoint):
 def test_info_command(checkpoint):
     result = run(["info", checkpoint])
     assert result.exit_code == 0
-    assert "tiny-test" in result.stdout and file_sha256(checkpoint) in result.stdout and "coord_mae=0.1" in result.stdout
+    assert "tiny.pt" in result.stdout and file_sha256(checkpoint) in result.stdout and "coord_mae=0.1" in result.stdout
     data = json.loads(run(["info", checkpoint, "--json"]).stdout)
     assert data["parameters"] == tiny_model().count_parameters()
     assert data["config"]["num_channels"] == 16 and data["training_data"] == "none"

@@ -166,14 +166,20 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
 
     from e3relax_ase import __version__
     from e3relax_ase.predict import predict
+    from e3relax_ase.predict import CrystalArrays
     from e3relax_ase.structures import apply_prediction, clear_provenance, crystal_arrays
     from e3relax_ase.sanity import judge_batch
+    from e3relax_ase.vacuum import find_vacuum
 
     out = []
     for start in range(0, len(structures), chunk):
         batch = structures[start : start + chunk]
         crystals = [crystal_arrays(a) for a in batch]
-        for atoms, crystal, prediction in zip(batch, crystals, predict(relaxer.model, crystals, "cpu", relaxer.dtype)):
+        # Vacuum along a periodic axis: that axis is non-periodic for the network (e3relax_ase/vacuum.py).
+        layouts = [find_vacuum(c.positions, c.cell, c.pbc, relaxer.model.config.cutoff) for c in crystals]
+        crystals = [c if v is None else CrystalArrays(c.numbers, v.positions, c.cell, v.pbc) for c, v in zip(crystals, layouts)]
+        predictions = predict(relaxer.model, crystals, "cpu", relaxer.dtype)
+        for atoms, crystal, prediction, layout in zip(batch, crystals, predictions, layouts):
             closest = min(relaxer.validate(atoms).min_distance, relaxer.model.config.cutoff)
             # Judged alone: a structure's verdict does not depend on its batch (test_sanity_batch.py).
             (sanity, signal), = judge_batch(
@@ -183,7 +189,8 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
             expected = atoms.copy()
             clear_provenance(expected)
             if sanity.ok or "NaN" not in " ".join(sanity.problems):
-                apply_prediction(expected, prediction.positions[-1], prediction.cell[-1], relax_cell)
+                shift = layout.translation if layout is not None else 0.0
+                apply_prediction(expected, prediction.positions[-1] - shift, prediction.cell[-1], relax_cell)
             info = expected.info
             info["e3relax_model"] = relaxer.info.name or os.path.basename(relaxer.info.path)
             info["e3relax_checkpoint_sha256"] = relaxer.info.sha256
@@ -197,6 +204,8 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
             info["e3relax_correction_ratio"] = signal.correction_ratio
             info["e3relax_last_correction"] = signal.last_correction
             info["e3relax_refine_advised"] = bool(signal.refine_advised or not sanity.ok)
+            if layout is not None:
+                info["e3relax_vacuum_axes"] = ",".join("abc"[axis] for axis in layout.axes)
             out.append(expected)
     return out
 
@@ -246,7 +255,7 @@ def test_shell_arrays_are_crystal_arrays():
     transposed = bulk("Si", "diamond", a=5.43)
     transposed.arrays["positions"] = np.asfortranarray(transposed.arrays["positions"])
     for atoms in _atoms_variety()[:4] + [transposed]:
-        shell, spec = relaxer._shell(0, atoms, None, False, False, "return")
+        shell, spec = relaxer._shell(0, atoms, None, False, False, "return", relaxer._settings())
         expected = crystal_arrays(atoms)
         for name in ("numbers", "positions", "cell", "pbc"):
             got, want = getattr(shell.arrays, name), getattr(expected, name)

@@ -62,7 +62,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, checkpoint):
     assert one.exit_code == 1  # the overlapping frame fails; every other one is written
     # A flush every 4 structures (2 per rank): the extxyz goes alone (9), the db and the CIF together,
     # starting at overall index 9, so the round robin must carry on across chunks.
-    two = torchrun(2, args + ["-o", str(tmp_path / "two") + "/"], tmp_path, setup="import e3relax_ase.cli.relax_cmd as r; r.FLUSH_SIZE = 2")
+    two = torchrun(2, args + ["--chunk-size", "2", "-o", str(tmp_path / "two") + "/"], tmp_path, setup="")
     assert two.returncode == 1, two.stderr[-4000:]
 
     summary_one, summary_two = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone prints

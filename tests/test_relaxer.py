@@ -183,6 +183,46 @@ def test_fix_symmetry_keeps_space_group(relaxer, monkeypatch, atoms):
     assert kept.constraints == []  # FixSymmetry was only borrowed
 
 
+def test_fix_symmetry_applies_a_halved_cell_without_ases_large_step_warning(relaxer, monkeypatch):
+    """MgO predicted at half its cell: equal steps of the change grew to 0.167 of the shrunken
+    cell at the end, past the 0.15 where FixSymmetry warns it "may be ill behaved"."""
+    import warnings
+
+    def halve(prediction, crystal):
+        prediction.cell[-1] = crystal.cell * 0.5
+        prediction.positions[-1] = crystal.positions * 0.5
+
+    patch_predict(monkeypatch, halve)
+    atoms = bulk("MgO", "rocksalt", a=4.21, cubic=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = relaxer.relax(atoms, fix_symmetry=True, symprec=1e-3)
+    assert not [w for w in caught if "adjust_cell" in str(w.message)], [str(w.message) for w in caught]
+    assert np.allclose(kept.cell.array, atoms.cell.array * 0.5, atol=1e-9)
+    assert kept.info["e3relax_spacegroup"] == 225
+
+
+def test_progress_counts_every_structure_failures_included(relaxer):
+    class Counter:
+        def __init__(self):
+            self.done = 0
+
+        def update(self, n):
+            self.done += n
+
+    counter = Counter()
+    bad = nacl()
+    bad.positions[1] = bad.positions[0]
+    relaxer.relax_many([nacl(), bad, nacl()], errors="return", progress=counter)
+    assert counter.done == 3
+
+
+def test_progress_true_shows_a_bar_on_stderr(relaxer, capsys):
+    relaxer.relax_many([nacl(), nacl()], progress=True)
+    err = capsys.readouterr().err
+    assert "relaxing" in err and "2/2" in err and "structure/s" in err
+
+
 def test_pymatgen_in_pymatgen_out(relaxer):
     atoms = nacl()
     atoms.set_initial_magnetic_moments(np.arange(8) * 0.1)

@@ -72,7 +72,7 @@ def test_export_writes_a_loadable_checkpoint_with_the_config(pair_files, tmp_pat
     train(_config(pair_files, tmp_path / "run", max_epochs=1), device="cpu")
     sha = export_checkpoint(tmp_path / "run", tmp_path / "model.pt", {"name": "test-model", "licence": "MIT"})
     model, info = load_checkpoint(tmp_path / "model.pt")
-    assert info.sha256 == sha and info.name == "test-model"
+    assert info.sha256 == sha and info.name == "model.pt" and info.metadata["name"] == "test-model"
     assert info.metadata["train_config"]["model"] == TINY
     assert model.config.num_channels == 8
 

@@ -66,6 +66,14 @@ def test_infinite_cell():
     refused(atoms, "NaN or infinite cell")
 
 
+def test_atom_far_beyond_the_cell_is_refused_not_rounded():
+    atoms = nacl()
+    atoms.positions[2] += 1e15 * atoms.cell[0] / np.linalg.norm(atoms.cell[0])  # 1e15 Å out along a periodic axis
+    refused(atoms, r"has an atom 1e\+15 Å from the origin, where float64 keeps positions only to 0\.12 Å; wrap")
+    atoms.wrap()
+    validate_atoms(atoms, "wrapped")  # the same crystal, wrapped back, passes
+
+
 def test_molecule_refused():
     refused(Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], cell=np.eye(3) * 10, pbc=False), "not periodic")
 
