@@ -141,3 +141,16 @@ def test_bench_teachers_on_three_nrel_inputs_on_cpu(tmp_path):
     # A relaxation by a universal potential lands nearer the DFT structure than the input does.
     assert common["7net-0"]["coord_mae_A_mean"] < common["unrelaxed_input"]["coord_mae_A_mean"]
     assert "every teacher converged" in stdout and {"command", "machine", "versions"} <= set(results)
+
+
+@pytest.mark.slow
+def test_bench_distill_throughput_runs_and_compares(tmp_path):
+    """The old-vs-new driver benchmark on the CPU with the toy teacher; against itself the two
+    drivers must agree bit for bit."""
+    out = tmp_path / "driver.json"
+    run(["benchmarks/bench_distill_throughput.py", "--old-module", "e3relax_ase/training/batched_relax.py",
+         "--teacher", "toy", "--n", "60", "--repeats", "1", "--out", str(out)], tmp_path)
+    results = json.loads(out.read_text())
+    assert results["same_results"] == {"same_keys": True, "same_status_and_steps": True,
+                                       "max_position_diff_A": 0.0, "max_cell_diff_A": 0.0}
+    assert results["best"]["new"]["finished"] == 60 and results["best"]["old"]["teacher_calls"] > 0
