@@ -622,7 +622,9 @@ def finalize(args) -> None:
         "FIRE/FrechetCellFilter defaults: dt 0.1, maxstep 0.2, dtmax 1.0, Nmin 5, finc 1.1, fdec 0.5, "
         "astart 0.1, fa 0.99, exp_cell_factor n_atoms)",
         "seed_sources": sources,
-        "inputs": "seeds perturbed by e3relax_ase.training.perturb (rattle 0.05-0.15 A, symmetric strain "
+        "inputs": "e3relax-ase data make-inputs (e3relax_ase.training.inputs; parameters in the inputs' "
+        "manifest and each pair's info)" if any(s.startswith("generator:") for s in sources) else
+        "seeds perturbed by e3relax_ase.training.perturb (rattle 0.05-0.15 A, symmetric strain "
         "<= 5 %, volume x0.85-1.2; perov_5 element substitution p=0.5; AFLOW prototypes decorated with "
         "MP-like chemistries scaled to covalent contact), supercells to >= 4 atoms, <= 32 atoms",
         "volume_guess": (
@@ -649,6 +651,9 @@ def finalize(args) -> None:
         side = sidecar[pid]
         ids.append(pid)
         infos.append({"seed_id": side["seed_id"], "source": side["source"], "perturbation": side["perturbation"],
+                      # inputs from `e3relax-ase data make-inputs` also carry their generator's
+                      # parameters, seed, chemical system and planned split
+                      **{k: side[k] for k in ("generator", "rng", "chemical_system", "split") if k in side},
                       "steps": p.n_steps, "converged": True, "fmax": round(p.fmax, 5),
                       "fmax_fresh": round(p.fmax_fresh, 5)})
     out = Path(args.out)

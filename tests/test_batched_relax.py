@@ -245,3 +245,70 @@ def test_sevennet_batched_matches_ase():
         assert abs(r.n_steps - opt.nsteps) <= 2
         np.testing.assert_allclose(r.positions, a.positions, atol=1e-3)
         np.testing.assert_allclose(r.cell, a.cell.array, atol=1e-3)
+
+
+def _generated_emt_inputs() -> list[Atoms]:
+    """Inputs from the issue-17 generators (symmetric crystal, layered cut, supercell), each with
+    a start perturbation, in elements EMT knows."""
+    from e3relax_ase.training.inputs.layered import cut_slab
+    from e3relax_ase.training.inputs.starts import hard_start
+    from e3relax_ase.training.inputs.supercells import random_supercell
+    from e3relax_ase.training.inputs.wyckoff import random_symmetric_crystal
+
+    rng = np.random.default_rng(17)
+    bases = []
+    while len(bases) < 2:
+        atoms, _ = random_symmetric_crystal({29: 2, 79: 2}, int(rng.integers(1, 231)), {29: 11.8, 79: 17.0}, rng)
+        if atoms is not None:
+            bases.append(atoms)
+    layered, _ = cut_slab(bulk("Ni", "fcc", a=3.52), rng, (2.5, 3.5), max_atoms=12)
+    bases.append(layered)
+    supercell, _ = random_supercell(bulk("Al", "fcc", a=4.05), rng, max_atoms=8)
+    bases.append(supercell)
+    # Milder than the production starts: FIRE paths of hundreds of steps drift apart by rounding.
+    return [hard_start(a, rng, volume_range=(0.9, 1.1), max_shear=0.05, rattle_range=(0.03, 0.08))[0] for a in bases]
+
+
+def test_generated_inputs_match_ase_fire_frechet():
+    crystals = _generated_emt_inputs()
+    results = relax_all(_inputs(crystals), EMTTeacher(), FireParams(fmax=0.02, max_steps=400), max_atoms=24)
+    n_converged = 0
+    for atoms, result in zip(crystals, results):
+        ref, converged, n_steps = _ase_relax(atoms, 0.02, 400)
+        assert result.converged == converged and result.n_steps == n_steps
+        n_converged += converged
+        np.testing.assert_allclose(result.positions, ref.positions, atol=1e-6)
+        np.testing.assert_allclose(result.cell, ref.cell.array, atol=1e-6)
+    assert n_converged >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, modal", [("7net-0_22May2024", None), ("7net-l3i5", None), ("7net-mf-0", "PBE"), ("7net-mf-0", "R2SCAN")])
+def test_sevennet_wheel_models_match_their_calculator(model, modal):
+    """The other models the sevenn wheel carries, batched, equal sevenn's calculator (the teacher comparison's inputs)."""
+    pytest.importorskip("sevenn")
+    from sevenn.calculator import SevenNetCalculator
+
+    from e3relax_ase.training.teacher_sevennet import SevenNetTeacher
+
+    crystals = [bulk("NaCl", "rocksalt", a=5.5) * (2, 1, 1), bulk("Si", "diamond", a=5.4)]
+    for k, atoms in enumerate(crystals):
+        atoms.rattle(0.05, seed=k)
+    teacher = SevenNetTeacher(model, modal=modal)
+    calc = SevenNetCalculator(model, modal=modal) if modal else SevenNetCalculator(model)
+    n_atoms = torch.tensor([len(a) for a in crystals])
+    out = teacher(torch.tensor(np.concatenate([a.positions for a in crystals])), torch.tensor(np.stack([a.cell.array for a in crystals])),
+                  torch.tensor(np.concatenate([a.numbers for a in crystals])), torch.repeat_interleave(torch.arange(2), n_atoms), n_atoms)
+    offsets = np.concatenate([[0], np.cumsum(n_atoms.numpy())])
+    for k, atoms in enumerate(crystals):
+        a = atoms.copy()
+        a.calc = calc
+        assert out.energy[k].item() == pytest.approx(a.get_potential_energy(), abs=1e-4)
+        np.testing.assert_allclose(out.forces[offsets[k] : offsets[k + 1]].numpy(), a.get_forces(), atol=1e-5)
+        np.testing.assert_allclose(out.stress[k].numpy(), a.get_stress(voigt=False), atol=1e-6)
+    if modal is not None:
+        with pytest.raises(ValueError, match="modal"):
+            SevenNetTeacher(model)
+    else:
+        with pytest.raises(ValueError, match="no modal"):
+            SevenNetTeacher(model, modal="PBE")

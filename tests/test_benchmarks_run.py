@@ -118,3 +118,39 @@ def test_bench_cpu_latency_on_cpu(tmp_path):
     results = json.loads(out.read_text())
     entry = next(iter(results["results"].values()))
     assert entry and set(results["stage_meaning"]) >= {"validate", "network", "judge", "apply_provenance"}
+
+
+@pytest.mark.slow
+def test_bench_teachers_on_three_nrel_inputs_on_cpu(tmp_path):
+    """The teacher comparison (issue 17) on 3 NREL train inputs with two sevenn teachers (and
+    CHGNet when installed): every teacher relaxes the same inputs and is scored against DFT."""
+    pytest.importorskip("sevenn")
+    out = tmp_path / "teachers.json"
+    stdout = run(["benchmarks/bench_teachers.py", "--n", "3", "--device", "cpu",
+                  "--teachers", "7net-0,7net-mf-0:PBE,chgnet-0.3.0", "--out", str(out)], tmp_path)
+    results = json.loads(out.read_text())
+    assert results["inputs"]["n_selected"] == 3 and results["inputs"]["pairs"].endswith("nrel_zintl/train.npz")
+    for spec in ("7net-0", "7net-mf-0:PBE"):
+        row = results["teachers"][spec]
+        assert sum(row["statuses"].values()) == 3 and row["speed"]["structures_per_s"] > 0
+        assert row["converged"]["n"] == row["statuses"].get("converged", 0)
+    chgnet = results["teachers"]["chgnet-0.3.0"]
+    assert "skipped" in chgnet or sum(chgnet["statuses"].values()) == 3
+    common = results["common"]
+    assert common["n"] >= 1 and common["unrelaxed_input"]["n"] == common["n"]
+    # A relaxation by a universal potential lands nearer the DFT structure than the input does.
+    assert common["7net-0"]["coord_mae_A_mean"] < common["unrelaxed_input"]["coord_mae_A_mean"]
+    assert "every teacher converged" in stdout and {"command", "machine", "versions"} <= set(results)
+
+
+@pytest.mark.slow
+def test_bench_distill_throughput_runs_and_compares(tmp_path):
+    """The old-vs-new driver benchmark on the CPU with the toy teacher; against itself the two
+    drivers must agree bit for bit."""
+    out = tmp_path / "driver.json"
+    run(["benchmarks/bench_distill_throughput.py", "--old-module", "e3relax_ase/training/batched_relax.py",
+         "--teacher", "toy", "--n", "60", "--repeats", "1", "--out", str(out)], tmp_path)
+    results = json.loads(out.read_text())
+    assert results["same_results"] == {"same_keys": True, "same_status_and_steps": True,
+                                       "max_position_diff_A": 0.0, "max_cell_diff_A": 0.0}
+    assert results["best"]["new"]["finished"] == 60 and results["best"]["old"]["teacher_calls"] > 0

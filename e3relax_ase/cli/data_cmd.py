@@ -1,4 +1,4 @@
-"""``e3relax-ase data``: import, split, describe and plot pair datasets."""
+"""``e3relax-ase data``: import, split, describe and plot pair datasets; generate inputs."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _load(path: Path):
 
 @click.group("data")
 def data():
-    """Import, split, describe and plot pair datasets (e3relax-pairs npz format)."""
+    """Import, split, describe and plot pair datasets (e3relax-pairs npz format); generate inputs."""
 
 
 @data.command("import")
@@ -230,3 +230,89 @@ def plot_cmd(pairs, output, prefix):
     pairset = PairSet.concatenate([_load(p) for p in pairs])
     for path in plot_statistics(pairset, output, prefix=prefix):
         click.echo(f"wrote {path}", err=True)
+
+
+def _mix(ctx, param, value):
+    from e3relax_ase.training.inputs.plan import DEFAULT_MIX, GENERATORS
+
+    if value is None:
+        return tuple(sorted(DEFAULT_MIX.items()))
+    try:
+        mix = {k.strip(): float(v) for k, v in (item.split("=") for item in value.split(","))}
+    except ValueError:
+        raise click.BadParameter("expected NAME=SHARE,... e.g. symmetric=0.35,substituted=0.25") from None
+    unknown = set(mix) - set(GENERATORS)
+    if unknown or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise click.BadParameter(f"generators are {', '.join(GENERATORS)}, with non-negative shares")
+    return tuple(sorted(mix.items()))
+
+
+def _pair_of_floats(ctx, param, value):
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected LOW,HIGH") from None
+    if not 0 <= low <= high:
+        raise click.BadParameter("need 0 <= LOW <= HIGH")
+    return (low, high)
+
+
+@data.command("make-inputs")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Inputs .npz (with OUTPUT.info.json.gz and OUTPUT.manifest.json beside it).")
+@click.option("--n", "n_inputs", required=True, type=click.IntRange(min=0), help="Inputs drawn from the mix.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Input k is made from rng([seed, k]).")
+@click.option("--mix", default=None, callback=_mix,
+              help="Generator shares, e.g. symmetric=0.35,substituted=0.25,layered=0.15,supercell=0.25 (the default).")
+@click.option("--min-atoms", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-atoms", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--volume-range", default="0.65,1.35", show_default=True, callback=_pair_of_floats,
+              help="Start: isotropic volume factor bounds.")
+@click.option("--max-shear", default=0.15, show_default=True, type=click.FloatRange(0, 0.49), help="Start: largest shear.")
+@click.option("--rattle", default="0.02,0.3", show_default=True, callback=_pair_of_floats,
+              help="Start: rattle standard deviation bounds, Å.")
+@click.option("--min-per-element", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Top up until every covered element (Z <= 83, no noble gases, no Pm) is in this many inputs.")
+@click.option("--large-share", default=0.0, show_default=True, type=click.FloatRange(0, 0.95),
+              help="Top up until this share of inputs has more than 24 atoms.")
+@click.option("--element-volumes", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="fit-volumes JSON for the volume guesses (default: covalent radii).")
+@click.option("--extend-splits", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory with train/val/test.npz: each input gets the split its chemical system has there, "
+              "new systems are shared out by --fractions.")
+@click.option("--fractions", default="0.9,0.05,0.05", show_default=True, callback=_fractions)
+@click.option("--id-prefix", default="sn0c-", show_default=True)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes (same output for any).")
+def make_inputs_cmd(output, n_inputs, seed, mix, min_atoms, max_atoms, volume_range, max_shear, rattle, min_per_element,
+                    large_share, element_volumes, extend_splits, fractions, id_prefix, workers):
+    """Generate user-like inputs for distillation: random symmetric crystals, substituted
+    prototypes, slabs and layered cells, supercells; all with hard starts (docs/data.md)."""
+    import sys
+
+    from e3relax_ase.training.inputs.plan import InputPlan, assign_splits, make_input_set, write_input_set
+
+    if output.exists() and extend_splits is not None and output.resolve().parent == extend_splits.resolve():
+        raise click.ClickException(f"refusing to write into the split directory {extend_splits}")
+    try:
+        plan = InputPlan(
+            n=n_inputs, seed=seed, mix=mix, min_atoms=min_atoms, max_atoms=max_atoms, volume_range=volume_range,
+            max_shear=max_shear, rattle_range=rattle, min_per_element=min_per_element, large_share=large_share,
+            id_prefix=id_prefix, element_volumes=str(element_volumes) if element_volumes else None,
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    results, report = make_input_set(plan, n_workers=workers)
+    if not results:
+        raise click.ClickException("no input could be made")
+    extra = {"command": " ".join(["e3relax-ase", *sys.argv[1:]]) if sys.argv else None}
+    if extend_splits is not None:
+        assign_splits(results, extend_splits, fractions=fractions, seed=0)
+        extra["splits"] = {"extends": str(extend_splits), "fractions": list(fractions), "seed": 0}
+    manifest = write_input_set(output, results, plan, report, extra)
+    summary = manifest["summary"]
+    click.echo(
+        f"wrote {summary['inputs']} inputs ({summary['atoms']} atoms, {summary['share_more_than_24_atoms']:.1%} with > 24 atoms, "
+        f"every element in >= {summary['elements_min']}; quotas {'met' if report['quota_met'] else 'NOT met'}; "
+        f"{report['failed']} failed) to {output} ({manifest['bytes'] / 2**20:.1f} MiB) in {report['wall_s']:.0f} s",
+        err=True,
+    )

@@ -316,11 +316,15 @@ def _append(state: _FireState, items: list[RelaxInput], params: FireParams) -> _
     )
 
 
-def _select(state: _FireState, keep: torch.Tensor) -> _FireState:
-    """Keep the crystals where ``keep [n_graphs]`` is True, renumbering ``batch``."""
+def _select(state: _FireState, keep: torch.Tensor, dropped: set[int] | None = None) -> _FireState:
+    """Keep the crystals where ``keep [n_graphs]`` is True, renumbering ``batch``.
+
+    ``dropped`` (the host-side indices where ``keep`` is False) spares a device read.
+    """
     atom_keep = keep[state.batch]
     new_index = torch.cumsum(keep.to(torch.int64), 0) - 1
-    keep_list = keep.tolist()
+    if dropped is None:
+        dropped = {i for i, m in enumerate(keep.tolist()) if not m}
     return _FireState(
         numbers=state.numbers[atom_keep],
         batch=new_index[state.batch[atom_keep]],
@@ -336,7 +340,7 @@ def _select(state: _FireState, keep: torch.Tensor) -> _FireState:
         n_pos=state.n_pos[keep],
         n_steps=state.n_steps[keep],
         started=state.started[keep],
-        keys=[k for k, m in zip(state.keys, keep_list) if m],
+        keys=[k for i, k in enumerate(state.keys) if i not in dropped],
     )
 
 
@@ -476,45 +480,55 @@ def relax_stream(
         out_of_steps = state.n_steps >= params.max_steps
         done = converged | ~finite | diverged | out_of_steps
 
-        if bool(done.any()):
+        # One device-to-host read per step decides everything below (which crystals are done);
+        # the old driver read done.any(), keep.all() and keep.tolist() separately.
+        done_index = torch.nonzero(done).flatten().tolist()
+        if done_index:
             yield from _collect(
-                state, done, converged, finite, diverged, positions, cell, energy, fmax, fmax_f, stats
+                state, done_index, converged, finite, diverged, positions, cell, energy, fmax, fmax_f, stats
             )
-
-        keep = ~done
-        if not bool(keep.all()):
+            keep = ~done
             forces_ref = forces_ref[keep[state.batch]]
             forces_cell = forces_cell[keep]
-            state = _select(state, keep)
+            state = _select(state, keep, set(done_index))
             n_atoms_in = int(state.numbers.shape[0])
         if state.n_graphs:
             _fire_step(state, forces_ref, forces_cell, params)
 
 
-def _collect(state, done, converged, finite, diverged, positions, cell, energy, fmax, fmax_fresh, stats):
-    idx = torch.nonzero(done).flatten().tolist()
+def _collect(state, done_index, converged, finite, diverged, positions, cell, energy, fmax, fmax_fresh, stats):
+    """Results of the crystals ``done_index`` (host list), copying only their rows to the host.
+
+    The old driver copied the whole batch's positions and state to the host whenever any
+    crystal finished, which on a large batch happens at nearly every step.
+    """
+    device = state.n_atoms.device
+    graphs = torch.tensor(done_index, device=device, dtype=torch.int64)
+    atom_mask = torch.zeros(state.n_graphs, dtype=torch.bool, device=device)
+    atom_mask[graphs] = True
+    atom_mask = atom_mask[state.batch]  # atoms of the done crystals, in batch order
+    per_graph = torch.stack([energy[graphs], fmax[graphs], fmax_fresh[graphs]]).detach()
+    flags = torch.stack([converged[graphs], finite[graphs], diverged[graphs]])
     cpu = {
-        "positions": positions.detach().cpu().numpy(),
-        "positions_init": state.positions_init.detach().cpu().numpy(),
-        "cell": cell.detach().cpu().numpy(),
-        "cell_init": state.cell_init.detach().cpu().numpy(),
-        "numbers": state.numbers.cpu().numpy(),
-        "offsets": np.concatenate([[0], np.cumsum(state.n_atoms.cpu().numpy())]),
-        "energy": energy.detach().cpu().numpy(),
-        "fmax": fmax.detach().cpu().numpy(),
-        "fmax_fresh": fmax_fresh.detach().cpu().numpy(),
-        "n_steps": state.n_steps.cpu().numpy(),
-        "converged": converged.cpu().numpy(),
-        "finite": finite.cpu().numpy(),
-        "diverged": diverged.cpu().numpy(),
+        "positions": positions[atom_mask].detach().cpu().numpy(),
+        "positions_init": state.positions_init[atom_mask].detach().cpu().numpy(),
+        "numbers": state.numbers[atom_mask].cpu().numpy(),
+        "cell": cell[graphs].detach().cpu().numpy(),
+        "cell_init": state.cell_init[graphs].detach().cpu().numpy(),
+        "n_atoms": state.n_atoms[graphs].cpu().numpy(),
+        "n_steps": state.n_steps[graphs].cpu().numpy(),
+        "per_graph": per_graph.cpu().numpy(),
+        "flags": flags.cpu().numpy(),
     }
-    for k in idx:
-        a, z = cpu["offsets"][k], cpu["offsets"][k + 1]
-        if not cpu["finite"][k]:
+    offsets = np.concatenate([[0], np.cumsum(cpu["n_atoms"])])
+    for j, k in enumerate(done_index):
+        a, z = offsets[j], offsets[j + 1]
+        is_converged, is_finite, is_diverged = (bool(f) for f in cpu["flags"][:, j])
+        if not is_finite:
             status = "nonfinite"
-        elif cpu["diverged"][k]:
+        elif is_diverged:
             status = "diverged"
-        elif cpu["converged"][k]:
+        elif is_converged:
             status = "converged"
         else:
             status = "max_steps"
@@ -524,13 +538,13 @@ def _collect(state, done, converged, finite, diverged, positions, cell, energy, 
             key=state.keys[k],
             numbers=cpu["numbers"][a:z].copy(),
             positions_init=cpu["positions_init"][a:z].copy(),
-            cell_init=cpu["cell_init"][k].copy(),
+            cell_init=cpu["cell_init"][j].copy(),
             positions=cpu["positions"][a:z].copy(),
-            cell=cpu["cell"][k].copy(),
-            energy=float(cpu["energy"][k]),
-            fmax=float(cpu["fmax"][k]),
-            fmax_fresh=float(cpu["fmax_fresh"][k]),
-            n_steps=int(cpu["n_steps"][k]),
+            cell=cpu["cell"][j].copy(),
+            energy=float(cpu["per_graph"][0, j]),
+            fmax=float(cpu["per_graph"][1, j]),
+            fmax_fresh=float(cpu["per_graph"][2, j]),
+            n_steps=int(cpu["n_steps"][j]),
             converged=status == "converged",
             status=status,
         )

@@ -57,6 +57,34 @@ def strain(atoms, magnitude: float, rng: np.random.Generator):
     return out, eps
 
 
+def shear(atoms, magnitude: float, rng: np.random.Generator):
+    """Apply a random pure shear, atoms following the cell (fractional coordinates kept).
+
+    Unlike :func:`strain` the diagonal is left alone, so the cell's angles change while its
+    edge lengths change only to second order: the inputs whose angles are wrong that a
+    volume rescale never makes.
+
+    Args:
+        atoms: ``ase.Atoms`` (not modified).
+        magnitude: each off-diagonal component of the symmetric tensor eps is drawn uniformly
+            from ``[-magnitude, magnitude]``; the new cell is ``cell @ (I + eps)``.
+        rng: random generator.
+
+    Returns:
+        ``(new_atoms, eps)`` with ``eps`` the [3, 3] shear tensor (zero diagonal).
+
+    Raises:
+        ValueError: if ``magnitude`` is negative or >= 0.5.
+    """
+    if not 0 <= magnitude < 0.5:
+        raise ValueError(f"shear magnitude must be in [0, 0.5), got {magnitude}")
+    upper = np.triu(rng.uniform(-magnitude, magnitude, size=(3, 3)), 1)
+    eps = upper + upper.T  # [3, 3] symmetric, zero diagonal
+    out = atoms.copy()
+    out.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+    return out, eps
+
+
 def rattle(atoms, stdev: float, rng: np.random.Generator):
     """Displace every atom by an independent Gaussian vector.
 

@@ -156,21 +156,49 @@ def split_keeping_systems(
         ValueError: bad fractions, an unknown split name, or an existing split that shares a
             chemical system with another (it was not a chemical-system split).
     """
+    existing_systems = {name: chemical_systems(part) for name, part in existing.items()}
+    split_of_pair = assign_systems_keeping(chemical_systems(pairset), existing_systems, fractions, seed, names)
+    out = {name: np.flatnonzero(split_of_pair == i).astype(np.int64) for i, name in enumerate(names)}
+    logger.info("extended chemical-system split: %s", ", ".join(f"{name} +{len(idx)} pairs" for name, idx in out.items()))
+    return out
+
+
+def assign_systems_keeping(
+    systems: Sequence[str],
+    existing_systems: dict,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    names: Sequence[str] = DEFAULT_NAMES,
+) -> np.ndarray:
+    """The rule of :func:`split_keeping_systems` on chemical-system strings.
+
+    Lets items that are not pairs yet (generated inputs) be given their split by the same rule.
+
+    Args:
+        systems: chemical system of each new item (``chemical_systems``' format).
+        existing_systems: split name -> chemical system of each existing pair.
+        fractions, seed, names: as :func:`split_keeping_systems`.
+
+    Returns:
+        [n_items] int64 index into ``names`` per item.
+
+    Raises:
+        ValueError: bad fractions, an unknown split name, or a system in two existing splits.
+    """
     fractions = _check_fractions(fractions, names)
-    unknown = set(existing) - set(names)
+    unknown = set(existing_systems) - set(names)
     if unknown:
         raise ValueError(f"existing splits {sorted(unknown)} are not among {list(names)}")
     home: dict[str, int] = {}
     filled = np.zeros(len(names))
     for i, name in enumerate(names):
-        if name not in existing:
+        if name not in existing_systems:
             continue
-        filled[i] = len(existing[name])
-        for system in set(chemical_systems(existing[name])):
+        filled[i] = len(existing_systems[name])
+        for system in set(existing_systems[name]):
             if home.setdefault(system, i) != i:
                 raise ValueError(f"chemical system {system} is in both the {names[home[system]]} and the {name} split")
-    systems = np.asarray(chemical_systems(pairset))
-    unique, inverse = np.unique(systems, return_inverse=True)
+    unique, inverse = np.unique(np.asarray(systems, dtype=str), return_inverse=True)
     counts = np.bincount(inverse, minlength=len(unique))
     assignment = np.full(len(unique), -1, dtype=np.int64)
     for s, system in enumerate(unique):
@@ -184,7 +212,4 @@ def split_keeping_systems(
         deficit = np.where(fractions > 0, target - filled, -np.inf)
         assignment[s] = int(np.argmax(deficit))
         filled[assignment[s]] += counts[s]
-    split_of_pair = assignment[inverse]
-    out = {name: np.flatnonzero(split_of_pair == i).astype(np.int64) for i, name in enumerate(names)}
-    logger.info("extended chemical-system split: %s", ", ".join(f"{name} +{len(idx)} pairs" for name, idx in out.items()))
-    return out
+    return assignment[inverse].astype(np.int64)

@@ -127,14 +127,20 @@ class SevenNetTeacher:
     Args:
         model: a sevenn pretrained name or checkpoint path.
         device: torch device for the model.
+        modal: the fidelity of a multi-fidelity model (``7net-mf-0``: ``"PBE"`` or ``"R2SCAN"``);
+            must be None for single-fidelity models.
 
     Attributes:
-        name: teacher name for provenance ("SevenNet-0").
+        name: teacher name for provenance ("SevenNet-0", or the model name and ``:modal``).
         version: sevenn version string.
         cutoff: model cutoff, Å.
+
+    Raises:
+        ValueError: a multi-fidelity model without a modal it knows, or a modal for a model
+            that has none.
     """
 
-    def __init__(self, model: str = "7net-0", device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: str = "7net-0", device: str | torch.device = "cpu", modal: str | None = None) -> None:
         import sevenn
         from sevenn import _keys
         from sevenn.util import load_checkpoint
@@ -143,6 +149,17 @@ class SevenNetTeacher:
         self.device = torch.device(device)
         checkpoint = load_checkpoint(model)
         net = checkpoint.build_model()
+        modal_map = getattr(net, "modal_map", None) or {}
+        if modal_map and modal not in modal_map:
+            raise ValueError(f"{model} is multi-fidelity: give modal, one of {sorted(modal_map)}")
+        if not modal_map and modal is not None:
+            raise ValueError(f"{model} has no modal (fidelity) to choose, got {modal!r}")
+        self.modal = modal
+        # sevenn's own modal lookup reads ``data.x`` (an AtomGraphData attribute) and fails on the
+        # plain dict fed here: the modal index per crystal is set in __call__ instead.
+        self._modal_index = None if modal is None else int(modal_map[modal])
+        if modal_map:
+            net.eval_modal_map = False
         net.set_is_batch_data(True)
         net.eval_type_map = torch.tensor(True)
         self.model = net.to(self.device).eval()
@@ -151,6 +168,8 @@ class SevenNetTeacher:
         known[list(net.type_map)] = True
         self._known = known.to(self.device)
         self.name = "SevenNet-0" if model.lower() in ("7net-0", "sevennet-0") else model
+        if modal is not None:
+            self.name += f":{modal}"
         self.version = sevenn.__version__
         self.model_dtype = next(net.parameters()).dtype
 
@@ -184,6 +203,8 @@ class SevenNetTeacher:
             key.NUM_ATOMS: n_atoms,
             key.CELL_VOLUME: volume.to(self.model_dtype),
         }
+        if self._modal_index is not None:
+            data[key.MODAL_TYPE] = torch.full((int(n_atoms.shape[0]),), self._modal_index, dtype=torch.int64, device=numbers.device)
         unknown = ~self._known[numbers]
         if bool(unknown.any()):
             # Map unknown species to hydrogen so the call runs; those crystals become NaN below.
