@@ -39,3 +39,9 @@ CELL_TARGET = "cell_target"  # [n_graphs, 3, 3] float | relaxed cell, Å
 # Default graph and numerical constants (the model config holds the ones that are
 # hyperparameters; these are conventions shared by data and model code).
 SHELL_TOLERANCE = 1e-4  # Å | neighbours within this of the K-th distance count as the K-th shell
+# Å | a neighbour this close to the cutoff carries an envelope weight below 2e-7 (p = 5, D = 6):
+# it counts as absent when deciding that an atom is isolated or that a gap is vacuum, so that a
+# distance of exactly the cutoff (a 6 Å cubic cell) gets the same verdict whatever rounding a
+# rotation or another basis adds. The decision still flips at cutoff - margin, a number no
+# natural input sits on within rounding.
+ISOLATION_MARGIN = 0.01

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from e3relax_ase import __version__
+from e3relax_ase.keys import ISOLATION_MARGIN
 from e3relax_ase.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.model import E3RelaxH2
 from e3relax_ase.canonical import CanonicalForm
@@ -361,7 +362,8 @@ class OneShotRelaxer:
             "reduce": self.reduce_cell,
         }
         # Vacuum at least as thick as the cutoff: no graph edge crosses it (e3relax_ase.vacuum).
-        return PreparationSettings(checks, vacuum_gap=config.cutoff, allow_cluster=allow_cluster)
+        # The same margin as the isolation rule: a gap of exactly the cutoff is vacuum whatever rounding adds.
+        return PreparationSettings(checks, vacuum_gap=config.cutoff - ISOLATION_MARGIN, allow_cluster=allow_cluster)
 
     # --- public API ------------------------------------------------------------------------
     def relax(self, structure, **options):

@@ -23,8 +23,10 @@ structure and the problem. The checks, in order (docs/reliability.md has the ful
    network sees (``prepare_arrays``: reduced cell, wrapped atoms), the same pairs as the
    input as written, with distances equal to rounding (1e-15 Å); the relaxer builds the
    network's graph from that search instead of searching again;
-9. neighbours: every atom has at least one neighbour within the cutoff. A single atom in a
-   periodic cell is fine when its own images are within the cutoff.
+9. neighbours: every atom has at least one neighbour within the cutoff, less
+   ``keys.ISOLATION_MARGIN`` (a neighbour at the cutoff itself carries no weight, and rounding
+   must not decide). A single atom in a periodic cell is fine when its own images are close
+   enough.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from e3relax_ase.canonical import reduce_cell, wrap_into
+from e3relax_ase.keys import ISOLATION_MARGIN
 
 MIN_DISTANCE = 0.5  # Å | closer atoms are a broken input (shortest real bond, H2, is 0.74 Å)
 MIN_CELL_ANGLE = 5.0  # degrees | lattice vectors closer than this to (anti)parallel are refused
@@ -271,9 +274,14 @@ def prepare_arrays(
         what = f"atom {i} is {closest:.3f} Å from its own periodic image" if i == j else f"atoms {i} and {j} are {closest:.3f} Å apart"
         _fail(name, f"{what} (< {min_distance} Å); overlapping atoms")
     counts = np.bincount(receivers, minlength=n_atoms)
-    lonely = np.flatnonzero(counts == 0)
+    felt = np.bincount(receivers[distances < cutoff - ISOLATION_MARGIN], minlength=n_atoms)
+    lonely = np.flatnonzero(felt == 0)
     if len(lonely):
-        _fail(name, f"atom {int(lonely[0])} has no neighbour within the {cutoff} Å cutoff ({len(lonely)} isolated atoms)")
+        _fail(
+            name,
+            f"atom {int(lonely[0])} has no neighbour within the {cutoff} Å cutoff "
+            f"(closer than {cutoff - ISOLATION_MARGIN:g} Å; {len(lonely)} isolated atoms)",
+        )
     n_edges = int(np.minimum(counts, max_neighbors).sum())
     if max_edges is not None and n_edges > max_edges:
         _fail(name, f"is too large for the memory budget: {n_edges} graph edges for {n_atoms} atoms, budget {max_edges}")

@@ -16,7 +16,7 @@ from e3relax_ase.model import E3RelaxH2
 root = Path(__file__).resolve().parents[1] / "checkpoints"
 name = "e3relax-h2-untrained"
 torch.manual_seed(0)
-config = ModelConfig(num_channels=32, num_layers=2, num_rbf=32, num_lattice_rbf=16, output_init_scale=1e-4)
+config = ModelConfig(num_channels=32, num_layers=2, num_rbf=32, num_strain_channels=4, output_init_scale=1e-4)
 model = E3RelaxH2(config)
 sha = save_checkpoint(root / f"{name}.pt", model, {"name": name, "untrained": True, "licence": "MIT",
                                                   "training_data": "none: random weights"})

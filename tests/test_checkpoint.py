@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_ase.checkpoint import FORMAT_VERSION, CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from e3relax_ase.checkpoint import FORMAT_VERSION, CheckpointError, file_sha256, load_checkpoint, read_registry, save_checkpoint
 from e3relax_ase.predict import CrystalArrays, predict
 from e3relax_ase.testing import tiny_model
 
@@ -114,8 +114,9 @@ def test_modified_copy_of_a_shipped_checkpoint_is_labelled_by_its_file_name(tmp_
     path.write_bytes(bytes(data))
     with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
         _, info = load_checkpoint(path)
-    assert info.name == "copy.pt" and info.metadata["name"] == "e3relax-h2-f128"
-    assert "calls itself 'e3relax-h2-f128'" in caplog.text and "labelled 'copy.pt'" in caplog.text
+    default = read_registry()["default"]
+    assert info.name == "copy.pt" and info.metadata["name"] == default
+    assert f"calls itself '{default}'" in caplog.text and "labelled 'copy.pt'" in caplog.text
 
 
 def test_unregistered_checkpoint_warns_and_a_registered_file_keeps_its_name(tmp_path, caplog):
@@ -127,7 +128,7 @@ def test_unregistered_checkpoint_warns_and_a_registered_file_keeps_its_name(tmp_
     caplog.clear()
     with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
         _, info = load_checkpoint(_shipped_path())  # the shipped file given by its path
-    assert info.name == "e3relax-h2-f128" and caplog.text == ""
+    assert info.name == read_registry()["default"] and caplog.text == ""
 
 
 @pytest.mark.parametrize("content", [b"hello, I am a text file\n", b"", b"   \n"])

@@ -11,7 +11,9 @@ Properties:
    and the same pbc; det(cell) keeps the input's sign unless the prediction is flagged
    insane (and never with ``on_insane="input"``); ``relax_cell=False`` keeps the cell bits;
 4. outputs are rotation-equivariant and permutation-equivariant (1e-6 Å, float64): the input
-   is rotated and permuted at once, and only on a failure separately, to say which broke;
+   is rotated and permuted at once, and only on a failure separately, to say which broke; and
+   invariant to how the crystal is written: a translation across cell faces, another lattice
+   basis, a supercell and a reflection give the same relaxed crystal;
 5. the input object is never mutated.
 
 Two profiles. The fast one runs in the default suite (derandomized, so CI is deterministic).
@@ -38,7 +40,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from e3relax_ase.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
-from e3relax_ase.testing import random_rotation, tiny_model
+from e3relax_ase.predict import CrystalArrays
+from e3relax_ase.testing import arrays_of, random_rotation, random_unimodular, rotated, supercell, tiny_model
 from e3relax_ase.validation import InvalidStructureError
 from tests.strategies import accepted_numbers, allowed_elements, crystals, oracle_clear, oracle_problem
 
@@ -50,6 +53,7 @@ FAST = settings(max_examples=50, derandomize=True, deadline=None, database=None,
 # The full profiles draw afresh each run; print_blob makes a failure replayable
 # (@reproduce_failure) without keeping a database around.
 FULL_CRASH = settings(max_examples=4000, deadline=None, database=None, suppress_health_check=HEALTH, print_blob=True)
+FULL_INVARIANCE = settings(max_examples=1500, deadline=None, database=None, suppress_health_check=HEALTH, print_blob=True)
 FULL_EQUIVARIANCE = settings(max_examples=4500, deadline=None, database=None, suppress_health_check=HEALTH, print_blob=True)
 
 COUNTS: Counter = Counter()  # structures drawn, per test
@@ -334,6 +338,66 @@ def test_fuzz_equivariance(fuzzed, seed):
 @given(**equivariance_inputs)
 def test_fuzz_equivariance_full(fuzzed, seed):
     check_equivariance(fuzzed, seed, "equivariance-full")
+
+
+def _as_atoms(arrays, like):
+    return Atoms(numbers=arrays.numbers, positions=arrays.positions, cell=arrays.cell, pbc=like.pbc)
+
+
+def check_invariance(fuzzed, seed, test_name) -> None:
+    """One crystal, one answer through the relaxer: a translation that carries atoms across
+    cell faces, a random unimodular basis, a 2x1x1 supercell and a reflection must give the
+    same relaxed crystal (the checks of e3relax_ase.testing, on what users get)."""
+    COUNTS[test_name] += 1
+    atoms = fuzzed.atoms
+    reference = _outcome(atoms)
+    if isinstance(reference, Exception) or not atoms.pbc.all() or reference.info.get("e3relax_vacuum_axes"):
+        event("skipped: refused, not 3D-periodic, or vacuum axes")
+        return  # refusals are the equivariance property's; vacuum axes depend on the basis by design
+    event(f"checked, {fuzzed.layout}")
+    rng = np.random.default_rng(seed)
+    cell_in, cell_out = atoms.cell.array, reference.cell.array
+    crystal = arrays_of(atoms)
+
+    def relaxed(arrays, what):
+        out = _outcome(_as_atoms(arrays, atoms))
+        assert not isinstance(out, Exception), f"{what}: refused once rewritten: {out}"
+        return out.positions, out.cell.array
+
+    def close(what, got, expected):
+        error = float(np.abs(got - expected).max())
+        assert error <= EQUIVARIANCE_ATOL, f"{what}: off by {error:.3g} Å"
+
+    shift = rng.normal(size=3) * 2.0 + 0.5 * cell_in.sum(0)
+    positions, cell = relaxed(CrystalArrays(crystal.numbers, crystal.positions + shift, cell_in, crystal.pbc), "translation")
+    close("translation, cell", cell, cell_out)
+    close("translation, positions", positions, reference.positions + shift @ np.linalg.solve(cell_in, cell_out))
+    basis = random_unimodular(rng)
+    positions, cell = relaxed(CrystalArrays(crystal.numbers, crystal.positions, basis @ cell_in, crystal.pbc), "basis")
+    close("basis, cell", cell, basis @ cell_out)
+    close("basis, positions", positions, reference.positions)
+    if len(atoms) <= 16:
+        big, copies = supercell(crystal, np.diag([2, 1, 1]))
+        positions, cell = relaxed(big, "supercell")
+        close("supercell, cell", cell, np.diag([2, 1, 1]) @ cell_out)
+        close("supercell, positions", positions, reference.positions[copies[:, 0]] + copies[:, 1:] @ cell_out)
+    mirror = random_rotation(rng, proper=False)
+    positions, cell = relaxed(rotated(crystal, mirror), "reflection")
+    close("reflection, cell", cell, cell_out @ mirror.T)
+    close("reflection, positions", positions, reference.positions @ mirror.T)
+
+
+@FAST
+@given(**equivariance_inputs)
+def test_fuzz_invariance(fuzzed, seed):
+    check_invariance(fuzzed, seed, "invariance-fast")
+
+
+@pytest.mark.slow
+@FULL_INVARIANCE
+@given(**equivariance_inputs)
+def test_fuzz_invariance_full(fuzzed, seed):
+    check_invariance(fuzzed, seed, "invariance-full")
 
 
 # --- found by fuzzing ---------------------------------------------------------------------------

@@ -70,3 +70,57 @@ def test_installed_wheel_loads_the_default_checkpoint(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
     path, name, untrained = json.loads(out.stdout.strip().splitlines()[-1])
     assert path.startswith(str(target)) and name == read_registry()["default"] and not untrained
+
+
+@pytest.fixture(scope="module")
+def shipped64():
+    """The default checkpoint in float64: its invariances hold to rounding there."""
+    model, _ = load_checkpoint("default")
+    return model.double().eval()
+
+
+def test_shipped_checkpoint_gives_one_answer_however_the_crystal_is_written(shipped64):
+    """Basis, supercells, translations across faces, images, face-grazing atoms, rotations,
+    reflections and permutations, on trained weights (network and prediction path)."""
+    from e3relax_ase.testing import assert_one_crystal_one_answer, network_predictor, pipeline_predictor, prototypes, random_crystal
+
+    rng = np.random.default_rng(15)
+    crystals = [prototypes()["TiO2 rutile"], prototypes()["monoclinic P2_1/c"], random_crystal(rng, n_atoms=5, elements=(8, 12, 14, 26))]
+    torch.set_num_threads(1)
+    for predictor in (network_predictor(shipped64), pipeline_predictor(shipped64)):
+        for crystal in crystals:
+            assert_one_crystal_one_answer(predictor, crystal, rng)
+
+
+def test_shipped_checkpoint_keeps_every_prototypes_space_group(shipped64):
+    from e3relax_ase.testing import assert_space_group_kept, pipeline_predictor, prototypes
+
+    crystals = prototypes()
+    assert_space_group_kept(pipeline_predictor(shipped64), list(crystals.values()), list(crystals))
+
+
+def test_shipped_checkpoint_relaxes_primitive_and_conventional_cells_alike(shipped64):
+    from e3relax_ase.testing import pipeline_predictor, prototypes
+
+    predictor = pipeline_predictor(shipped64)
+    crystals = prototypes()
+    for name in ("Cu fcc", "Fe bcc", "Si diamond", "NaCl rocksalt"):
+        primitive, conventional = crystals[f"{name} primitive"], crystals[f"{name} cubic"]
+        (_, cell_p), (_, cell_c) = predictor([primitive, conventional])
+        per_atom_p = abs(np.linalg.det(cell_p)) / len(primitive.numbers)
+        per_atom_c = abs(np.linalg.det(cell_c)) / len(conventional.numbers)
+        assert abs(per_atom_p / per_atom_c - 1) < 1e-6, name
+
+
+def test_the_readme_example_keeps_its_space_group_through_the_relaxer():
+    """What a user gets from `e3relax-ase relax examples/data/BaAs4_unrelaxed.cif`, in float64."""
+    from ase.io import read
+
+    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.testing import space_group
+
+    atoms = read(ROOT / "examples" / "data" / "BaAs4_unrelaxed.cif")
+    relaxed = OneShotRelaxer("default", device="cpu", dtype="float64").relax(atoms)
+    before = space_group(atoms.numbers, atoms.positions, atoms.cell.array)
+    assert space_group(relaxed.numbers, relaxed.positions, relaxed.cell.array) == before
+    assert abs(relaxed.get_volume() / atoms.get_volume() - 1) > 1e-3  # it did relax

@@ -195,3 +195,26 @@ def test_batches_follow_the_atom_budget_and_cover_the_epoch(pair_files):
         assert torch.equal(target, reference_target) and torch.equal(cell_target, reference_cell)
         seen += order[batches.pair_bounds[b] : batches.pair_bounds[b + 1]].tolist()
     assert seen == order.tolist()
+
+
+def test_a_portable_state_may_name_its_weights_instead_of_holding_them(pair_files, tmp_path):
+    import shutil
+
+    from e3relax_ase.checkpoint import save_checkpoint
+    from e3relax_ase.training.trainer import export_checkpoint, write_portable_state
+
+    train(_config(pair_files, tmp_path / "here", max_epochs=1, batch_size=0, batch_atoms=64), device="cpu")
+    shipped = tmp_path / "shipped.pt"
+    export_checkpoint(tmp_path / "here", shipped, which="last")
+    portable = write_portable_state(tmp_path / "here", tmp_path / "carried.pt", weights_checkpoint=str(shipped))
+    state = torch.load(portable, weights_only=True)
+    assert "ema" not in state and state["weights_checkpoint"]["path"] == str(shipped)
+    there = tmp_path / "there"
+    there.mkdir()
+    shutil.copy(portable, there / STATE_FILE)
+    resumed = train(_config(pair_files, there, max_epochs=2, batch_size=0, batch_atoms=64), device="cpu")
+    assert resumed["epochs"] == 2
+    shipped.write_bytes(shipped.read_bytes()[:-10] + b"0123456789")  # the named file changed
+    shutil.copy(portable, there / STATE_FILE)
+    with pytest.raises(Exception, match="sha256"):
+        train(_config(pair_files, there, max_epochs=2, batch_size=0, batch_atoms=64), device="cpu")

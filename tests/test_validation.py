@@ -206,3 +206,30 @@ def test_relaxer_edge_budget_refuses_structure():
     relaxer = OneShotRelaxer(tiny_model(), device="cpu", max_edges=100)
     with pytest.raises(InvalidStructureError, match="memory budget"):
         relaxer.relax(nacl())
+
+
+@pytest.mark.parametrize("edge", [6.0, 6.0 - 1e-12, 6.0 + 1e-12, 5.995])
+def test_an_atom_whose_neighbours_sit_at_the_cutoff_is_refused_however_written(edge):
+    """Issue 15 item 2: an atom whose only neighbours are its images at the cutoff was refused
+    or accepted by rounding once rotated; within keys.ISOLATION_MARGIN of the cutoff it is
+    refused in every orientation and basis."""
+    from e3relax_ase.testing import random_rotation, random_unimodular
+    from e3relax_ase.validation import prepare_arrays
+
+    rng = np.random.default_rng(7)
+    for _ in range(25):
+        rotation = random_rotation(rng)
+        basis = random_unimodular(rng)
+        cell = basis @ (np.eye(3) * edge) @ rotation.T
+        with pytest.raises(InvalidStructureError, match="no neighbour within"):
+            prepare_arrays([29], rng.uniform(-3, 3, size=(1, 3)), cell, np.ones(3, dtype=bool))
+
+
+def test_an_atom_whose_neighbours_are_felt_is_accepted_however_written():
+    from e3relax_ase.testing import random_rotation, random_unimodular
+    from e3relax_ase.validation import prepare_arrays
+
+    rng = np.random.default_rng(8)
+    for _ in range(25):
+        cell = random_unimodular(rng) @ (np.eye(3) * 5.98) @ random_rotation(rng).T
+        prepare_arrays([29], rng.uniform(-3, 3, size=(1, 3)), cell, np.ones(3, dtype=bool))

@@ -13,6 +13,7 @@ import torch
 from e3relax_ase.checkpoint import load_checkpoint
 from e3relax_ase.metrics import MATCHER_SETTINGS, structure_errors, structures_match
 from e3relax_ase.training.dataset import prepare_pairs
+from e3relax_ase.training.families import FAMILIES, chemical_family
 from e3relax_ase.training.pairs import load_pairs
 
 METRIC_NAMES = ("coord_mae", "coord_mae_paper", "cell_shape", "volume_abs")
@@ -50,7 +51,8 @@ def evaluate_checkpoint(
         dummy = structure_errors(graph.positions, graph.cell, target, cell_target, graph.batch)
         bounds = np.concatenate([[0], np.cumsum(graph.n_atoms.cpu().numpy())])
         for local, k in enumerate(indices.tolist()):
-            row = {"id": str(pairs.ids[k]), "n_atoms": int(pairs.n_atoms[k])}
+            pair_atoms = slice(pairs.offsets[k], pairs.offsets[k + 1])
+            row = {"id": str(pairs.ids[k]), "n_atoms": int(pairs.n_atoms[k]), "family": chemical_family(pairs.numbers[pair_atoms])}
             row.update({name: float(ours[name][local]) for name in METRIC_NAMES})
             row.update({f"dummy_{name}": float(dummy[name][local]) for name in METRIC_NAMES})
             row["volume_true"] = float(torch.linalg.det(cell_target[local]).abs())
@@ -83,9 +85,25 @@ def evaluate_checkpoint(
     summary["ratio_to_dummy"] = {
         name: summary["model"][name] / summary["dummy"][name] for name in METRIC_NAMES if summary["dummy"][name] > 0
     }
+    summary["families"] = family_table(rows)
     if out_dir is not None:
         write_report(Path(out_dir), rows, summary)
     return summary
+
+
+def family_table(rows: list[dict]) -> dict:
+    """Per chemical family: pairs, mean coordinate and volume errors of model and Dummy, ratios."""
+    table = {}
+    for family in FAMILIES:
+        members = [r for r in rows if r["family"] == family]
+        if not members:
+            continue
+        entry = {"n_pairs": len(members)}
+        for name in ("coord_mae", "volume_abs"):
+            model, dummy = float(np.mean([r[name] for r in members])), float(np.mean([r[f"dummy_{name}"] for r in members]))
+            entry.update({name: model, f"dummy_{name}": dummy, f"{name}_ratio": model / dummy if dummy > 0 else float("nan")})
+        table[family] = entry
+    return table
 
 
 def write_report(out_dir: Path, rows: list[dict], summary: dict) -> None:

@@ -270,8 +270,9 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         state = torch.load(state_path, map_location=device, weights_only=True)
         if _resume_key(state["train_config"]) != _resume_key(config.to_dict()):
             raise ValueError(f"{state_path} was written by a different training config; use a new out_dir")
-        model.load_state_dict(state.get("model", state["ema"]))
-        ema_model.load_state_dict(state["ema"])
+        ema_weights = _weights_of_state(state, device)
+        model.load_state_dict(state.get("model", ema_weights))
+        ema_model.load_state_dict(ema_weights)
         rate.load_state_dict(state["rate"])
         epoch, step, history, best, stale = state["epoch"], state["step"], state["history"], state["best"], state["stale"]
         if "optimizer" in state:
@@ -371,17 +372,34 @@ def export_checkpoint(out_dir: str | os.PathLike, path: str | os.PathLike, metad
     return save_checkpoint(path, model, meta)
 
 
-def write_portable_state(out_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
+def write_portable_state(out_dir: str | os.PathLike, path: str | os.PathLike, weights_checkpoint: str | None = None) -> Path:
     """The part of a run's state worth carrying between machines, in one file.
 
     The EMA weights (the model that ships), the schedule, the log and the counters; the raw
     weights and Adam's moments are left out (three times the size, and rebuilt: a resume
-    from this file starts the raw weights at the EMA and warms the rate up again). Copy it to
-    ``<out_dir>/training_state.pt`` of a new machine to continue the run there.
+    from this file starts the raw weights at the EMA and warms the rate up again). With
+    ``weights_checkpoint`` (a checkpoint file, such as the one a run shipped) the weights are
+    not copied either: the state names that file and its sha256, and a resume loads them from
+    it, so a repository that ships the checkpoint carries the run for a few kilobytes more.
+    Copy the file to ``<out_dir>/training_state.pt`` of a new machine to continue the run.
     """
     state = torch.load(Path(out_dir) / STATE_FILE, map_location="cpu", weights_only=True)
     portable = {k: state[k] for k in ("train_config", "ema", "rate", "epoch", "step", "history", "best", "stale")}
+    if weights_checkpoint is not None:
+        from e3relax_ase.checkpoint import file_sha256
+
+        del portable["ema"]
+        portable["weights_checkpoint"] = {"path": str(weights_checkpoint), "sha256": file_sha256(weights_checkpoint)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(portable, path)
     return path
+
+
+def _weights_of_state(state: dict, device) -> dict:
+    """The EMA weights a state holds, or loads from the checkpoint it names (sha256 checked)."""
+    if "ema" in state:
+        return state["ema"]
+    reference = state["weights_checkpoint"]
+    model, _ = load_checkpoint(reference["path"], map_location=device, expected_sha256=reference["sha256"])
+    return model.state_dict()
