@@ -30,7 +30,7 @@ INFO_VERSION = "e3relax_version"  # str | e3relax-ase version
 INFO_UNTRAINED = "e3relax_untrained"  # bool | the checkpoint is an untrained placeholder
 INFO_RELAX_CELL = "e3relax_relax_cell"  # bool | the predicted cell was applied
 INFO_MAX_DISPLACEMENT = "e3relax_max_displacement"  # float | Å, largest non-affine atom move
-INFO_MAX_STRAIN = "e3relax_max_strain"  # float | largest entry of |F - I|, F = deformation
+INFO_MAX_STRAIN = "e3relax_max_strain"  # float | largest principal stretch change max |s_i - 1| of the deformation F
 INFO_SANE = "e3relax_sane"  # bool | the prediction passed every sanity check
 INFO_PROBLEMS = "e3relax_problems"  # str | "; "-joined sanity problems ("" when sane)
 INFO_CORRECTION_RATIO = "e3relax_correction_ratio"  # float | last layer's share of the correction

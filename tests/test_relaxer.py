@@ -322,14 +322,20 @@ def test_confidence_signal():
     assert result.correction_ratio == pytest.approx(0.01 / 0.31)
     assert result.last_correction == pytest.approx(0.01)
     assert not result.refine_advised
-    unsettled = np.stack([start + [[0, 0, 0], [0.05, 0, 0]], start + [[0, 0, 0], [0.3, 0, 0]]])
+    unsettled = np.stack([start + [[0, 0, 0], [0.0, 0, 0]], start + [[0, 0, 0], [0.3, 0, 0]]])
     result = confidence(unsettled, np.stack([cell, cell]), start, cell)
-    assert result.last_correction == pytest.approx(0.25)
+    assert result.last_correction == pytest.approx(0.3)
     assert result.last_correction > REFINE_ADVISED_CORRECTION and result.refine_advised
     tiny = np.stack([start, start + [[0, 0, 0], [0.001, 0, 0]]])
     assert not confidence(tiny, np.stack([cell, cell]), start, cell).refine_advised  # nothing to refine
-    strained = np.stack([cell, cell * 1.02])
-    assert confidence(np.stack([start, start * 1.02]), strained, start, cell).refine_advised  # all strain in the last layer
+    strained = np.stack([cell, cell * 1.15])
+    assert confidence(np.stack([start, start * 1.15]), strained, start, cell).refine_advised  # all strain in the last layer
+    far = np.stack([start + [[0, 0, 0], [1.7, 0, 0]]] * 2)
+    assert confidence(far, np.stack([cell, cell]), start, cell).refine_advised  # settled, but far from the input
+    rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]) @ np.array([[1, 0, 0], [0, 0.6, -0.8], [0, 0.8, 0.6]])
+    turned = confidence(np.stack([start, start * 1.05]) @ rotation.T, strained @ rotation.T / 1.15 * 1.05, start @ rotation.T, cell @ rotation.T)
+    upright = confidence(np.stack([start, start * 1.05]), strained / 1.15 * 1.05, start, cell)
+    assert turned.max_strain == pytest.approx(upright.max_strain, abs=1e-12)  # the strain measure does not see the rotation
 
 
 # --- batching, failures, determinism ----------------------------------------------------------
