@@ -311,6 +311,17 @@ def assert_space_group_kept(predictor: Predictor, crystals: Sequence[CrystalArra
         raise AssertionError(f"space group not kept (symprec {symprec}): " + "; ".join(changed))
 
 
+def assert_same_volume_per_atom(predictor: Predictor, primitive: CrystalArrays, conventional: CrystalArrays, rtol: float = 1e-6) -> float:
+    """Two cells of one crystal (primitive and conventional, say) relax to the same volume
+    per atom; returns the relative change of that volume from the input."""
+    (_, cell_p), (_, cell_c) = predictor([primitive, conventional])
+    per_atom_p = abs(np.linalg.det(cell_p)) / len(primitive.numbers)
+    per_atom_c = abs(np.linalg.det(cell_c)) / len(conventional.numbers)
+    if not abs(per_atom_p / per_atom_c - 1) <= rtol:
+        raise AssertionError(f"volume per atom {per_atom_p:.9g} Å³ from one cell, {per_atom_c:.9g} Å³ from the other")
+    return per_atom_p / (abs(np.linalg.det(primitive.cell)) / len(primitive.numbers)) - 1
+
+
 def arrays_of(atoms) -> CrystalArrays:
     """An ASE ``Atoms`` as ``CrystalArrays``."""
     return CrystalArrays(atoms.numbers.copy(), atoms.positions.copy(), atoms.cell.array.copy(), np.asarray(atoms.pbc, dtype=bool))

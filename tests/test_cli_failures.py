@@ -10,28 +10,15 @@ from ase.build import bulk
 from click.testing import CliRunner
 
 import e3relax_ase.relaxer as relaxer_module
-from e3relax_ase.checkpoint import save_checkpoint
 from e3relax_ase.cli.main import cli, main
-from e3relax_ase.testing import tiny_model
+from tests.cli_helpers import save_tiny_checkpoint, run_relax as relax, nacl
 
 REAL_PREDICT = relaxer_module.predict
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, tiny_model(), {"name": "tiny-test"})
-    return str(path)
-
-
-def relax(args, checkpoint):
-    return CliRunner().invoke(cli, ["relax", *args, "--checkpoint", checkpoint, "--json"], catch_exceptions=False)
-
-
-def nacl(seed=0):
-    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
-    atoms.rattle(0.05, seed=seed)
-    return atoms
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def cif_text():

@@ -13,16 +13,14 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
-from ase.build import bulk
 from click.testing import CliRunner
 
 from e3relax_ase import structures
-from e3relax_ase.checkpoint import save_checkpoint
 from e3relax_ase.claims import lock_path
 from e3relax_ase.cli.main import cli
 from e3relax_ase.fileio import write_atomic
 from e3relax_ase.streamed import parts_dir
-from e3relax_ase.testing import tiny_model
+from tests.cli_helpers import save_tiny_checkpoint, run_relax as relax, nacl
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
@@ -30,19 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, tiny_model(), {"name": "tiny-test"})
-    return str(path)
-
-
-def relax(args, checkpoint):
-    return CliRunner().invoke(cli, ["relax", *args, "--checkpoint", checkpoint, "--json"], catch_exceptions=False)
-
-
-def nacl(seed=0):
-    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
-    atoms.rattle(0.05, seed=seed)
-    return atoms
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def write_frames(path, n_frames):

@@ -11,13 +11,11 @@ import ase.io
 import numpy as np
 import pytest
 from ase.build import bulk, fcc111, molecule
-from click.testing import CliRunner
 
-from e3relax_ase.checkpoint import file_sha256, save_checkpoint
-from e3relax_ase.cli.main import cli
+from e3relax_ase.checkpoint import file_sha256
 from e3relax_ase.provenance import read_cif_provenance
 from e3relax_ase.structures import spacegroup_number
-from e3relax_ase.testing import tiny_model
+from tests.cli_helpers import save_tiny_checkpoint, run_relax, nacl
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
@@ -25,19 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, tiny_model(), {"name": "tiny-test"})
-    return str(path)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def relax(args, checkpoint):
-    return CliRunner().invoke(cli, ["relax", *args, "--checkpoint", checkpoint], catch_exceptions=False)
-
-
-def nacl(seed=0):
-    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
-    atoms.rattle(0.05, seed=seed)
-    return atoms
+    return run_relax(args, checkpoint, json=False)
 
 
 def copper(seed=0, a=3.75):

@@ -100,16 +100,12 @@ def test_shipped_checkpoint_keeps_every_prototypes_space_group(shipped64):
 
 
 def test_shipped_checkpoint_relaxes_primitive_and_conventional_cells_alike(shipped64):
-    from e3relax_ase.testing import pipeline_predictor, prototypes
+    from e3relax_ase.testing import assert_same_volume_per_atom, pipeline_predictor, prototypes
 
     predictor = pipeline_predictor(shipped64)
     crystals = prototypes()
     for name in ("Cu fcc", "Fe bcc", "Si diamond", "NaCl rocksalt"):
-        primitive, conventional = crystals[f"{name} primitive"], crystals[f"{name} cubic"]
-        (_, cell_p), (_, cell_c) = predictor([primitive, conventional])
-        per_atom_p = abs(np.linalg.det(cell_p)) / len(primitive.numbers)
-        per_atom_c = abs(np.linalg.det(cell_c)) / len(conventional.numbers)
-        assert abs(per_atom_p / per_atom_c - 1) < 1e-6, name
+        assert_same_volume_per_atom(predictor, crystals[f"{name} primitive"], crystals[f"{name} cubic"])
 
 
 def test_the_readme_example_keeps_its_space_group_through_the_relaxer():
