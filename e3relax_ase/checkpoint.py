@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from e3relax_ase import __version__
-from e3relax_ase.architectures import build_model
+from e3relax_ase.architectures import build_model, is_basis_free
 from e3relax_ase.config import ModelConfig
 
 FORMAT_NAME = "e3relax-ase-checkpoint"
@@ -194,6 +194,12 @@ def load_checkpoint(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} does not fit its own config: {first}") from None
     model.eval()
+    if not is_basis_free(config):
+        logger.warning(
+            "checkpoint %s holds the paper's axis-lattice network: its prediction depends on the lattice basis, "
+            "supercells and where atoms are wrapped, and symmetric inputs lose their symmetry (kept to reproduce earlier results)",
+            path,
+        )
     info = CheckpointInfo(
         path=str(path),
         sha256=sha,

@@ -137,3 +137,15 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_clear_message(tmp_path, content)
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match="is not a checkpoint file \\(not written by torch.save"):
         load_checkpoint(path)
+
+
+def test_the_paper_design_checkpoint_loads_with_a_warning(caplog):
+    """The former default (format 1) still loads, as the axis-lattice network, and says what it is."""
+    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+        model, info = load_checkpoint("e3relax-h2-zintl-axis-f128")
+    assert info.config.architecture == "axis-lattice" and type(model).__name__ == "AxisLatticeE3RelaxH2"
+    assert "depends on the lattice basis" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+        load_checkpoint("default")
+    assert caplog.text == ""

@@ -56,7 +56,7 @@ def _text(data: dict) -> str:
         f"path           {data['path']}",
         f"sha256         {data['sha256']}",
         f"parameters     {data['parameters']:,}",
-        f"training data  {data['training_data'] or 'not recorded'}",
+        f"training data  {_describe_data(data['training_data'])}",
         f"licence        {data['licence'] or 'not recorded'}",
         f"elements       {data['elements'] if data['elements'] else 'not recorded (1..max_atomic_number accepted)'}",
     ]
@@ -87,3 +87,13 @@ def info(checkpoint, as_json):
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(data, indent=2, default=str) if as_json else _text(data))
+
+
+def _describe_data(training_data) -> str:
+    """One line for the training data: each file and its pair count (the full record, with the
+    data's own provenance, is in --json)."""
+    if not training_data:
+        return "not recorded"
+    if isinstance(training_data, list) and all(isinstance(d, dict) and "file" in d for d in training_data):
+        return ", ".join(f"{d['file']} ({d.get('pairs', '?')} pairs)" for d in training_data)
+    return str(training_data)
