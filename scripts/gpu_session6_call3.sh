@@ -6,4 +6,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 python3 benchmarks/bench_training.py --old .gpu/old --device cuda --throughput-seconds 20 --train-seconds 0 \
   --variants atoms3072,atoms12288 --work .gpu/bench_training --out "$OUT/training_cuda_h200_batch12288.json" 2>&1 | grep -E '"(variant|pairs_per_s|trainer)"'
-bash scripts/gpu_session6_train.sh universal:checkpoints/configs/universal_f128.yaml:4.0
+bash scripts/gpu_train_runs.sh universal:checkpoints/configs/universal_f128.yaml:4.0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Session 6 training call: continue runs from portable states carried in .gpu/carry, each for
+# One training call on the GPU machine: continue runs from portable states carried in .gpu/carry, each for
 # its share of the call, and bring back their portable states, best EMA weights and logs.
-# Usage: scripts/gpu_session6_train.sh NAME:CONFIG:MINUTES ...   (NAME's state: .gpu/carry/NAME_portable_state.pt)
+# Usage: scripts/gpu_train_runs.sh NAME:CONFIG:MINUTES ...   (NAME's state: .gpu/carry/NAME_portable_state.pt)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/vesin_torch-*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
