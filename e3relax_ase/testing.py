@@ -147,23 +147,27 @@ def rotated(crystal: CrystalArrays, rotation: np.ndarray) -> CrystalArrays:
 
 def supercell(crystal: CrystalArrays, transform: np.ndarray) -> tuple[CrystalArrays, np.ndarray]:
     """The supercell ``transform @ cell`` (integer, det > 0) and, per atom of it, the
-    (atom of the cell, lattice translation in fractional coordinates) it copies: [m, 4]."""
+    (atom of the cell, lattice translation in fractional coordinates) it copies: [m, 4].
+
+    The translations are one representative of each class modulo the superlattice, chosen in
+    integers: t with t adj(T) in [0, det T)^3, which is t T^-1 in [0, 1)^3 without rounding.
+    The copies are left where the translations put them (not wrapped into the supercell):
+    the periodic images are the checks' business, not the construction's.
+    """
     transform = np.asarray(transform, dtype=np.int64)
-    n_cells = int(round(abs(np.linalg.det(transform))))
+    n_cells = int(round(np.linalg.det(transform)))
+    if n_cells < 1:
+        raise ValueError("a supercell transform needs a positive determinant")
+    adjugate = np.rint(np.linalg.inv(transform) * n_cells).astype(np.int64)  # exact: integer entries
     corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) @ transform
     low, high = corners.min(0), corners.max(0)
     grid = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(low, high)], indexing="ij"), -1).reshape(-1, 3)
-    inverse = np.linalg.inv(transform.astype(np.float64))
-    fractional_in = np.linalg.solve(crystal.cell.T, crystal.positions.T).T
-    origin = np.floor(fractional_in)  # translations are counted from each atom's own cell
-    copies = []
-    for translation in grid:
-        inside = (fractional_in - origin + translation) @ inverse  # fractional in the supercell
-        keep = np.all((inside >= -1e-9) & (inside < 1 - 1e-9), axis=1)
-        copies += [(i, *translation) for i in np.flatnonzero(keep)]
-    copies = np.array(copies, dtype=np.int64)
-    if len(copies) != n_cells * len(crystal.numbers):
-        raise RuntimeError(f"supercell has {len(copies)} atoms, expected {n_cells * len(crystal.numbers)}")
+    scaled = grid @ adjugate
+    translations = grid[np.all((scaled >= 0) & (scaled < n_cells), axis=1)]
+    if len(translations) != n_cells:
+        raise RuntimeError(f"found {len(translations)} lattice translations for a supercell of {n_cells} cells")
+    atoms = np.repeat(np.arange(len(crystal.numbers)), n_cells)
+    copies = np.concatenate([atoms[:, None], np.tile(translations, (len(crystal.numbers), 1))], axis=1)
     positions = crystal.positions[copies[:, 0]] + copies[:, 1:].astype(np.float64) @ crystal.cell
     big = CrystalArrays(crystal.numbers[copies[:, 0]], positions, transform.astype(np.float64) @ crystal.cell, crystal.pbc)
     return big, copies

@@ -313,3 +313,17 @@ def test_strain_step_is_symmetric_and_bounded(model, rng):
     torch.testing.assert_close(step, step.transpose(-1, -2))
     norms = torch.linalg.matrix_norm(step)
     assert norms.max() <= 0.3 + 1e-12 and norms.min() > 0.2
+
+
+def test_supercell_helper_on_a_cell_with_atoms_on_its_faces():
+    """Found by the fuzz: fractional coordinates a hair below 0 (wrapped by floor to 1.0) lost
+    every copy; the translations are now chosen in integers."""
+    cell = np.array([[0.19133517141301049, 0.1596360980055288, 1.9844160774378747],
+                     [-0.16893740341524682, -0.7979371141599656, 1.8261315712657122],
+                     [0.4452802331395162, -0.4799122026585231, 1.8898173963943345]])
+    crystal = CrystalArrays(np.array([1]), np.array([[0.21373293941077415, -0.478664918148908, 5.794963726141462]]), cell, np.ones(3, bool))
+    for transform in (np.diag([2, 1, 1]), np.array([[1, 1, 0], [-1, 1, 0], [0, 0, 1]]), np.array([[2, 1, 0], [0, 1, 1], [1, 0, 2]])):
+        big, copies = supercell(crystal, transform)
+        assert len(big.numbers) == round(np.linalg.det(transform))
+        fractional = np.linalg.solve(big.cell.T, big.positions.T).T
+        assert len({tuple(np.round(f % 1.0, 6) % 1.0) for f in fractional}) == len(big.numbers)
