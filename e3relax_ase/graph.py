@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from e3relax_ase.keys import SHELL_TOLERANCE
+from e3relax_ase.keys import ISOLATION_MARGIN, SHELL_TOLERANCE
 
 
 @dataclass
@@ -125,13 +125,27 @@ def neighbor_edges(
     pbc = pbc.to(device=positions.device, dtype=torch.bool)
     dst, src, shift, distances = _neighbor_list(cutoff, positions.device).compute(positions64, cell64, pbc, "ijSd")
     # vesin returns pairs (i, j, S) with vector r_j + S @ cell - r_i: i receives, j sends.
-    not_self = (src != dst) | (shift != 0).any(dim=1)
-    dst, src, shift, distances = dst[not_self], src[not_self], shift[not_self], distances[not_self]
+    kept = ((src != dst) | (shift != 0).any(dim=1)) & (distances < graph_radius(cutoff))  # no true self pair
+    dst, src, shift, distances = dst[kept], src[kept], shift[kept], distances[kept]
     keep = cap_neighbors(dst, distances, positions.shape[0], max_neighbors)
     dst, src, shift, distances = dst[keep], src[keep], shift[keep], distances[keep]
     order = torch.argsort(distances, stable=True)
     order = order[torch.argsort(dst[order], stable=True)]
     return src[order].long(), dst[order].long(), shift[order].to(positions.dtype)
+
+
+def graph_radius(cutoff: float) -> float:
+    """Pairs closer than this are edges: the cutoff less ``keys.ISOLATION_MARGIN``.
+
+    The graph is built once from the input, and the network strains it: an edge just inside
+    the cutoff in the input can sit well inside it a layer later and carry weight, while one
+    just outside is never seen. Whether an input distance of exactly the cutoff (a 6 Å cell
+    edge) counts was then decided by rounding, and the same crystal written in another basis
+    relaxed differently (by 2e-6 Å in the fuzz's case). Deciding at cutoff - 0.01 Å, a length no
+    natural input sits on within rounding, keeps that decision the same however the crystal
+    is written; the edges given up weigh less than 2e-7 in the input.
+    """
+    return float(cutoff) - ISOLATION_MARGIN
 
 
 def _neighbor_list(cutoff: float, device: torch.device | str = "cpu"):
@@ -171,7 +185,7 @@ def _host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
 
 
 def periodic_pairs(positions, cell, pbc, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs within ``cutoff`` of one crystal, searched on the CPU in float64.
+    """All pairs within ``graph_radius(cutoff)`` of one crystal, searched on the CPU in float64.
 
     The search ``neighbor_edges`` does before capping (full list, periodic images included,
     true self pair excluded), with the same vesin call on the same float64 numbers, so the
@@ -189,10 +203,10 @@ def periodic_pairs(positions, cell, pbc, cutoff: float) -> tuple[np.ndarray, np.
     positions, cell, pbc = _host_tensor(positions, torch.float64), _host_tensor(cell, torch.float64), _host_tensor(pbc, torch.bool)
     dst, src, shift, distances = _neighbor_list(cutoff).compute(positions, cell, pbc, "ijSd")
     dst, src, shift, distances = dst.numpy(), src.numpy(), shift.numpy(), distances.numpy()
-    not_self = (src != dst) | (shift != 0).any(axis=1)
-    if not_self.all():
+    kept = ((src != dst) | (shift != 0).any(axis=1)) & (distances < graph_radius(cutoff))  # no true self pair
+    if kept.all():
         return dst, src, shift, distances
-    return dst[not_self], src[not_self], shift[not_self], distances[not_self]
+    return dst[kept], src[kept], shift[kept], distances[kept]
 
 
 def capped_edges(

@@ -274,8 +274,7 @@ def prepare_arrays(
         what = f"atom {i} is {closest:.3f} Å from its own periodic image" if i == j else f"atoms {i} and {j} are {closest:.3f} Å apart"
         _fail(name, f"{what} (< {min_distance} Å); overlapping atoms")
     counts = np.bincount(receivers, minlength=n_atoms)
-    felt = np.bincount(receivers[distances < cutoff - ISOLATION_MARGIN], minlength=n_atoms)
-    lonely = np.flatnonzero(felt == 0)
+    lonely = np.flatnonzero(counts == 0)  # the search stops at graph.graph_radius: cutoff - ISOLATION_MARGIN
     if len(lonely):
         _fail(
             name,

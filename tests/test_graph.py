@@ -131,16 +131,17 @@ def test_build_graph_device_search_path_gives_the_host_edges(monkeypatch):
 
 
 def test_float32_graph_has_the_edges_of_the_float64_crystal():
-    """A pair 1e-9 Å inside the cutoff is an edge of the exact crystal; rounding the positions to
-    float32 first (the old float32 path) would put it 2e-7 Å outside and drop it."""
+    """A pair 1e-9 Å inside the graph radius is an edge of the exact crystal; rounding the
+    positions to float32 first (the old float32 path) would put it outside and drop it."""
     from e3relax_ase.canonical import CanonicalForm
+    from e3relax_ase.graph import graph_radius
     from e3relax_ase.predict import graph_from_canonical
 
     cutoff = 6.0
-    positions = np.array([[0.05, 0.1, 0.1], [0.05 + cutoff - 1e-9, 0.1, 0.1]])
+    positions = np.array([[0.1, 0.1, 0.1], [0.1 + graph_radius(cutoff) - 1e-9, 0.1, 0.1]])
     cell = np.eye(3) * 20.0
     rounded = torch.tensor(positions, dtype=torch.float32).double()
-    assert float((rounded[1] - rounded[0]).norm()) > cutoff  # the premise: float32 rounding crosses the cutoff
+    assert float((rounded[1] - rounded[0]).norm()) > graph_radius(cutoff)  # the premise: float32 rounding crosses it
     args = ([torch.tensor([14, 14])], [torch.tensor(positions)], [torch.tensor(cell)], [torch.tensor([True] * 3)], cutoff, 50)
     exact = build_graph(*args)
     single = build_graph(*args, dtype=torch.float32)
