@@ -40,7 +40,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from e3relax_ase.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
+from e3relax_ase.keys import ISOLATION_MARGIN
 from e3relax_ase.predict import CrystalArrays
+from e3relax_ase.vacuum import find_vacuum
 from e3relax_ase.testing import arrays_of, random_rotation, random_unimodular, rotated, supercell, tiny_model
 from e3relax_ase.validation import InvalidStructureError
 from tests.strategies import accepted_numbers, allowed_elements, crystals, oracle_clear, oracle_problem
@@ -373,9 +375,15 @@ def check_invariance(fuzzed, seed, test_name) -> None:
     close("translation, cell", cell, cell_out)
     close("translation, positions", positions, reference.positions + shift @ np.linalg.solve(cell_in, cell_out))
     basis = random_unimodular(rng)
-    positions, cell = relaxed(CrystalArrays(crystal.numbers, crystal.positions, basis @ cell_in, crystal.pbc), "basis")
-    close("basis, cell", cell, basis @ cell_out)
-    close("basis, positions", positions, reference.positions)
+    # Vacuum is looked for along the lattice vectors as given (e3relax_ase.vacuum): a gap
+    # between lattice planes that only another basis exposes as an axis is the known limit of
+    # that rule (docs/reliability.md), not of the network, so such a basis is not compared.
+    if find_vacuum(crystal.positions, basis @ cell_in, crystal.pbc, TINY.model.config.cutoff - ISOLATION_MARGIN) is None:
+        positions, cell = relaxed(CrystalArrays(crystal.numbers, crystal.positions, basis @ cell_in, crystal.pbc), "basis")
+        close("basis, cell", cell, basis @ cell_out)
+        close("basis, positions", positions, reference.positions)
+    else:
+        event("basis skipped: vacuum along an axis of the other basis")
     if len(atoms) <= 16:
         big, copies = supercell(crystal, np.diag([2, 1, 1]))
         positions, cell = relaxed(big, "supercell")
