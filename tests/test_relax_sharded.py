@@ -84,6 +84,23 @@ def test_two_processes_write_what_one_process_writes(tmp_path, checkpoint):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["many.extxyz", "rows.db", "zns.cif"]  # no temporary files
 
 
+def test_other_ranks_follow_rank_0s_claims(tmp_path, checkpoint):
+    """Rank 1 reading every lock as another live run's (as it would a lock caught half written)
+    must not change what it relaxes: rank 0 alone decides, or the ranks' lists differ and the
+    job hangs or loses rank 0's summary."""
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for name, atoms in (("cu", bulk("Cu", "fcc", a=3.6)), ("si", bulk("Si", "diamond", a=5.43)), ("w", bulk("W", "bcc", a=3.16))):
+        ase.io.write(folder / f"{name}.cif", atoms)
+    foreign = "import socket, e3relax_ase.claims as c; c._read = (lambda lock: {'run': 'another', 'host': socket.gethostname(), 'pid': 1}) if os.environ['RANK'] == '1' else c._read"
+    args = ["relax", str(folder), "--checkpoint", checkpoint, "--device", "cpu", "--json", "--chunk-size", "1", "-o", str(tmp_path / "out") + "/"]
+    two = torchrun(2, args, tmp_path, setup=foreign)
+    assert two.returncode == 0, two.stderr[-4000:]
+    summary = json.loads(two.stdout)
+    assert [r["status"] for r in summary["results"]] == ["ok"] * 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cu.cif", "si.cif", "w.cif"]
+
+
 def test_shards_are_round_robin_over_the_whole_input():
     two = [World(rank, 2) for rank in range(2)]
     assert list(shard(5, two[0])) == [0, 2, 4] and list(shard(5, two[1])) == [1, 3]

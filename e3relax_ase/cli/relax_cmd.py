@@ -254,6 +254,8 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
                 job = FileJob(path, rules)
                 jobs.append(job)
                 work = job.open()
+                if world.active:  # rank 0's decision for this input (claims, --resume), shared
+                    work = job.follow(world.broadcast([index for index, _ in work] if world.is_main else None), work)
                 bar.opened(max(job.n_frames, 1))
                 bar.update(max(job.n_frames, 1) - len(work))  # unreadable, failed or skipped frames
                 for index, atoms in work:

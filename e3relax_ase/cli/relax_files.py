@@ -127,12 +127,19 @@ class FileJob:
             self._plan()
         except ValueError as exc:
             return self._fail_file(f"{self.path}: {exc}")
-        problem = self._check_outputs()
-        if problem:
-            return self._fail_file(problem)
-        done = self._earlier_results()
-        if done is None:
-            return []  # failed or skipped whole
+        if self.rules.writes:
+            problem = self._check_outputs()
+            if problem:
+                return self._fail_file(problem)
+            done = self._earlier_results()
+            if done is None:
+                return []  # failed or skipped whole
+        else:
+            # Another rank of a torchrun job: rank 0 alone claims, checks existing outputs and
+            # resumes, and ``follow`` applies its choice. Judging here too would race rank 0's
+            # own writes (a lock read while it is being written looks foreign) and a rank that
+            # saw a different answer would share a different list, hanging the job.
+            done = {}
         work = []
         from e3relax_ase.structures import INFO_INDEX, INFO_SOURCE
 
@@ -153,6 +160,16 @@ class FileJob:
                 work.append((frame.index, frame.atoms))
         self.pending = {index for index, _ in work}
         self.accepted = True
+        return work
+
+    def follow(self, chosen: list[int], work: list) -> list:
+        """The frames of ``work`` that rank 0 chose to relax (``chosen``, its frame indices), so
+        that every rank shares the same list."""
+        keep = set(chosen)
+        work = [(index, atoms) for index, atoms in work if index in keep]
+        if len(work) != len(keep):
+            raise RuntimeError(f"{self.path}: this rank read {len(work)} of the {len(keep)} frames rank 0 relaxes; the ranks read different inputs")
+        self.pending = {index for index, _ in work}
         return work
 
     def label(self, index: int) -> str:
