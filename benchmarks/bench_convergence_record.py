@@ -4,7 +4,7 @@ For each structure: the shipped model's one-shot prediction (``--start input``: 
 itself), then FIRE on a FrechetCellFilter with a real calculator until the optimizer reports
 fmax < 0.05 eV/Å (at most 500 steps), as the relaxer did before issue 18 ("before"). The final structure is then evaluated afresh:
 the largest atomic force, and the cell rows of a FrechetCellFilter built on it. Then
-``e3relax_ase.refine.refine`` from the same prediction ("after"), which judges convergence
+``e3relax_ase.relax.refine.refine`` from the same prediction ("after"), which judges convergence
 that way and carries on with a fresh filter when the optimizer stopped early.
 
     python benchmarks/bench_convergence_record.py [--calculator emt|sevennet] [--start prediction|input] [--n 5] [--out FILE]
@@ -77,10 +77,10 @@ def main(argv=None) -> dict:
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
 
-    from e3relax_ase.refine import refine
-    from e3relax_ase.relaxer import OneShotRelaxer
-    from e3relax_ase.threads import single_threaded_blas
-    from e3relax_ase.training.calculators import resolve_calculator
+    from e3relax_ase.relax.refine import refine
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
+    from e3relax_ase.relax.threads import single_threaded_blas
+    from e3relax_ase.relax.calculators import resolve_calculator
 
     factory = resolve_calculator(args.calculator)
     relaxer = OneShotRelaxer("default", device="cpu")

@@ -92,8 +92,8 @@ def _main_thread_us(crystals) -> float:
     """Main-thread CPU per structure of relax_many(num_workers=2) with an identity network."""
     from ase import Atoms
 
-    from e3relax_ase.model import ModelOutput
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.nn.model import ModelOutput
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.testing import tiny_model
 
     class Identity(torch.nn.Module):
@@ -127,7 +127,8 @@ def main(argv=None) -> None:
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     import e3relax_ase
-    from e3relax_ase import canonical, workers
+    from e3relax_ase.geometry import canonical
+    from e3relax_ase.relax import workers
 
     crystals = test_structures(args.n)
     settings = workers.PreparationSettings(

@@ -28,9 +28,9 @@ sys.path.append(str(ROOT))  # a package named on PYTHONPATH first is the one mea
 
 import torch  # noqa: E402
 
-import e3relax_ase.predict as predict_module  # noqa: E402
-import e3relax_ase.relaxer as relaxer_module  # noqa: E402
-import e3relax_ase.workers as workers_module  # noqa: E402
+import e3relax_ase.relax.predict as predict_module  # noqa: E402
+import e3relax_ase.relax.relaxer as relaxer_module  # noqa: E402
+import e3relax_ase.relax.workers as workers_module  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_inference import test_structures  # noqa: E402
@@ -140,11 +140,11 @@ def _sampled(function, main_id: int) -> tuple:
 
 
 def measure(atoms: list, device: torch.device, num_workers: int, sample: bool, model="default", precision="float32") -> dict:
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
 
     if model == "paper":  # untrained, at the paper's size: the work per structure, not the outputs
         from e3relax_ase.config import ModelConfig
-        from e3relax_ase.model import E3RelaxH2
+        from e3relax_ase.nn.model import E3RelaxH2
 
         torch.manual_seed(0)
         model = E3RelaxH2(ModelConfig()).eval()

@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))
 import e3relax_ase  # noqa: E402
 
-from e3relax_ase.checkpoint import load_checkpoint  # noqa: E402
+from e3relax_ase.io.checkpoint import load_checkpoint  # noqa: E402
 from e3relax_ase.config import ModelConfig  # noqa: E402
-from e3relax_ase.model import E3RelaxH2  # noqa: E402
-from e3relax_ase.predict import CrystalArrays, graph_from_canonical  # noqa: E402
-from e3relax_ase.canonical import canonicalize  # noqa: E402
+from e3relax_ase.nn.model import E3RelaxH2  # noqa: E402
+from e3relax_ase.relax.predict import CrystalArrays, graph_from_canonical  # noqa: E402
+from e3relax_ase.geometry.canonical import canonicalize  # noqa: E402
 from e3relax_ase.training.pairs import load_pairs  # noqa: E402
 
 
@@ -75,9 +75,9 @@ def stages(checkpoint, crystals, device):
     """
     from ase import Atoms
 
-    from e3relax_ase.graph import graph_from_edges
-    from e3relax_ase.predict import to_device
-    from e3relax_ase.relaxer import OneShotRelaxer, _Options
+    from e3relax_ase.geometry.graph import graph_from_edges
+    from e3relax_ase.relax.predict import to_device
+    from e3relax_ase.relax.relaxer import OneShotRelaxer, _Options
 
     relaxer = OneShotRelaxer(checkpoint, device=device, dtype="float32")
     atoms = [Atoms(c.numbers, positions=c.positions, cell=c.cell, pbc=True) for c in crystals]
@@ -122,7 +122,7 @@ def end_to_end_relaxer(checkpoint, crystals, device, repeats=2, **options):
     """
     from ase import Atoms
 
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
 
     num_workers = options.pop("num_workers", 0)
     relaxer = OneShotRelaxer(checkpoint, device=device, dtype="float32", **options)
@@ -184,7 +184,7 @@ def _network(model, compiled: bool):
     the message passing compiled with torch.compile(dynamic=True), on the first call)."""
     if not compiled:
         return model
-    from e3relax_ase.compiled import CompiledForward
+    from e3relax_ase.nn.compiled import CompiledForward
 
     forward = CompiledForward(model)
     return lambda graph: forward.model(graph, message_passing=forward.message_passing)
@@ -192,7 +192,7 @@ def _network(model, compiled: bool):
 
 def forward_throughput(model, graph, device, precision="float32", compiled=False):
     """Structures/s of one forward pass over ``graph``, in ``precision``, optionally compiled."""
-    from e3relax_ase.precision import matmul_precision
+    from e3relax_ase.nn.precision import matmul_precision
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -211,7 +211,7 @@ def forward_throughput(model, graph, device, precision="float32", compiled=False
 
 def deviation_from_float32(model, graph, device, precision, compiled=False):
     """Largest and mean per-atom distance (Å) between float32 and ``precision`` predictions."""
-    from e3relax_ase.precision import matmul_precision
+    from e3relax_ase.nn.precision import matmul_precision
 
     network = _network(model, compiled)
     with torch.no_grad():
@@ -450,7 +450,7 @@ def relax_latency(checkpoint, crystal, device, repeats=20) -> dict:
     median of ``repeats`` more (replays)."""
     from ase import Atoms
 
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
 
     relaxer = OneShotRelaxer(checkpoint, device=device, dtype="float32")
     atoms = Atoms(crystal.numbers, positions=crystal.positions, cell=crystal.cell, pbc=True)
@@ -466,7 +466,7 @@ def relax_latency(checkpoint, crystal, device, repeats=20) -> dict:
 
 
 def _predict_one(model, crystals, device):
-    from e3relax_ase.predict import predict
+    from e3relax_ase.relax.predict import predict
 
     return predict(model, crystals, device, torch.float32)
 

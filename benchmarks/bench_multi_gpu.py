@@ -13,7 +13,7 @@ validation pass, which rank 0 runs alone), median over epochs >= 2.
 ``relax`` writes N structures (the NREL inputs, repeated) to one extxyz and times
 ``e3relax-ase relax`` on one GPU and under torchrun on N GPUs, from the shell command to the
 last file written, then checks that both wrote the same structures. ``relax-api`` times OneShotRelaxer in memory
-(no file IO): one GPU, N GPUs under torchrun (``distributed.relax_sharded``), and N independent
+(no file IO): one GPU, N GPUs under torchrun (``relax.sharded.relax_sharded``), and N independent
 processes on 1/N of the inputs each.
 Each prints a table and writes JSON (command, device, versions, figures) to --out.
 """
@@ -213,18 +213,19 @@ def api_child(args) -> None:
     import torch
 
     from e3relax_ase import distributed
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.relax import sharded
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
 
     with distributed.process_group() as world:
         relaxer = OneShotRelaxer("default", device=world.device("cuda" if torch.cuda.is_available() else "cpu"), dtype="float32")
         structures = nrel_inputs(args.n)
         names = [str(i) for i in range(args.n)]
         options = {"num_workers": args.workers, "errors": "return"}
-        distributed.relax_sharded(relaxer, structures[:512], world, names=names[:512], **options)  # warm-up: workers, CUDA
+        sharded.relax_sharded(relaxer, structures[:512], world, names=names[:512], **options)  # warm-up: workers, CUDA
         if world.active:
             torch.distributed.barrier()
         start = time.perf_counter()
-        results = distributed.relax_sharded(relaxer, structures, world, names=names, **options)
+        results = sharded.relax_sharded(relaxer, structures, world, names=names, **options)
         seconds = time.perf_counter() - start
         if world.is_main:
             ok = sum(not hasattr(r, "error") for r in results)

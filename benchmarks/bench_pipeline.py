@@ -50,9 +50,9 @@ def child(args) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from ase import Atoms
 
-    import e3relax_ase.relaxer as relaxer_module
+    import e3relax_ase.relax.relaxer as relaxer_module
     from bench_inference import test_structures
-    from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure
+    from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
 
     logging.disable(logging.WARNING)  # the sanity warnings of the untuned checkpoint
     torch.set_num_threads(args.threads)
@@ -299,7 +299,7 @@ def main(argv=None):
         return child(args)
     if args.quick:
         args.n, args.repeats = 100, 1
-    from e3relax_ase.checkpoint import resolve_checkpoint
+    from e3relax_ase.io.checkpoint import resolve_checkpoint
 
     experiments = []
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:

@@ -37,7 +37,7 @@ def child(args) -> None:
     from ase import Atoms
 
     from bench_inference import test_structures
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
 
     logging.disable(logging.WARNING)  # the sanity warnings of uncertain inputs
     crystals = test_structures(1024)
@@ -46,7 +46,7 @@ def child(args) -> None:
     model = args.model
     if model == "paper":  # untrained, at the paper's size: the work per structure, not the outputs
         from e3relax_ase.config import ModelConfig
-        from e3relax_ase.model import E3RelaxH2
+        from e3relax_ase.nn.model import E3RelaxH2
 
         torch.manual_seed(0)
         model = E3RelaxH2(ModelConfig()).eval()

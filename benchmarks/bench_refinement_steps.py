@@ -40,8 +40,8 @@ def main():
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
 
-    from e3relax_ase.relaxer import OneShotRelaxer
-    from e3relax_ase.training.calculators import resolve_calculator
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
+    from e3relax_ase.relax.calculators import resolve_calculator
     from e3relax_ase.training.pairs import load_pairs
 
     torch.set_num_threads(1)

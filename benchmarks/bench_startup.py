@@ -42,7 +42,7 @@ import sys, time
 t = [time.perf_counter()]
 import torch; t.append(time.perf_counter())
 import ase.io; t.append(time.perf_counter())
-from e3relax_ase.relaxer import OneShotRelaxer; t.append(time.perf_counter())
+from e3relax_ase.relax.relaxer import OneShotRelaxer; t.append(time.perf_counter())
 relaxer = OneShotRelaxer("default", device="cpu"); t.append(time.perf_counter())
 atoms = ase.io.read(sys.argv[1]); t.append(time.perf_counter())
 relaxed = relaxer.relax(atoms); t.append(time.perf_counter())

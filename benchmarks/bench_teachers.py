@@ -177,7 +177,7 @@ def errors_against_dft(pairs, indices, positions, cells) -> dict:
         indices: pair indices.
         positions: per index, [n_atoms, 3] Å; cells: per index, [3, 3].
     """
-    from e3relax_ase.metrics import structure_errors
+    from e3relax_ase.training.metrics import structure_errors
 
     if len(indices) == 0:
         return {"volume_rel": np.zeros(0), "coord_mae": np.zeros(0)}

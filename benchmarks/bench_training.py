@@ -47,7 +47,7 @@ def measure_new(prepared, device, width: int, variant: str, seconds: float, warm
     import numpy as np
     import torch
 
-    from e3relax_ase.architectures import build_model
+    from e3relax_ase.nn.architectures import build_model
     from e3relax_ase.config import ModelConfig
     from e3relax_ase.training.batching import Budget, EpochBatches
     from e3relax_ase.training.config import TrainConfig
@@ -100,7 +100,7 @@ def child_old(args) -> None:
     import torch
 
     from e3relax_ase.config import ModelConfig
-    from e3relax_ase.model import E3RelaxH2
+    from e3relax_ase.nn.model import E3RelaxH2
     from e3relax_ase.training.config import TrainConfig
     from e3relax_ase.training.dataset import load_or_prepare
     from e3relax_ase.training.trainer import epoch_order, take_step, train
@@ -158,7 +158,7 @@ def evaluate_weights(weights_path: Path, config_values: dict, val_set, device) -
     """The current evaluator on ``val_set`` for EMA weights saved by either trainer."""
     import torch
 
-    from e3relax_ase.architectures import build_model
+    from e3relax_ase.nn.architectures import build_model
     from e3relax_ase.config import ModelConfig
     from e3relax_ase.training.batching import Budget
     from e3relax_ase.training.trainer import evaluate

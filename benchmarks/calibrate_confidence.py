@@ -40,8 +40,8 @@ def signals_and_errors(path: str, checkpoint: str) -> dict:
     """Per structure of a pair file: the relaxer's signals and the evaluator's coordinate error."""
     from ase import Atoms
 
-    from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure
-    from e3relax_ase.sanity import _strain
+    from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
+    from e3relax_ase.relax.sanity import _strain
     from e3relax_ase.training.evaluate import evaluate_checkpoint
     from e3relax_ase.training.pairs import load_pairs
 
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from bench_pipeline import result_header, write_result
 
-    from e3relax_ase.checkpoint import load_checkpoint
+    from e3relax_ase.io.checkpoint import load_checkpoint
 
     torch.set_num_threads(2)
     _, info = load_checkpoint(args.checkpoint)

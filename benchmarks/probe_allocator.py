@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 logging.disable(logging.WARNING)
 from bench_inference import test_structures
 from ase import Atoms
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 compile_ = "compile" in sys.argv
 crystals = test_structures(1024)
 atoms = [Atoms(c.numbers, positions=c.positions, cell=c.cell, pbc=True) for c in (crystals[i % 1024] for i in range(16384))]

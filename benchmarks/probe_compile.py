@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import test_structures, batch_graph
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.model import E3RelaxH2
-from e3relax_ase.precision import matmul_precision
+from e3relax_ase.nn.model import E3RelaxH2
+from e3relax_ase.nn.precision import matmul_precision
 
 device = torch.device("cuda")
 torch.manual_seed(0)

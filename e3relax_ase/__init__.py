@@ -6,13 +6,14 @@ CLI's ``--help`` stay fast.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "OneShotRelaxer", "E3RelaxH2", "ModelConfig", "load_checkpoint"]
+__all__ = ["__version__", "OneShotRelaxer", "OneShotThenOptimize", "E3RelaxH2", "ModelConfig", "load_checkpoint"]
 
 _LAZY = {
-    "OneShotRelaxer": "e3relax_ase.relaxer",
-    "E3RelaxH2": "e3relax_ase.model",
+    "OneShotRelaxer": "e3relax_ase.relax.relaxer",
+    "OneShotThenOptimize": "e3relax_ase.relax.optimizer",
+    "E3RelaxH2": "e3relax_ase.nn.model",
     "ModelConfig": "e3relax_ase.config",
-    "load_checkpoint": "e3relax_ase.checkpoint",
+    "load_checkpoint": "e3relax_ase.io.checkpoint",
 }
 
 

@@ -14,7 +14,6 @@ user guide.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -187,43 +186,3 @@ def map_sharded(function: Callable[[list], list], items: Sequence, world: World,
     indices = shard(len(items), world, start)
     results = function([items[i] for i in indices])
     return gather_ordered(dict(zip(indices, results)), len(items), world)
-
-
-def relax_sharded(relaxer, structures: Sequence, world: World, *, names: Sequence[str], start: int = 0, **options) -> list | None:
-    """``relaxer.relax_many`` over this rank's share of ``structures``; merged on rank 0.
-
-    Results travel pickled, so each is made portable first: a refinement calculator becomes a
-    ``SinglePointCalculator`` with its results (what a writer stores), and a failure's error
-    its message when the exception cannot be pickled. ``RelaxFailure.index`` is the index in
-    ``structures``.
-
-    Returns:
-        One result per structure, in input order, on rank 0; None on the other ranks.
-    """
-    if not world.active:
-        return relaxer.relax_many(structures, names=list(names), **options)
-
-    def relax_share(share: list) -> list:  # share: (index, structure, name) triples
-        results = relaxer.relax_many([s for _, s, _ in share], names=[name for _, _, name in share], **options)
-        logger.debug("rank %d of %d relaxed %d of %d structures", world.rank, world.world_size, len(share), len(structures))
-        return [_portable(result, index) for (index, _, _), result in zip(share, results)]
-
-    return map_sharded(relax_share, list(zip(range(len(structures)), structures, names)), world, start)
-
-
-def _portable(result, index: int):
-    """``result`` in a form that pickles (see ``relax_sharded``)."""
-    from e3relax_ase.relaxer import RelaxFailure
-    from e3relax_ase.workers import picklable_error
-
-    if isinstance(result, RelaxFailure):
-        return dataclasses.replace(result, index=index, error=picklable_error(result.error, result.message))
-    calc = getattr(result, "calc", None)
-    if calc is not None:
-        from ase.calculators.calculator import all_properties
-        from ase.calculators.singlepoint import SinglePointCalculator
-
-        if not isinstance(calc, SinglePointCalculator):
-            kept = {key: value for key, value in calc.results.items() if key in all_properties}
-            result.calc = SinglePointCalculator(result, **kept)
-    return result

@@ -14,7 +14,7 @@ image of atom j translated by k @ cell to atom i. Its vector is
 i.e. it points from the receiving atom i to the sending image of j. The true self pair
 (i == j, k == 0) never appears; an atom's own periodic images within the cutoff do.
 
-Field names of a batched crystal graph (see ``e3relax_ase.graph.CrystalGraph``):
+Field names of a batched crystal graph (see ``e3relax_ase.geometry.graph.CrystalGraph``):
 """
 
 # --- per atom ---------------------------------------------------------------------------

@@ -27,10 +27,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from e3relax_ase.architectures import build_model
+from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.graph import CrystalGraph, build_graph
-from e3relax_ase.predict import CrystalArrays, predict
+from e3relax_ase.geometry.graph import CrystalGraph, build_graph
+from e3relax_ase.geometry.crystal import CrystalArrays
+from e3relax_ase.relax.predict import predict
 
 # A small configuration for fast tests: every stage present, F and the bases shrunk.
 TINY_CONFIG = ModelConfig(num_channels=16, num_layers=2, num_rbf=16, num_strain_channels=4, max_neighbors=24, output_init_scale=0.05)

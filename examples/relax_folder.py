@@ -9,7 +9,7 @@ import ase.io
 from _common import DATA, output_dir
 
 from e3relax_ase import OneShotRelaxer
-from e3relax_ase.fileio import expand_inputs, read_structures
+from e3relax_ase.io.files import expand_inputs, read_structures
 
 out = output_dir()
 structures, names = [], []

@@ -13,7 +13,7 @@ from ase.calculators.emt import EMT
 from ase.filters import FrechetCellFilter
 
 from e3relax_ase import OneShotRelaxer
-from e3relax_ase.refine import OneShotThenOptimize
+from e3relax_ase.relax.optimizer import OneShotThenOptimize
 
 out = output_dir()
 copper = bulk("Cu", "fcc", a=3.75, cubic=True) * (2, 2, 2)  # 4 % too large

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from e3relax_ase.fileio import atomic_write  # noqa: E402
+from e3relax_ase.io.files import atomic_write  # noqa: E402
 
 logger = logging.getLogger("distill_gpu")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from e3relax_ase.checkpoint import save_checkpoint
-from e3relax_ase.predict import predict
+from e3relax_ase.io.checkpoint import save_checkpoint
+from e3relax_ase.relax.predict import predict
 from e3relax_ase.testing import random_crystal, tiny_model
 
 root = Path(__file__).resolve().parents[1] / "tests" / "data"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from e3relax_ase.checkpoint import save_checkpoint
+from e3relax_ase.io.checkpoint import save_checkpoint
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.model import E3RelaxH2
+from e3relax_ase.nn.model import E3RelaxH2
 
 root = Path(__file__).resolve().parents[1] / "checkpoints"
 name = "e3relax-h2-untrained"

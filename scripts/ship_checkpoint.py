@@ -8,7 +8,6 @@ registry entry and the model card. The card's figures come from the same code as
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e3relax_ase.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from e3relax_ase.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from e3relax_ase.training.evaluate import evaluate_checkpoint  # noqa: E402
 from e3relax_ase.training.pairs import load_pairs  # noqa: E402
 

@@ -32,9 +32,9 @@ def _seed_torch():
 @pytest.fixture(scope="module")
 def one_blas_thread():
     """BLAS limited to one thread for a module that runs ASE optimisers itself (the library
-    does so around its own loops, e3relax_ase/threads.py); threaded BLAS spin-waits on a busy
+    does so around its own loops, e3relax_ase/relax/threads.py); threaded BLAS spin-waits on a busy
     2-core machine."""
-    from e3relax_ase.threads import single_threaded_blas
+    from e3relax_ase.relax.threads import single_threaded_blas
 
     with single_threaded_blas():
         yield

@@ -181,7 +181,7 @@ def _grid_fractional(rng, n_atoms, cell, fill, jitter):
 
 def _pushed_apart(rng, n_atoms, cell, pbc, fill, min_distance):
     """Uniform points, then atoms closer than ``min_distance`` moved elsewhere (a few rounds)."""
-    from e3relax_ase.validation import neighbor_pairs
+    from e3relax_ase.geometry.validation import neighbor_pairs
 
     fractional = rng.uniform(0.0, 1.0, size=(n_atoms, 3)) * fill
     for _ in range(30):

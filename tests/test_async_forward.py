@@ -11,8 +11,8 @@ from ase import Atoms
 
 from e3relax_ase.nn.scatter import scatter_mean
 from e3relax_ase.nn.solve import solve_unchecked
-from e3relax_ase.predict import predict
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.relax.predict import predict
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import random_crystal, tiny_model
 
 
@@ -92,8 +92,8 @@ def test_cuda_forward_pass_never_syncs_and_matches_a_waiting_call():
     model = tiny_model().cuda().float()
     crystals = _crystals(16)
     waited = predict(model, crystals, "cuda", torch.float32)
-    from e3relax_ase.predict import graph_from_canonical
-    from e3relax_ase.canonical import canonicalize
+    from e3relax_ase.relax.predict import graph_from_canonical
+    from e3relax_ase.geometry.canonical import canonicalize
 
     forms = [canonicalize(c.positions, c.cell, c.pbc) for c in crystals]
     graph = graph_from_canonical(crystals, forms, model.config.cutoff, model.config.max_neighbors, "cpu", torch.float32)
@@ -125,7 +125,7 @@ def test_a_non_finite_predicted_cell_is_flagged_not_raised(monkeypatch):
 
 
 def test_torch_threads_are_set_for_the_block_and_restored():
-    from e3relax_ase.threads import torch_threads
+    from e3relax_ase.relax.threads import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(1):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_ase.threads import single_threaded_blas
+from e3relax_ase.relax.threads import single_threaded_blas
 from e3relax_ase.training.batched_relax import (
     FireParams,
     RelaxInput,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_ase.checkpoint import FORMAT_VERSION, CheckpointError, file_sha256, load_checkpoint, read_registry, save_checkpoint
-from e3relax_ase.predict import CrystalArrays, predict
+from e3relax_ase.io.checkpoint import FORMAT_VERSION, CheckpointError, file_sha256, load_checkpoint, read_registry, save_checkpoint
+from e3relax_ase.relax.predict import CrystalArrays, predict
 from e3relax_ase.testing import tiny_model
 
 DATA = Path(__file__).parent / "data"
@@ -101,7 +101,7 @@ def test_unknown_name_is_a_clear_error():
 
 
 def _shipped_path() -> Path:
-    from e3relax_ase.checkpoint import CHECKPOINT_DIR, read_registry
+    from e3relax_ase.io.checkpoint import CHECKPOINT_DIR, read_registry
 
     registry = read_registry()
     return CHECKPOINT_DIR / registry["checkpoints"][registry["default"]]["file"]
@@ -112,7 +112,7 @@ def test_modified_copy_of_a_shipped_checkpoint_is_labelled_by_its_file_name(tmp_
     data[len(data) // 2] ^= 0x01  # one flipped bit inside the weights
     path = tmp_path / "copy.pt"
     path.write_bytes(bytes(data))
-    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+    with caplog.at_level("WARNING", logger="e3relax_ase.io.checkpoint"):
         _, info = load_checkpoint(path)
     default = read_registry()["default"]
     assert info.name == "copy.pt" and info.metadata["name"] == default
@@ -122,11 +122,11 @@ def test_modified_copy_of_a_shipped_checkpoint_is_labelled_by_its_file_name(tmp_
 def test_unregistered_checkpoint_warns_and_a_registered_file_keeps_its_name(tmp_path, caplog):
     path = tmp_path / "mine.pt"
     save_checkpoint(path, tiny_model(), {"name": "my-model"})
-    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+    with caplog.at_level("WARNING", logger="e3relax_ase.io.checkpoint"):
         _, info = load_checkpoint(path)
     assert info.name == "mine.pt" and "is not registered" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+    with caplog.at_level("WARNING", logger="e3relax_ase.io.checkpoint"):
         _, info = load_checkpoint(_shipped_path())  # the shipped file given by its path
     assert info.name == read_registry()["default"] and caplog.text == ""
 
@@ -141,11 +141,11 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_clear_message(tmp_path, content)
 
 def test_the_paper_design_checkpoint_loads_with_a_warning(caplog):
     """The former default (format 1) still loads, as the axis-lattice network, and says what it is."""
-    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+    with caplog.at_level("WARNING", logger="e3relax_ase.io.checkpoint"):
         model, info = load_checkpoint("e3relax-h2-zintl-axis-f128")
     assert info.config.architecture == "axis-lattice" and type(model).__name__ == "AxisLatticeE3RelaxH2"
     assert "depends on the lattice basis" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="e3relax_ase.checkpoint"):
+    with caplog.at_level("WARNING", logger="e3relax_ase.io.checkpoint"):
         load_checkpoint("default")
     assert caplog.text == ""

@@ -9,7 +9,7 @@ import pytest
 from ase.build import bulk
 from click.testing import CliRunner
 
-import e3relax_ase.relaxer as relaxer_module
+import e3relax_ase.relax.relaxer as relaxer_module
 from e3relax_ase.cli.main import cli, main
 from tests.cli_helpers import save_tiny_checkpoint, run_relax as relax, nacl
 
@@ -141,7 +141,7 @@ def test_colliding_outputs(tmp_path, checkpoint):
 
 
 def test_write_failure_reported(tmp_path, checkpoint, monkeypatch):
-    from e3relax_ase import fileio
+    from e3relax_ase.io import files as fileio
 
     real_write = ase.io.write
 
@@ -160,7 +160,7 @@ def test_write_failure_reported(tmp_path, checkpoint, monkeypatch):
 
 
 def test_interrupt_while_writing_leaves_no_partial_file(tmp_path, checkpoint, monkeypatch, capsys):
-    from e3relax_ase import fileio
+    from e3relax_ase.io import files as fileio
 
     def interrupted(target, frames, fmt, symprec):
         with open(target, "w") as handle:

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from e3relax_ase import structures
-from e3relax_ase.claims import lock_path
+from e3relax_ase.io import structures
+from e3relax_ase.io.claims import lock_path
 from e3relax_ase.cli.main import cli
-from e3relax_ase.fileio import write_atomic
-from e3relax_ase.streamed import parts_dir
+from e3relax_ase.io.files import write_atomic
+from e3relax_ase.io.streamed import parts_dir
 from tests.cli_helpers import save_tiny_checkpoint, run_relax as relax, nacl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_sane_results_keep_every_key_in_extxyz(tmp_path, checkpoint):
 
 
 def test_interrupted_run_keeps_finished_chunks_and_resume_finishes_the_rest(tmp_path, checkpoint, monkeypatch):
-    import e3relax_ase.relaxer as relaxer_module
+    import e3relax_ase.relax.relaxer as relaxer_module
 
     source = tmp_path / "big.extxyz"
     write_frames(source, 10)
@@ -162,7 +162,7 @@ def test_interrupted_run_keeps_finished_chunks_and_resume_finishes_the_rest(tmp_
 
 
 def test_resume_after_a_stop_between_the_last_chunk_and_the_join(tmp_path, checkpoint, monkeypatch):
-    from e3relax_ase.streamed import StreamedOutput
+    from e3relax_ase.io.streamed import StreamedOutput
 
     source = tmp_path / "in.extxyz"
     write_frames(source, 5)
@@ -266,7 +266,7 @@ def test_an_existing_file_is_never_replaced_without_overwrite(tmp_path, checkpoi
 
 
 def test_a_file_appearing_during_the_run_is_not_replaced(tmp_path, checkpoint, monkeypatch):
-    from e3relax_ase import fileio
+    from e3relax_ase.io import files as fileio
 
     source = tmp_path / "a.cif"
     ase.io.write(source, nacl())

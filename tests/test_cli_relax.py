@@ -12,10 +12,10 @@ from ase.build import bulk, fcc111
 from ase.constraints import FixAtoms
 from click.testing import CliRunner
 
-from e3relax_ase.checkpoint import file_sha256, save_checkpoint
+from e3relax_ase.io.checkpoint import file_sha256, save_checkpoint
 from e3relax_ase.cli.main import cli
-from e3relax_ase.fileio import _KEEPS, format_losses
-from e3relax_ase.structures import spacegroup_number
+from e3relax_ase.io.files import _KEEPS, format_losses
+from e3relax_ase.io.structures import spacegroup_number
 from e3relax_ase.testing import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,7 +285,7 @@ def test_workers_option_gives_the_same_file_and_checks_its_value(tmp_path, check
 def test_auto_workers_follow_the_device_and_the_cores(monkeypatch):
     import torch
 
-    from e3relax_ase import workers
+    from e3relax_ase.relax import workers
 
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert workers.auto_num_workers(torch.device("cpu")) == 0

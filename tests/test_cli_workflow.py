@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111, molecule
 
-from e3relax_ase.checkpoint import file_sha256
-from e3relax_ase.provenance import read_cif_provenance
-from e3relax_ase.structures import spacegroup_number
+from e3relax_ase.io.checkpoint import file_sha256
+from e3relax_ase.io.provenance import read_cif_provenance
+from e3relax_ase.io.structures import spacegroup_number
 from tests.cli_helpers import save_tiny_checkpoint, run_relax, nacl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def test_relax_of_one_cif_imports_neither_pymatgen_nor_the_optimizers(tmp_path, 
     probe = (
         "import sys\nfrom e3relax_ase.cli.main import main\n"
         f"code = main(['relax', {str(source)!r}, '--checkpoint', {checkpoint!r}, '-q'])\n"
-        "print(code, [m for m in ('pymatgen', 'ase.optimize', 'e3relax_ase.refine') if m in sys.modules])\n"
+        "print(code, [m for m in ('pymatgen', 'ase.optimize', 'e3relax_ase.relax.refine') if m in sys.modules])\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False)
@@ -178,7 +178,7 @@ def test_relax_of_one_cif_imports_neither_pymatgen_nor_the_optimizers(tmp_path, 
 
 def test_a_busy_cpu_gets_one_torch_thread(monkeypatch, tmp_path, checkpoint):
     """OpenMP waits for its descheduled threads: on a loaded machine one thread beats two."""
-    from e3relax_ase import threads
+    from e3relax_ase.relax import threads
 
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 5.0, 5.0))

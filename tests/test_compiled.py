@@ -1,5 +1,5 @@
 """``OneShotRelaxer(compile=True)``: the message passing compiled by torch.compile
-(e3relax_ase.compiled) gives the eager network's predictions to rounding, for batches of any
+(e3relax_ase.nn.compiled) gives the eager network's predictions to rounding, for batches of any
 size after one compilation, without changing the model. On a CPU Inductor needs a C++ compiler
 (the test is skipped without one); the CUDA test is gpu-marked."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from ase import Atoms
 
-from e3relax_ase.compiled import CompiledForward
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.nn.compiled import CompiledForward
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import random_crystal, tiny_model
 
 

@@ -28,7 +28,7 @@ import torch
 from ase import Atoms
 from ase.build import bulk, fcc111
 
-from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure
+from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
 from e3relax_ase.training.pairs import load_pairs
 
 PAIRS = Path(__file__).resolve().parent / "data" / "nrel_sample_pairs.npz"
@@ -74,7 +74,7 @@ CHILD = textwrap.dedent(
     import logging, sys
     import numpy as np, torch
     from ase import Atoms
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
     logging.disable(logging.WARNING)
     data = np.load(sys.argv[1])
     structures = [

@@ -12,7 +12,7 @@ from ase.io import read, write
 from click.testing import CliRunner
 
 from e3relax_ase.cli.main import cli
-from e3relax_ase.training.calculators import resolve_calculator
+from e3relax_ase.relax.calculators import resolve_calculator
 from e3relax_ase.training.distill import make_pairs, min_distance, sanity_problem
 from e3relax_ase.training.importers import import_extxyz
 from e3relax_ase.training.pairs import load_pairs, save_pairs_extxyz

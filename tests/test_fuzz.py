@@ -39,12 +39,12 @@ from ase.constraints import FixAtoms
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from e3relax_ase.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
+from e3relax_ase.relax.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
 from e3relax_ase.keys import ISOLATION_MARGIN
-from e3relax_ase.predict import CrystalArrays
-from e3relax_ase.vacuum import find_vacuum
+from e3relax_ase.relax.predict import CrystalArrays
+from e3relax_ase.geometry.vacuum import find_vacuum
 from e3relax_ase.testing import arrays_of, random_rotation, random_unimodular, rotated, supercell, tiny_model
-from e3relax_ase.validation import InvalidStructureError
+from e3relax_ase.geometry.validation import InvalidStructureError
 from tests.strategies import accepted_numbers, allowed_elements, crystals, oracle_clear, oracle_problem
 
 EQUIVARIANCE_ATOL = 1e-6  # Å
@@ -375,7 +375,7 @@ def check_invariance(fuzzed, seed, test_name) -> None:
     close("translation, cell", cell, cell_out)
     close("translation, positions", positions, reference.positions + shift @ np.linalg.solve(cell_in, cell_out))
     basis = random_unimodular(rng)
-    # Vacuum is looked for along the lattice vectors as given (e3relax_ase.vacuum): a gap
+    # Vacuum is looked for along the lattice vectors as given (e3relax_ase.geometry.vacuum): a gap
     # between lattice planes that only another basis exposes as an axis is the known limit of
     # that rule (docs/reliability.md), not of the network, so such a basis is not compared.
     if find_vacuum(crystal.positions, basis @ cell_in, crystal.pbc, TINY.model.config.cutoff - ISOLATION_MARGIN) is None:
@@ -413,9 +413,9 @@ def test_fuzz_invariance_full(fuzzed, seed):
 FAR_OUT = """
 import sys
 from ase import Atoms
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import tiny_model
-from e3relax_ase.validation import InvalidStructureError
+from e3relax_ase.geometry.validation import InvalidStructureError
 atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, float(sys.argv[1])]], cell=[3.0, 3.0, 10.0], pbc=[True, True, False])
 try:
     OneShotRelaxer(tiny_model(), device="cpu").relax(atoms)

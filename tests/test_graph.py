@@ -3,8 +3,8 @@ import pytest
 import torch
 from ase.build import bulk, fcc111
 
-from e3relax_ase.graph import build_graph, cap_neighbors, edge_vectors, neighbor_edges
-from e3relax_ase.predict import CrystalArrays
+from e3relax_ase.geometry.graph import build_graph, cap_neighbors, edge_vectors, neighbor_edges
+from e3relax_ase.relax.predict import CrystalArrays
 from e3relax_ase.testing import random_crystal
 
 
@@ -104,7 +104,7 @@ def test_graph_dtype_preserved(dtype):
 def test_build_graph_device_search_path_gives_the_host_edges(monkeypatch):
     """build_graph's per-crystal search on the device (large cells on CUDA) joins with the host
     searches of the other crystals into the same graph; run here on the CPU by forcing the path."""
-    import e3relax_ase.graph as graph_module
+    import e3relax_ase.geometry.graph as graph_module
     from ase.build import bulk
 
     rng = np.random.default_rng(5)
@@ -133,9 +133,9 @@ def test_build_graph_device_search_path_gives_the_host_edges(monkeypatch):
 def test_float32_graph_has_the_edges_of_the_float64_crystal():
     """A pair 1e-9 Å inside the graph radius is an edge of the exact crystal; rounding the
     positions to float32 first (the old float32 path) would put it outside and drop it."""
-    from e3relax_ase.canonical import CanonicalForm
-    from e3relax_ase.graph import graph_radius
-    from e3relax_ase.predict import graph_from_canonical
+    from e3relax_ase.geometry.canonical import CanonicalForm
+    from e3relax_ase.geometry.graph import graph_radius
+    from e3relax_ase.relax.predict import graph_from_canonical
 
     cutoff = 6.0
     positions = np.array([[0.1, 0.1, 0.1], [0.1 + graph_radius(cutoff) - 1e-9, 0.1, 0.1]])

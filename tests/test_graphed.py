@@ -1,4 +1,4 @@
-"""Small CUDA batches replay a captured CUDA graph of a padded batch (e3relax_ase.graphed).
+"""Small CUDA batches replay a captured CUDA graph of a padded batch (e3relax_ase.nn.graphed).
 The padding must not change a real crystal's prediction: checked here on the eager network
 in float64, where a broken padding (an edge or an atom leaking into a real crystal) shows."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_ase.canonical import canonicalize
-from e3relax_ase.graphed import GraphedForward, bucket, pad_graph, padded_sizes, unpad_output
-from e3relax_ase.predict import graph_from_canonical, predict
+from e3relax_ase.geometry.canonical import canonicalize
+from e3relax_ase.nn.graphed import GraphedForward, bucket, pad_graph, padded_sizes, unpad_output
+from e3relax_ase.relax.predict import graph_from_canonical, predict
 from e3relax_ase.testing import random_crystal, tiny_model
 
 

@@ -1,4 +1,4 @@
-"""e3relax_ase.heap: the relaxer keeps freed heap memory on the CPU, which removes the page
+"""e3relax_ase.relax.heap: the relaxer keeps freed heap memory on the CPU, which removes the page
 faults of every forward pass and changes no result bit."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ CHILD = textwrap.dedent(
     import hashlib, json, logging, resource, sys
     import numpy as np, torch
     from ase import Atoms
-    from e3relax_ase import heap
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.relax import heap
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.training.pairs import load_pairs
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def test_kept_heap_gives_the_same_bits_without_page_faults():
 
 
 def test_keep_freed_heap_is_idempotent_and_respects_the_opt_out(monkeypatch):
-    from e3relax_ase import heap
+    from e3relax_ase.relax import heap
 
     monkeypatch.setattr(heap, "_applied", None)
     monkeypatch.setenv(heap.ENV_VARIABLE, "0")

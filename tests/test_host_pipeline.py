@@ -17,9 +17,9 @@ from ase.build import bulk, fcc111
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms, FixCartesian
 
-from e3relax_ase.canonical import canonicalize
-from e3relax_ase.predict import restore_all
-from e3relax_ase.structures import _light_copy_matches, copy_atoms
+from e3relax_ase.geometry.canonical import canonicalize
+from e3relax_ase.relax.predict import restore_all
+from e3relax_ase.io.structures import _light_copy_matches, copy_atoms
 
 
 def _atoms_variety():
@@ -129,8 +129,8 @@ def test_narrowed_worker_outcomes_give_the_same_graph_and_restore():
     builds from them is what it builds from the int64 originals."""
     import torch
 
-    from e3relax_ase.graph import graph_from_edges
-    from e3relax_ase.workers import _narrowest
+    from e3relax_ase.geometry.graph import graph_from_edges
+    from e3relax_ase.relax.workers import _narrowest
 
     rng = np.random.default_rng(5)
     forms, bounds = _forms(rng, 12)
@@ -165,17 +165,17 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
     import os
 
     from e3relax_ase import __version__
-    from e3relax_ase.predict import predict
-    from e3relax_ase.predict import CrystalArrays
-    from e3relax_ase.structures import apply_prediction, clear_provenance, crystal_arrays
-    from e3relax_ase.sanity import judge_batch
-    from e3relax_ase.vacuum import find_vacuum
+    from e3relax_ase.relax.predict import predict
+    from e3relax_ase.relax.predict import CrystalArrays
+    from e3relax_ase.io.structures import apply_prediction, clear_provenance, crystal_arrays
+    from e3relax_ase.relax.sanity import judge_batch
+    from e3relax_ase.geometry.vacuum import find_vacuum
 
     out = []
     for start in range(0, len(structures), chunk):
         batch = structures[start : start + chunk]
         crystals = [crystal_arrays(a) for a in batch]
-        # Vacuum along a periodic axis: that axis is non-periodic for the network (e3relax_ase/vacuum.py).
+        # Vacuum along a periodic axis: that axis is non-periodic for the network (e3relax_ase/geometry/vacuum.py).
         layouts = [find_vacuum(c.positions, c.cell, c.pbc, relaxer.model.config.cutoff) for c in crystals]
         crystals = [c if v is None else CrystalArrays(c.numbers, v.positions, c.cell, v.pbc) for c, v in zip(crystals, layouts)]
         predictions = predict(relaxer.model, crystals, "cpu", relaxer.dtype)
@@ -212,7 +212,7 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
 
 @pytest.mark.parametrize("relax_cell", [True, False])
 def test_relax_many_is_the_plain_reference(relax_cell):
-    from e3relax_ase.relaxer import OneShotRelaxer
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.testing import random_crystal, tiny_model
 
     rng = np.random.default_rng(11)
@@ -247,8 +247,8 @@ def test_relax_many_is_the_plain_reference(relax_cell):
 
 def test_shell_arrays_are_crystal_arrays():
     """``_shell`` builds the item's arrays from what it already read: those of crystal_arrays."""
-    from e3relax_ase.relaxer import OneShotRelaxer
-    from e3relax_ase.structures import crystal_arrays
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
+    from e3relax_ase.io.structures import crystal_arrays
     from e3relax_ase.testing import tiny_model
 
     relaxer = OneShotRelaxer(tiny_model(), device="cpu")

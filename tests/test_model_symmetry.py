@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_ase.architectures import build_model
+from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.graph import CrystalGraph
-from e3relax_ase.model import E3RelaxH2
-from e3relax_ase.model_axis_lattice import InteractionLayer as AxisLatticeLayer
-from e3relax_ase.predict import CrystalArrays, predict
+from e3relax_ase.geometry.graph import CrystalGraph
+from e3relax_ase.nn.model import E3RelaxH2
+from e3relax_ase.nn.model_axis_lattice import InteractionLayer as AxisLatticeLayer
+from e3relax_ase.relax.predict import CrystalArrays, predict
 from e3relax_ase.testing import (
     TINY_CONFIG,
     assert_basis_invariant,
@@ -153,7 +153,7 @@ def test_a_strain_that_is_not_a_tensor_is_caught(model, crystal, rng, monkeypatc
 def test_a_wrap_dependent_centre_is_caught(model, rng, monkeypatch):
     """Displacements that depend on where atoms are written (here: on the centroid of the
     positions as given) are caught by the face-grazing check."""
-    from e3relax_ase import model as model_module
+    from e3relax_ase.nn import model as model_module
     from e3relax_ase.nn.scatter import scatter_mean
 
     original = model_module.InputGeometry.__init__

@@ -1,4 +1,4 @@
-"""The vectorised Niggli reduction (``e3relax_ase.niggli``) against ASE's ``niggli_reduce_cell``.
+"""The vectorised Niggli reduction (``e3relax_ase.geometry.niggli``) against ASE's ``niggli_reduce_cell``.
 
 Our reduction must give ASE's integer matrix for every cell, one cell at a time or many at once:
 the canonical form (and so every prediction) depends on it. The cells include ones far from
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from e3relax_ase.canonical import reduce_cell, reduce_cells
-from e3relax_ase.niggli import niggli_transforms
+from e3relax_ase.geometry.canonical import reduce_cell, reduce_cells
+from e3relax_ase.geometry.niggli import niggli_transforms
 
 
 def ase_transform(cell):
@@ -86,7 +86,7 @@ def test_reduced_cell_is_niggli_reduced_and_unimodular():
 
 
 def test_unfinished_reduction_is_reported_not_returned(monkeypatch):
-    import e3relax_ase.niggli as niggli
+    import e3relax_ase.geometry.niggli as niggli
 
     far = np.array([[3.0, 0, 0], [7 * 3.0, 4.0, 0], [2.0, -5 * 4.0, 5.0]])  # takes several steps
     monkeypatch.setattr(niggli, "MAX_STEPS", 2)

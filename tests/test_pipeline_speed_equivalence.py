@@ -24,14 +24,14 @@ from ase import Atoms
 from ase.build import bulk, fcc111
 from ase.constraints import FixAtoms
 
-from e3relax_ase.canonical import canonicalize, reduce_cell, wrap_into
-from e3relax_ase.graph import CrystalGraph, build_graph, capped_edges, capped_edges_many, graph_from_edges, neighbor_edges, periodic_pairs
-from e3relax_ase.predict import CrystalArrays, graph_from_canonical, predict
-from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure
-from e3relax_ase.sanity import check_prediction
-from e3relax_ase.structures import apply_prediction, crystal_arrays
+from e3relax_ase.geometry.canonical import canonicalize, reduce_cell, wrap_into
+from e3relax_ase.geometry.graph import CrystalGraph, build_graph, capped_edges, capped_edges_many, graph_from_edges, neighbor_edges, periodic_pairs
+from e3relax_ase.relax.predict import CrystalArrays, graph_from_canonical, predict
+from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
+from e3relax_ase.relax.sanity import check_prediction
+from e3relax_ase.io.structures import apply_prediction, crystal_arrays
 from e3relax_ase.testing import random_crystal, tiny_model
-from e3relax_ase.validation import InvalidStructureError, prepare_arrays, validate_atoms
+from e3relax_ase.geometry.validation import InvalidStructureError, prepare_arrays, validate_atoms
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last revision before the pipeline work (benchmarks/bench_pipeline.py DEFAULT_BASELINE).
@@ -191,7 +191,7 @@ def test_predict_with_prepared_forms_and_graph_is_predict():
 
 def test_distance_bound_gives_the_searched_report():
     """check_prediction with the bound (no search when it proves no close pair) = without it."""
-    from e3relax_ase.sanity import no_close_pairs
+    from e3relax_ase.relax.sanity import no_close_pairs
 
     rng = np.random.default_rng(3)
     searched = skipped = 0
@@ -239,7 +239,7 @@ def _structures():
 def _same(a, b) -> bool:
     if isinstance(a, RelaxFailure):
         return isinstance(b, RelaxFailure) and a.index == b.index and a.name == b.name and str(a.error) == str(b.error)
-    from e3relax_ase.structures import as_atoms
+    from e3relax_ase.io.structures import as_atoms
 
     a, _ = as_atoms(a)
     b, _ = as_atoms(b)
@@ -262,7 +262,7 @@ def test_relax_many_paths_are_identical(dtype, relax_cell):
     assert [f.index for f in failures] == [6, 9]
     assert "atoms 0 and 1 are 0.200" in failures[0].message and "initial_charges" in failures[1].message
     # The ASE results are predict()'s from scratch (canonicalize + graph per chunk of 4), applied.
-    from e3relax_ase.structures import as_atoms
+    from e3relax_ase.io.structures import as_atoms
 
     valid = [k for k, r in enumerate(reference) if not isinstance(r, RelaxFailure)]
     for start in range(0, len(valid), 4):
@@ -293,7 +293,7 @@ def test_workers_raise_like_the_sequential_path():
 
 
 # info keys whose meaning changed on purpose after BASELINE: the refinement advice is now the
-# measured last-layer correction (e3relax_ase/sanity.py), not the relative share; the checkpoint
+# measured last-layer correction (e3relax_ase/relax/sanity.py), not the relative share; the checkpoint
 # both revisions run (the paper-design one BASELINE shipped) is registered under a new name; the
 # strain is measured by principal stretches (rotation invariant), not the entries of F - I.
 CHANGED_ON_PURPOSE = ("e3relax_refine_advised", "e3relax_last_correction", "e3relax_model", "e3relax_max_strain")
@@ -320,7 +320,7 @@ def test_relax_many_matches_the_baseline_revision(tmp_path):
         "logging.disable(logging.WARNING); torch.set_num_threads(1)\n"
         "import e3relax_ase\n"
         "from ase.io import read\n"
-        "from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure\n"
+        "from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure  # the baseline revision's layout\n"
         "atoms = read(sys.argv[1], index=':')\n"
         f"relaxer = OneShotRelaxer({str(BASELINE_CHECKPOINT)!r}, device='cpu', dtype='float64', batch_size=8)\n"
         f"skip = {CHANGED_ON_PURPOSE!r}\n"

@@ -1,4 +1,4 @@
-"""Reduced-precision inference (e3relax_ase.precision): the geometry stays float32, the
+"""Reduced-precision inference (e3relax_ase.nn.precision): the geometry stays float32, the
 deviation from float32 stays small, and the options are checked."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 from ase.build import bulk
 
-from e3relax_ase.graph import edge_vectors
-from e3relax_ase.precision import check_precision, matmul_precision
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.geometry.graph import edge_vectors
+from e3relax_ase.nn.precision import check_precision, matmul_precision
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import TINY_CONFIG, graph_of, random_crystal, tiny_model
 
 

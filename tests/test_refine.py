@@ -12,13 +12,9 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS
 from ase.units import GPa
 
-from e3relax_ase.refine import (
-    OneShotThenOptimize,
-    make_calculator,
-    optimizer_class,
-    refine,
-)
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.relax.optimizer import OneShotThenOptimize
+from e3relax_ase.relax.refine import make_calculator, optimizer_class, refine
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import tiny_model
 
 FCC_METALS = {"Cu": 3.61, "Al": 4.05, "Ni": 3.52, "Pd": 3.89, "Ag": 4.09, "Pt": 3.92, "Au": 4.08}
@@ -95,7 +91,7 @@ def test_converged_means_every_force_below_fmax_when_evaluated_afresh(symbol, st
 
 def test_max_steps_reported_as_not_converged(relaxer, caplog):
     atoms = strained("Cu", strain=1.06)
-    with caplog.at_level(logging.WARNING, logger="e3relax_ase.refine"):
+    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relax.refine"):
         relaxed = relaxer.relax(atoms, refine=EMT(), fmax=0.001, steps=3)
     assert relaxed.info["e3relax_converged"] is False
     assert relaxed.info["e3relax_nsteps"] == 3

@@ -11,13 +11,13 @@ from ase.constraints import FixAtoms, FixCartesian
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-import e3relax_ase.relaxer as relaxer_module
-from e3relax_ase.predict import Prediction, ReadyPredictions
-from e3relax_ase.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
-from e3relax_ase.sanity import REFINE_ADVISED_CORRECTION, check_prediction, confidence
-from e3relax_ase.structures import spacegroup_number
+import e3relax_ase.relax.relaxer as relaxer_module
+from e3relax_ase.relax.predict import Prediction, ReadyPredictions
+from e3relax_ase.relax.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
+from e3relax_ase.relax.sanity import REFINE_ADVISED_CORRECTION, check_prediction, confidence
+from e3relax_ase.io.structures import spacegroup_number
 from e3relax_ase.testing import tiny_model
-from e3relax_ase.validation import InvalidStructureError
+from e3relax_ase.geometry.validation import InvalidStructureError
 
 REAL_PREDICT = relaxer_module.predict
 
@@ -249,7 +249,7 @@ def test_insane_prediction_flagged_and_logged(relaxer, monkeypatch, caplog):
 
     patch_predict(monkeypatch, collapse)
     atoms = nacl()
-    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relaxer"):
+    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relax.relaxer"):
         relaxed = relaxer.relax(atoms)
     assert relaxed.info["e3relax_sane"] is False
     assert "atoms 0 and 1 are 0.100 Å apart" in relaxed.info["e3relax_problems"]
@@ -264,7 +264,7 @@ def test_insane_prediction_flagged_and_logged(relaxer, monkeypatch, caplog):
 def test_insane_prediction_is_not_named_when_nobody_reads_the_message(relaxer, monkeypatch):
     """Naming a structure can mean building its formula: with warnings off and on_insane="warn"
     the message is not built, and the result (flags, problems) is the same."""
-    import e3relax_ase.relaxer as relaxer_module
+    import e3relax_ase.relax.relaxer as relaxer_module
 
     def collapse(prediction, crystal):
         prediction.positions[-1][1] = prediction.positions[-1][0] + [0.1, 0.0, 0.0]
@@ -448,7 +448,7 @@ def test_model_dtype_and_device_options():
 
 
 def test_default_checkpoint(caplog):
-    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relaxer"):
+    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relax.relaxer"):
         relaxer = OneShotRelaxer()
     assert ("UNTRAINED" in caplog.text) == relaxer.info.untrained
     relaxed = relaxer.relax(nacl())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111
 
-from e3relax_ase.sanity import judge_batch, judge_prediction
+from e3relax_ase.relax.sanity import judge_batch, judge_prediction
 
 
 def _case(atoms, rng, kind):
@@ -117,7 +117,7 @@ def test_verdicts_are_those_of_judge_prediction(relax_cell):
 
 
 def test_a_failing_structure_fails_alone(monkeypatch):
-    import e3relax_ase.sanity as sanity
+    import e3relax_ase.relax.sanity as sanity
 
     original = sanity._searched_report
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111
 
-from e3relax_ase import sanity, validation
-from e3relax_ase.sanity import check_prediction, closest_pair, closest_pair_searched
+from e3relax_ase.geometry import validation
+from e3relax_ase.relax import sanity
+from e3relax_ase.relax.sanity import check_prediction, closest_pair, closest_pair_searched
 
 
 def _cells(rng):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_ase.checkpoint import load_checkpoint
+from e3relax_ase.io.checkpoint import load_checkpoint
 from e3relax_ase.training.config import TrainConfig
 from e3relax_ase.training.dataset import prepare_pairs
 from e3relax_ase.training.pairs import load_pairs, save_pairs
@@ -115,7 +115,7 @@ def test_prepared_targets_are_strained_nearest_images_in_the_output_frame(pair_f
 
 def test_a_rotated_relaxed_crystal_gives_the_same_target():
     """Writing the relaxed crystal turned (a standard orientation) changes nothing."""
-    from e3relax_ase.canonical import canonicalize
+    from e3relax_ase.geometry.canonical import canonicalize
     from e3relax_ase.testing import random_crystal, random_rotation
     from e3relax_ase.training.dataset import align_target
 
@@ -136,8 +136,8 @@ def test_finetune_from_a_checkpoint_starts_from_its_weights(pair_files, tmp_path
     """The documented fine-tuning path: init_from a checkpoint, then train on user pairs."""
     import yaml
 
-    from e3relax_ase.checkpoint import save_checkpoint
-    from e3relax_ase.model import E3RelaxH2
+    from e3relax_ase.io.checkpoint import save_checkpoint
+    from e3relax_ase.nn.model import E3RelaxH2
     from e3relax_ase.config import ModelConfig
 
     torch.manual_seed(11)
@@ -200,7 +200,6 @@ def test_batches_follow_the_atom_budget_and_cover_the_epoch(pair_files):
 def test_a_portable_state_may_name_its_weights_instead_of_holding_them(pair_files, tmp_path):
     import shutil
 
-    from e3relax_ase.checkpoint import save_checkpoint
     from e3relax_ase.training.trainer import export_checkpoint, write_portable_state
 
     train(_config(pair_files, tmp_path / "here", max_epochs=1, batch_size=0, batch_atoms=64), device="cpu")

@@ -1,4 +1,4 @@
-"""Vacuum along periodic axes: slabs built periodic, molecules in a periodic box (e3relax_ase.vacuum)."""
+"""Vacuum along periodic axes: slabs built periodic, molecules in a periodic box (e3relax_ase.geometry.vacuum)."""
 
 import logging
 
@@ -7,10 +7,10 @@ import pytest
 from ase.build import bulk, fcc111, molecule
 from ase.calculators.emt import EMT
 
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import tiny_model
-from e3relax_ase.vacuum import find_vacuum
-from e3relax_ase.validation import InvalidStructureError
+from e3relax_ase.geometry.vacuum import find_vacuum
+from e3relax_ase.geometry.validation import InvalidStructureError
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
@@ -51,7 +51,7 @@ def test_find_vacuum_sees_slabs_and_clusters_not_bulk():
 @pytest.mark.parametrize("shift", [0.0, 0.45], ids=["inside", "across-the-boundary"])
 def test_vacuum_along_a_periodic_axis_keeps_that_lattice_vector(relaxer, caplog, shift):
     slab = periodic_slab(shift)
-    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relaxer"):
+    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relax.relaxer"):
         relaxed = relaxer.relax(slab)
     assert np.array_equal(relaxed.cell.array[2], slab.cell.array[2])  # the vacuum vector, untouched
     assert not np.allclose(relaxed.cell.array[:2], slab.cell.array[:2])  # the in-plane ones relax
@@ -71,7 +71,7 @@ def test_molecule_in_a_periodic_box_is_refused_unless_allowed(relaxer, caplog):
     water = water_in_a_box()
     with pytest.raises(InvalidStructureError, match=r"H2O: an isolated cluster or molecule in a periodic box \(vacuum of 10\.0 Å along axis 0, 8\.5 Å along axis 1"):
         relaxer.relax(water)
-    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relaxer"):
+    with caplog.at_level(logging.WARNING, logger="e3relax_ase.relax.relaxer"):
         kept = relaxer.relax(water, allow_cluster=True)
     assert np.array_equal(kept.cell.array, water.cell.array)  # its box kept
     assert kept.info["e3relax_cluster"] is True and kept.info["e3relax_relax_cell"] is False

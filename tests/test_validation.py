@@ -5,9 +5,9 @@ import pytest
 from ase import Atoms
 from ase.build import bulk, fcc111
 
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import tiny_model
-from e3relax_ase.validation import (
+from e3relax_ase.geometry.validation import (
     MAX_PAIRS_SEARCHED,
     InvalidStructureError,
     validate_arrays,
@@ -190,7 +190,7 @@ def test_huge_cell_refused_before_searching():
 
 
 def test_relaxer_validates_before_the_network(relaxer, monkeypatch):
-    import e3relax_ase.relaxer as module
+    import e3relax_ase.relax.relaxer as module
 
     def fail(*args, **kwargs):
         raise AssertionError("the network ran on an invalid input")
@@ -214,7 +214,7 @@ def test_an_atom_whose_neighbours_sit_at_the_cutoff_is_refused_however_written(e
     or accepted by rounding once rotated; within keys.ISOLATION_MARGIN of the cutoff it is
     refused in every orientation and basis."""
     from e3relax_ase.testing import random_rotation, random_unimodular
-    from e3relax_ase.validation import prepare_arrays
+    from e3relax_ase.geometry.validation import prepare_arrays
 
     rng = np.random.default_rng(7)
     for _ in range(25):
@@ -227,7 +227,7 @@ def test_an_atom_whose_neighbours_sit_at_the_cutoff_is_refused_however_written(e
 
 def test_an_atom_whose_neighbours_are_felt_is_accepted_however_written():
     from e3relax_ase.testing import random_rotation, random_unimodular
-    from e3relax_ase.validation import prepare_arrays
+    from e3relax_ase.geometry.validation import prepare_arrays
 
     rng = np.random.default_rng(8)
     for _ in range(25):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from e3relax_ase import workers
-from e3relax_ase.relaxer import OneShotRelaxer
+from e3relax_ase.relax import workers
+from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import random_crystal, tiny_model
 
 

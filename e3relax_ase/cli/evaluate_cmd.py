@@ -16,7 +16,7 @@ import click
 @click.option("--match-sample", default=500, show_default=True, help="Pairs used for the StructureMatcher match rate (0 = all).")
 def evaluate(checkpoint, data, out_dir, device, batch_size, match_sample):
     """Evaluate CHECKPOINT (name or path) on the pair file DATA."""
-    from e3relax_ase.checkpoint import CheckpointError
+    from e3relax_ase.io.checkpoint import CheckpointError
     from e3relax_ase.training.evaluate import evaluate_checkpoint
 
     try:

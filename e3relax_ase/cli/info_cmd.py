@@ -18,7 +18,7 @@ def describe_checkpoint(checkpoint: str = "default") -> dict:
     import torch
 
     from e3relax_ase import __version__
-    from e3relax_ase.checkpoint import load_checkpoint, read_registry
+    from e3relax_ase.io.checkpoint import load_checkpoint, read_registry
 
     model, info = load_checkpoint(checkpoint)
     registry = read_registry()
@@ -80,7 +80,7 @@ def info(checkpoint, as_json):
 
     CHECKPOINT is "default", a registry name or a path.
     """
-    from e3relax_ase.checkpoint import CheckpointError
+    from e3relax_ase.io.checkpoint import CheckpointError
 
     try:
         data = describe_checkpoint(checkpoint)

@@ -140,12 +140,13 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
     from ase.units import GPa
 
     from e3relax_ase import distributed as torchrun_job
-    from e3relax_ase.checkpoint import CheckpointError
-    from e3relax_ase.claims import new_run_id
+    from e3relax_ase.relax.sharded import relax_sharded
+    from e3relax_ase.io.checkpoint import CheckpointError
+    from e3relax_ase.io.claims import new_run_id
     from e3relax_ase.cli.relax_files import FileJob, OutputRules
     from e3relax_ase.cli.relax_report import Progress, closing_line
-    from e3relax_ase.fileio import expand_inputs
-    from e3relax_ase.relaxer import OneShotRelaxer, RelaxFailure
+    from e3relax_ase.io.files import expand_inputs
+    from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
 
     if pressure and not refine_spec:
         logger.warning("--pressure applies to --refine only; the one-shot prediction ignores it")
@@ -231,7 +232,7 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
         # Workers once there are enough structures to pay for starting them (then kept).
         workers_now = num_workers if len(atoms) >= min_structures or relaxer.has_worker_pool else 0
         tracked = {"progress": bar.bar} if bar.bar is not None and not world.active else {}
-        results = torchrun_job.relax_sharded(
+        results = relax_sharded(
             relaxer, atoms, world, names=names, start=n_flushed, num_workers=workers_now, **options, **extras.options(), **tracked
         ) or []
         if not tracked:
@@ -289,7 +290,7 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
 def _refine_factory(refine_spec):
     if not refine_spec:
         return None
-    from e3relax_ase.training.calculators import resolve_calculator
+    from e3relax_ase.relax.calculators import resolve_calculator
 
     try:
         return resolve_calculator(refine_spec)
@@ -303,7 +304,7 @@ def _refine_options(refine_spec, optimizer: str, cell_filter: str) -> dict:
         if optimizer != "FIRE" or cell_filter != "FrechetCellFilter":
             logger.warning("--optimizer and --cell-filter apply to --refine only")
         return {}
-    from e3relax_ase.refine import CELL_FILTERS, OPTIMIZERS
+    from e3relax_ase.relax.refine import CELL_FILTERS, OPTIMIZERS
 
     if optimizer not in OPTIMIZERS:
         raise click.BadParameter(f"{optimizer!r}: use one of {', '.join(OPTIMIZERS)}", param_hint="--optimizer")
@@ -315,7 +316,7 @@ def _refine_options(refine_spec, optimizer: str, cell_filter: str) -> dict:
 
 
 def _make_relaxer(OneShotRelaxer, CheckpointError, checkpoint, device, dtype, batch_size, precision, compile_network):
-    relaxer_logger = logging.getLogger("e3relax_ase.relaxer")
+    relaxer_logger = logging.getLogger("e3relax_ase.relax.relaxer")
     quiet_filter = _DropUntrainedWarning()
     relaxer_logger.addFilter(quiet_filter)
     try:
@@ -332,7 +333,7 @@ def _cpu_threads(threads: str, relaxer):
 
     import torch
 
-    from e3relax_ase.threads import threads_for_a_busy_cpu, torch_threads
+    from e3relax_ase.relax.threads import threads_for_a_busy_cpu, torch_threads
 
     if threads == "auto":
         if relaxer.device.type != "cpu":
@@ -353,7 +354,7 @@ def _cpu_threads(threads: str, relaxer):
 def _workers(workers: str, relaxer, world) -> tuple[int, int]:
     """(worker processes, structures a flush needs before they start) from --workers."""
     if workers == "auto":
-        from e3relax_ase.workers import AUTO_MIN_STRUCTURES, auto_num_workers
+        from e3relax_ase.relax.workers import AUTO_MIN_STRUCTURES, auto_num_workers
 
         per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world.active else 1
         return auto_num_workers(relaxer.device, per_host), AUTO_MIN_STRUCTURES
@@ -408,7 +409,7 @@ class _Extras:
         and was not written by this run, unless --overwrite; how many."""
         if self.overwrite or not isinstance(self.trajectory, str):
             return 0
-        from e3relax_ase.relaxer import trajectory_path
+        from e3relax_ase.relax.relaxer import trajectory_path
 
         kept = []
         for entry in queue:

@@ -7,12 +7,12 @@ One :class:`FileJob` per input file. Its output takes one of three shapes:
 * ``per_frame``: a multi-frame input into a format that holds one structure (POSCAR): one
   file per frame, each written when its result comes;
 * ``stream``: a multi-frame input into a multi-frame format: written through
-  ``e3relax_ase.streamed`` (parts committed chunk by chunk, joined at the end), so a killed run
+  ``e3relax_ase.io.streamed`` (parts committed chunk by chunk, joined at the end), so a killed run
   keeps its finished frames and ``--resume`` continues from them.
 
 Safety rules (docs/reliability.md): an output never replaces an input, a file this run did
 not write (unless ``--overwrite``), or the output of another input of the run; each output is
-claimed with a lock file (``e3relax_ase.claims``) before anything is relaxed for it.
+claimed with a lock file (``e3relax_ase.io.claims``) before anything is relaxed for it.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ class FileJob:
 
         Problems are recorded and logged here (one ``ERROR:`` line each), never raised.
         """
-        from e3relax_ase.fileio import InputFileError
-        from e3relax_ase.frames import read_frames
+        from e3relax_ase.io.files import InputFileError
+        from e3relax_ase.io.frames import read_frames
 
         try:
             frames = list(read_frames(self.path))
@@ -141,7 +141,7 @@ class FileJob:
             # saw a different answer would share a different list, hanging the job.
             done = {}
         work = []
-        from e3relax_ase.structures import INFO_INDEX, INFO_SOURCE
+        from e3relax_ase.io.structures import INFO_INDEX, INFO_SOURCE
 
         for frame in frames:
             if frame.error is not None and frame.last_index < frame.index:  # damage that held no frame
@@ -182,7 +182,7 @@ class FileJob:
 
     def _plan(self) -> None:
         """Decide ``output``, ``fmt`` and ``mode`` (raises ValueError for an unknown format)."""
-        from e3relax_ase.fileio import EXTENSIONS, holds_many, input_format, output_format
+        from e3relax_ase.io.files import EXTENSIONS, holds_many, input_format, output_format
 
         rules, path = self.rules, self.path
         given = rules.output
@@ -210,7 +210,7 @@ class FileJob:
 
     def _check_outputs(self) -> str | None:
         """The reason this job may not write its outputs, or None (the outputs are then claimed)."""
-        from e3relax_ase.claims import OutputClaimedError, claim
+        from e3relax_ase.io.claims import OutputClaimedError, claim
 
         targets = self.targets()
         resolved = [t.resolve() for t in targets]
@@ -229,7 +229,7 @@ class FileJob:
     def _earlier_results(self) -> dict | None:
         """What earlier runs left: {frame index: its output} to skip, or None when the whole
         input is skipped (``--resume``) or refused (an existing output without ``--overwrite``)."""
-        from e3relax_ase.streamed import ResumeMismatchError, StreamedOutput
+        from e3relax_ase.io.streamed import ResumeMismatchError, StreamedOutput
 
         rules = self.rules
         if self.mode == "per_frame":
@@ -329,7 +329,7 @@ class FileJob:
             self._write_failed(exc, waiting)
 
     def _write(self, target: Path, frames: list) -> None:
-        from e3relax_ase.fileio import write_atomic
+        from e3relax_ase.io.files import write_atomic
 
         write_atomic(target, frames, self.fmt, replace=self.rules.overwrite, symprec=self.rules.symprec if self.fmt == "cif" else None)
         self.written.append(target)
@@ -339,7 +339,7 @@ class FileJob:
         self.records[index] = FrameRecord(index, "ok", output=target, values=values)
 
     def _write_failed(self, exc: Exception, waiting: list) -> None:
-        from e3relax_ase.fileio import OutputExistsError
+        from e3relax_ase.io.files import OutputExistsError
 
         target = self.output
         if isinstance(exc, OutputExistsError):
@@ -357,7 +357,7 @@ class FileJob:
             self.records[index] = FrameRecord(index, "failed", error=message)
 
     def _warn_losses(self, frames: list) -> None:
-        from e3relax_ase.fileio import format_losses
+        from e3relax_ase.io.files import format_losses
 
         losses = sorted({loss for atoms in frames for loss in format_losses(atoms, self.fmt)})
         new = [loss for loss in losses if loss not in self.dropped]

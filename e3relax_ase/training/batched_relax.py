@@ -573,7 +573,7 @@ def min_interatomic_distance(positions: np.ndarray, cell: np.ndarray, cutoff: fl
     Exact when it is below ``cutoff``; inf when no pair is that close. The neighbour search
     the network's graph uses (``graph.periodic_pairs``).
     """
-    from e3relax_ase.graph import periodic_pairs
+    from e3relax_ase.geometry.graph import periodic_pairs
 
     distances = periodic_pairs(np.asarray(positions, dtype=float), np.asarray(cell, dtype=float), np.ones(3, dtype=bool), cutoff)[3]
     return float(distances.min()) if len(distances) else float("inf")

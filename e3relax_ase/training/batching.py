@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from e3relax_ase.graph import CrystalGraph
+from e3relax_ase.geometry.graph import CrystalGraph
 from e3relax_ase.training.dataset import PreparedPairs
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from e3relax_ase.canonical import canonicalize
-from e3relax_ase.graph import CrystalGraph, neighbor_edges
+from e3relax_ase.geometry.canonical import canonicalize
+from e3relax_ase.geometry.graph import CrystalGraph, neighbor_edges
 
 
 # Changes whenever preparation gives other tensors for the same files (a stale cache must miss):

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from e3relax_ase.threads import single_threaded_blas
+from e3relax_ase.relax.threads import single_threaded_blas
 
-from e3relax_ase.training.calculators import resolve_calculator
+from e3relax_ase.relax.calculators import resolve_calculator
 from e3relax_ase.training.pairs import PairSet
 from e3relax_ase.training.perturb import make_user_like_inputs
 
@@ -134,7 +134,7 @@ def relax_structure(atoms, calculator, fmax: float = 0.02, steps: int = 500) -> 
 
 def min_distance(atoms) -> float:
     """Shortest interatomic distance including periodic images (inf if none below 3 Å)."""
-    from e3relax_ase.validation import neighbor_pairs
+    from e3relax_ase.geometry.validation import neighbor_pairs
 
     distances = neighbor_pairs(atoms.positions, atoms.cell.array, atoms.pbc, 3.0)[2]
     return float(distances.min()) if len(distances) else float("inf")

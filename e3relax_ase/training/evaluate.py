@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from e3relax_ase.checkpoint import load_checkpoint
-from e3relax_ase.metrics import MATCHER_SETTINGS, structure_errors, structures_match
+from e3relax_ase.io.checkpoint import load_checkpoint
+from e3relax_ase.training.metrics import MATCHER_SETTINGS, structure_errors, structures_match
 from e3relax_ase.training.dataset import prepare_pairs
 from e3relax_ase.training.families import FAMILIES, chemical_family
 from e3relax_ase.training.pairs import load_pairs

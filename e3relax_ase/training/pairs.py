@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from e3relax_ase.fileio import atomic_write
+from e3relax_ase.io.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from e3relax_ase.architectures import build_model
-from e3relax_ase.checkpoint import load_checkpoint, save_checkpoint
+from e3relax_ase.nn.architectures import build_model
+from e3relax_ase.io.checkpoint import load_checkpoint, save_checkpoint
 from e3relax_ase.distributed import World
-from e3relax_ase.loss import relaxation_loss
-from e3relax_ase.metrics import structure_errors
+from e3relax_ase.training.loss import relaxation_loss
+from e3relax_ase.training.metrics import structure_errors
 from e3relax_ase.training.batching import Budget, EpochBatches, pair_sizes, shard
 from e3relax_ase.training.config import TrainConfig
 from e3relax_ase.training.dataset import PreparedPairs, load_or_prepare
@@ -386,7 +386,7 @@ def write_portable_state(out_dir: str | os.PathLike, path: str | os.PathLike, we
     state = torch.load(Path(out_dir) / STATE_FILE, map_location="cpu", weights_only=True)
     portable = {k: state[k] for k in ("train_config", "ema", "rate", "epoch", "step", "history", "best", "stale")}
     if weights_checkpoint is not None:
-        from e3relax_ase.checkpoint import file_sha256
+        from e3relax_ase.io.checkpoint import file_sha256
 
         del portable["ema"]
         portable["weights_checkpoint"] = {"path": str(weights_checkpoint), "sha256": file_sha256(weights_checkpoint)}

@@ -112,7 +112,7 @@ def acceptable_start(atoms, factor: float = 0.55, min_distance: float = 0.5) -> 
     """No two atoms closer than ``factor`` x their covalent-radius sum nor than ``min_distance`` Å."""
     from ase.data import covalent_radii
 
-    from e3relax_ase.graph import periodic_pairs
+    from e3relax_ase.geometry.graph import periodic_pairs
 
     radii = covalent_radii[atoms.numbers]
     cutoff = max(min_distance, factor * 2.0 * float(radii.max())) + 1e-6
@@ -400,7 +400,7 @@ def write_input_set(path, results: list, plan: InputPlan, report: dict, extra: d
         the manifest.
     """
     from e3relax_ase import __version__
-    from e3relax_ase.fileio import atomic_write
+    from e3relax_ase.io.files import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -322,7 +322,7 @@ def too_close(positions: np.ndarray, cell: np.ndarray, numbers: np.ndarray, fact
     """Whether two atoms (periodic images included) are closer than ``factor`` x their covalent-radius sum."""
     from ase.data import covalent_radii
 
-    from e3relax_ase.graph import periodic_pairs
+    from e3relax_ase.geometry.graph import periodic_pairs
 
     radii = covalent_radii[numbers]
     cutoff = factor * 2.0 * float(radii.max())

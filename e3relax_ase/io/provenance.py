@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from e3relax_ase.structures import INFO_PREFIX
+from e3relax_ase.io.structures import INFO_PREFIX
 
 CIF_MARK = "# e3relax-ase provenance"  # first line of the comment block
 POSCAR_KEYS = ("e3relax_model", "e3relax_checkpoint_sha256", "e3relax_version", "e3relax_source", "e3relax_index")

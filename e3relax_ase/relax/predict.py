@@ -12,22 +12,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from e3relax_ase.canonical import CanonicalForm, canonicalize, image_translation
-from e3relax_ase.graph import CrystalGraph, build_graph
-from e3relax_ase.compiled import CompiledForward
-from e3relax_ase.graphed import GraphedForward
-from e3relax_ase.model import E3RelaxH2
-from e3relax_ase.precision import matmul_precision
-
-
-@dataclass
-class CrystalArrays:
-    """One crystal as plain arrays (lengths in Å, cell rows are lattice vectors)."""
-
-    numbers: np.ndarray  # [n_atoms] int
-    positions: np.ndarray  # [n_atoms, 3]
-    cell: np.ndarray  # [3, 3]
-    pbc: np.ndarray  # [3] bool
+from e3relax_ase.geometry.canonical import CanonicalForm, canonicalize, image_translation
+from e3relax_ase.geometry.crystal import CrystalArrays
+from e3relax_ase.geometry.graph import CrystalGraph, build_graph
+from e3relax_ase.nn.compiled import CompiledForward
+from e3relax_ase.nn.graphed import GraphedForward
+from e3relax_ase.nn.model import E3RelaxH2
+from e3relax_ase.nn.precision import matmul_precision
 
 
 @dataclass
@@ -84,7 +75,7 @@ def predict(
         graph: their graph if already built (``graph_from_canonical`` of ``forms``, or
             ``graph.graph_from_edges``), on any device; moved to ``device`` in one transfer.
         precision: "float32", "tf32" or "bf16" for the network's channel mixing
-            (``e3relax_ase.precision``).
+            (``e3relax_ase.nn.precision``).
         wait: False returns as soon as the pass is queued on the device, as
             ``PendingPredictions`` (on CUDA the pass then runs while the caller works on;
             on a CPU it has run already).

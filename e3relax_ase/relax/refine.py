@@ -1,4 +1,4 @@
-"""Refinement with real forces after the one-shot prediction, and a drop-in ASE optimizer.
+"""Refinement with real forces after the one-shot prediction.
 
 ``refine`` runs an ASE optimizer (FIRE by default) on a cell filter (FrechetCellFilter by
 default) with any ASE calculator, and reports convergence honestly. The optimizer's own test
@@ -11,12 +11,7 @@ of a filter of the same kind built on the final structure (its virial over the a
 ASE counts it), reported separately. ``converged`` is true only when both are below fmax. When
 the optimizer stopped on its own test but the fresh one fails, it carries on from there with a
 fresh filter, within the same ``steps``.
-
-``OneShotThenOptimize`` is an ``ase.optimize.Optimizer``: it moves the structure to the
-one-shot prediction before the first force call, then hands every step to FIRE/BFGS/...::
-
-    opt = OneShotThenOptimize(FrechetCellFilter(atoms), optimizer="FIRE")
-    opt.run(fmax=0.05)
+The drop-in optimizer that jumps to the prediction first is ``relax.optimizer``.
 """
 
 from __future__ import annotations
@@ -25,9 +20,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from ase.optimize.optimize import DEFAULT_MAX_STEPS, Optimizer
 
-from e3relax_ase.structures import (
+from e3relax_ase.io.structures import (
     INFO_CALCULATOR,
     INFO_CONVERGED,
     INFO_FMAX,
@@ -36,7 +30,7 @@ from e3relax_ase.structures import (
     INFO_NSTEPS,
     vacuum_cell_mask,
 )
-from e3relax_ase.threads import single_threaded_blas
+from e3relax_ase.relax.threads import single_threaded_blas
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +84,9 @@ def cell_filter_class(cell_filter):
 
 def make_calculator(calculator):
     """An ASE calculator from an instance, a zero-argument factory, or a name (emt, sevennet,
-    chgnet, module:Class) resolved by ``e3relax_ase.training.calculators.resolve_calculator``."""
+    chgnet, module:Class) resolved by ``e3relax_ase.relax.calculators.resolve_calculator``."""
     if isinstance(calculator, str):
-        from e3relax_ase.training.calculators import resolve_calculator
+        from e3relax_ase.relax.calculators import resolve_calculator
 
         return resolve_calculator(calculator)()
     if isinstance(calculator, type):
@@ -179,7 +173,7 @@ def refine(
     optimizer = optimizer_class(optimizer)
     shared = trajectory is not None and hasattr(trajectory, "write")  # an open Trajectory: our observer writes to it
     nsteps, fresh = 0, (None, None)
-    with single_threaded_blas():  # the cell filter's 3x3 algebra (e3relax_ase/threads.py)
+    with single_threaded_blas():  # the cell filter's 3x3 algebra (e3relax_ase/relax/threads.py)
         for start in range(MAX_FRESH_STARTS + 1):
             if start:  # the optimizer stopped on its own test, the fresh one disagrees: a fresh filter
                 target = filter_class(atoms, **kwargs) if filter_class is not None else atoms
@@ -194,24 +188,24 @@ def refine(
                     opt.trajectory.close()
             nsteps += int(opt.nsteps)
             fresh = fresh_forces(atoms, filter_class, **kwargs)
-            if _below(fresh, fmax) or nsteps >= steps:
+            if below_target(fresh, fmax) or nsteps >= steps:
                 break
-            logger.info("the optimizer stopped at fmax < %.3g on its own filter, but afresh %s: continuing", fmax, _shown(fresh))
+            logger.info("the optimizer stopped at fmax < %.3g on its own filter, but afresh %s: continuing", fmax, shown_forces(fresh))
     fmax_atoms, fmax_cell = fresh
     result = RefineResult(
-        converged=_below(fresh, fmax), nsteps=nsteps, fmax=max(fmax_atoms, fmax_cell or 0.0), fmax_atoms=fmax_atoms, fmax_cell=fmax_cell
+        converged=below_target(fresh, fmax), nsteps=nsteps, fmax=max(fmax_atoms, fmax_cell or 0.0), fmax_atoms=fmax_atoms, fmax_cell=fmax_cell
     )
     record_refinement(atoms, result, calculator)
     if not result.converged:
-        logger.warning("refinement stopped after %d of %d steps with %s > %.3g eV/Å (not converged)", nsteps, steps, _shown(fresh), fmax)
+        logger.warning("refinement stopped after %d of %d steps with %s > %.3g eV/Å (not converged)", nsteps, steps, shown_forces(fresh), fmax)
     return result
 
 
-def _below(fresh: tuple, fmax: float) -> bool:
+def below_target(fresh: tuple, fmax: float) -> bool:
     return all(value is None or value < fmax for value in fresh)
 
 
-def _shown(fresh: tuple) -> str:
+def shown_forces(fresh: tuple) -> str:
     fmax_atoms, fmax_cell = fresh
     return f"largest atomic force {fmax_atoms:.3g}" + ("" if fmax_cell is None else f", cell {fmax_cell:.3g} eV/Å")
 
@@ -229,7 +223,7 @@ def record_refinement(atoms, result: RefineResult, calculator=None) -> None:
         atoms.info[INFO_CALCULATOR] = calculator if isinstance(calculator, str) else type(atoms.calc).__name__
 
 
-def _same_kind_of_filter(obj) -> tuple:
+def same_kind_of_filter(obj) -> tuple:
     """(class, keyword arguments) of a new cell filter like ``obj``; (None, {}) for bare Atoms or
     a filter whose settings cannot be read (its cell rows are then not reported)."""
     from ase import Atoms
@@ -240,110 +234,10 @@ def _same_kind_of_filter(obj) -> tuple:
     return type(obj), {name: getattr(obj, name) for name in names if hasattr(obj, name)}
 
 
-def _underlying_atoms(obj):
+def underlying_atoms(obj):
     """The Atoms under any stack of ASE filters."""
     from ase import Atoms
 
     while not isinstance(obj, Atoms) and hasattr(obj, "atoms"):
         obj = obj.atoms
     return obj
-
-
-class OneShotThenOptimize(Optimizer):
-    """Jump to the one-shot prediction before the first force call, then optimize with FIRE/BFGS/...
-
-    A drop-in ASE optimizer: ``OneShotThenOptimize(atoms_or_filter).run(fmax=0.05)``. Given a
-    cell filter (e.g. ``FrechetCellFilter(atoms)``) the predicted cell is applied too; given
-    bare Atoms only the positions move (the predicted fractional coordinates in the input cell).
-    Both ``run`` and ``irun`` jump first (ASE's ``Optimizer.run`` does not go through
-    ``self.irun``). An insane prediction is skipped (a warning says so) and the optimizer starts
-    from the input. At the end ``atoms.info`` records converged, nsteps and fmax.
-    """
-
-    def __init__(
-        self,
-        atoms,
-        optimizer="FIRE",
-        relaxer=None,
-        checkpoint: str = "default",
-        relax_cell: bool | None = None,
-        fix_symmetry: bool = False,
-        symprec: float = 0.01,
-        restart=None,
-        logfile="-",
-        trajectory=None,
-        append_trajectory: bool = False,
-        **optimizer_kwargs,
-    ):
-        """
-        Args:
-            atoms: Atoms, or a filter over Atoms (a cell filter relaxes the cell too).
-            optimizer: name or class of the optimizer that takes over after the jump.
-            relaxer: a ``OneShotRelaxer``; by default one is built from ``checkpoint``.
-            checkpoint: used when ``relaxer`` is None.
-            relax_cell: apply the predicted cell; default True when ``atoms`` is a cell filter.
-            fix_symmetry, symprec: passed to the relaxer for the jump.
-            restart, logfile, trajectory, append_trajectory: as for any ASE optimizer.
-            **optimizer_kwargs: passed to the optimizer (e.g. ``maxstep``).
-        """
-        super().__init__(atoms, restart=restart, logfile=logfile, trajectory=trajectory, append_trajectory=append_trajectory)
-        self._optimizer_class = optimizer_class(optimizer)
-        self._optimizer_kwargs = optimizer_kwargs
-        self._relaxer = relaxer
-        self._checkpoint = checkpoint
-        self._relax_cell = relax_cell
-        self._fix_symmetry = fix_symmetry
-        self._symprec = symprec
-        self._inner = None
-        self.jumped = False
-
-    def todict(self):
-        description = super().todict()
-        description["then"] = self._optimizer_class.__name__
-        return description
-
-    def _jump(self) -> None:
-        if self.jumped:
-            return
-        self.jumped = True
-        if self._relaxer is None:
-            from e3relax_ase.relaxer import OneShotRelaxer
-
-            self._relaxer = OneShotRelaxer(self._checkpoint)
-        real = _underlying_atoms(self.atoms)
-        relax_cell = self._relax_cell if self._relax_cell is not None else real is not self.atoms and hasattr(self.atoms, "orig_cell")
-        self._relaxer.relax(
-            real, inplace=True, relax_cell=bool(relax_cell), fix_symmetry=self._fix_symmetry, symprec=self._symprec, on_insane="input"
-        )
-
-    def step(self, f=None):
-        if self._inner is None:
-            # Built after the jump, so the optimizer's state starts at the predicted structure.
-            self._inner = self._optimizer_class(self.atoms, logfile=None, trajectory=None, **self._optimizer_kwargs)
-        self._inner.step()
-
-    def _record(self, converged: bool, fmax: float) -> None:
-        """Record the outcome, every force evaluated afresh (as ``refine`` does); the caller
-        still gets the optimizer's own verdict from ``run``."""
-        atoms = _underlying_atoms(self.atoms)
-        filter_class, filter_kwargs = _same_kind_of_filter(self.atoms)
-        fresh = fresh_forces(atoms, filter_class, **filter_kwargs)
-        result = RefineResult(_below(fresh, fmax), int(self.nsteps), max(fresh[0], fresh[1] or 0.0), *fresh)
-        record_refinement(atoms, result)
-        if converged and not result.converged:
-            logger.warning("the optimizer converged on its own filter, but evaluated afresh %s > %.3g eV/Å", _shown(fresh), fmax)
-
-    def irun(self, fmax: float = 0.05, steps: int = DEFAULT_MAX_STEPS):
-        self._jump()
-        converged = False
-        for converged in super().irun(fmax=fmax, steps=steps):
-            yield converged
-        self._record(converged, fmax)
-
-    def run(self, fmax: float = 0.05, steps: int = DEFAULT_MAX_STEPS) -> bool:
-        self._jump()
-        converged = super().run(fmax=fmax, steps=steps)
-        self._record(converged, fmax)
-        if not converged:
-            logger.warning("OneShotThenOptimize stopped at %d steps without reaching fmax %.3g", self.nsteps, fmax)
-        return converged

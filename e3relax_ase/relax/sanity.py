@@ -149,7 +149,7 @@ def closest_pair(positions, cell, pbc, min_distance: float) -> tuple[float, int,
     Returns:
         (distance Å, i, j) with i <= j, or None when no pair is closer than ``min_distance``.
     """
-    from e3relax_ase.validation import neighbor_pairs
+    from e3relax_ase.geometry.validation import neighbor_pairs
 
     positions = np.asarray(positions, dtype=np.float64)
     cell = np.asarray(cell, dtype=np.float64)
@@ -176,7 +176,7 @@ def closest_pair(positions, cell, pbc, min_distance: float) -> tuple[float, int,
 
 def closest_pair_searched(positions, cell, pbc, min_distance: float) -> tuple[float, int, int] | None:
     """:func:`closest_pair` by the neighbour search at ``min_distance`` itself (the reference)."""
-    from e3relax_ase.validation import neighbor_pairs
+    from e3relax_ase.geometry.validation import neighbor_pairs
 
     receivers, senders, distances = neighbor_pairs(positions, cell, pbc, min_distance)
     if not len(distances):

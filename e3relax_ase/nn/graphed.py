@@ -26,9 +26,9 @@ from collections import OrderedDict
 
 import torch
 
-from e3relax_ase.graph import CrystalGraph
-from e3relax_ase.model import E3RelaxH2, ModelOutput
-from e3relax_ase.precision import matmul_precision
+from e3relax_ase.geometry.graph import CrystalGraph
+from e3relax_ase.nn.model import E3RelaxH2, ModelOutput
+from e3relax_ase.nn.precision import matmul_precision
 
 GRAPHED_MAX_ATOMS = 512  # batches up to this many atoms replay a graph; larger ones are not launch bound
 MAX_CAPTURED = 32  # graphs kept per relaxer (the oldest is dropped); each holds its padded shapes

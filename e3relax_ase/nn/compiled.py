@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from e3relax_ase.graph import CrystalGraph
-from e3relax_ase.model import E3RelaxH2, ModelOutput
-from e3relax_ase.precision import matmul_precision
+from e3relax_ase.geometry.graph import CrystalGraph
+from e3relax_ase.nn.model import E3RelaxH2, ModelOutput
+from e3relax_ase.nn.precision import matmul_precision
 
 
 class CompiledForward:

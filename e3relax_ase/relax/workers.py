@@ -10,7 +10,7 @@ and the network.
 Every path gives the same results because every path runs the same functions on the same
 numbers: ``graph_edges`` here and ``sanity.judge_batch``, which the relaxer calls in its own
 process as the workers do in theirs. What a worker runs is module-level (the
-pool pickles functions by name), and this module never imports ``e3relax_ase.relaxer``: a
+pool pickles functions by name), and this module never imports ``e3relax_ase.relax.relaxer``: a
 spawned worker imports only what the work needs, and the relaxer can import this module.
 Arrays travel packed, ``TASK_STRUCTURES`` structures to a task, as a few concatenated arrays:
 cheap to send, where a list of small objects is not.
@@ -31,11 +31,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from e3relax_ase.canonical import CanonicalForm, reduce_cells
-from e3relax_ase.graph import capped_edges, capped_edges_many
-from e3relax_ase.sanity import Confidence, SanityReport, judge_batch, judge_prediction  # noqa: F401 (judge_prediction: re-exported)
-from e3relax_ase.vacuum import ClusterError, find_vacuum
-from e3relax_ase.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
+from e3relax_ase.geometry.canonical import CanonicalForm, reduce_cells
+from e3relax_ase.geometry.graph import capped_edges, capped_edges_many
+from e3relax_ase.relax.sanity import Confidence, SanityReport, judge_batch, judge_prediction  # noqa: F401 (judge_prediction: re-exported)
+from e3relax_ase.geometry.vacuum import ClusterError, find_vacuum
+from e3relax_ase.geometry.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
 
 PREFETCH_ITEMS = 4096  # most structures prepared ahead of the network by the background thread
 TASK_STRUCTURES = 32  # structures per task sent to a worker process
@@ -62,7 +62,7 @@ class PreparationSettings:
     """What preparing a structure needs from the relaxer (picklable, for worker processes)."""
 
     checks: dict  # keyword arguments of validation.prepare_arrays
-    vacuum_gap: float | None = None  # Å | find vacuum along periodic axes (e3relax_ase.vacuum); None: do not look
+    vacuum_gap: float | None = None  # Å | find vacuum along periodic axes (e3relax_ase.geometry.vacuum); None: do not look
     allow_cluster: bool = False  # relax an isolated cluster in a box (keeping the box) instead of refusing it
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e3relax_ase.validation import InvalidStructureError
+from e3relax_ase.geometry.validation import InvalidStructureError
 
 
 class ClusterError(InvalidStructureError):

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from e3relax_ase.loss import align_to_target
+from e3relax_ase.training.loss import align_to_target
 from e3relax_ase.nn.scatter import scatter_mean
 
 # StructureMatcher settings of the paper.

@@ -5,10 +5,10 @@
     relaxed = relaxer.relax(atoms, refine=EMT())    # then real forces until fmax < 0.05
     many = relaxer.relax_many(structures)           # batched by an edge budget
 
-Every structure is validated first (``e3relax_ase.validation``), every prediction is
-sanity-checked (``e3relax_ase.sanity``) and applied through the structure's constraints
-(``e3relax_ase.structures``); ``atoms.info`` receives the provenance keys listed in
-``e3relax_ase.structures``. docs/relaxer.md is the user guide.
+Every structure is validated first (``e3relax_ase.geometry.validation``), every prediction is
+sanity-checked (``e3relax_ase.relax.sanity``) and applied through the structure's constraints
+(``e3relax_ase.io.structures``); ``atoms.info`` receives the provenance keys listed in
+``e3relax_ase.io.structures``. docs/relaxer.md is the user guide.
 """
 
 from __future__ import annotations
@@ -28,17 +28,18 @@ import torch
 
 from e3relax_ase import __version__
 from e3relax_ase.keys import ISOLATION_MARGIN
-from e3relax_ase.checkpoint import CheckpointInfo, load_checkpoint
-from e3relax_ase.model import E3RelaxH2
-from e3relax_ase.canonical import CanonicalForm
-from e3relax_ase.graph import graph_from_edges
-from e3relax_ase.compiled import CompiledForward
-from e3relax_ase.graphed import GraphedForward
-from e3relax_ase.heap import keep_freed_heap
-from e3relax_ase.predict import CrystalArrays, Prediction, ReadyPredictions, predict
-from e3relax_ase.precision import check_precision
-from e3relax_ase.threads import torch_threads
-from e3relax_ase.structures import (
+from e3relax_ase.io.checkpoint import CheckpointInfo, load_checkpoint
+from e3relax_ase.nn.model import E3RelaxH2
+from e3relax_ase.geometry.canonical import CanonicalForm
+from e3relax_ase.geometry.graph import graph_from_edges
+from e3relax_ase.nn.compiled import CompiledForward
+from e3relax_ase.nn.graphed import GraphedForward
+from e3relax_ase.relax.heap import keep_freed_heap
+from e3relax_ase.geometry.crystal import CrystalArrays
+from e3relax_ase.relax.predict import Prediction, ReadyPredictions, predict
+from e3relax_ase.nn.precision import check_precision
+from e3relax_ase.relax.threads import torch_threads
+from e3relax_ase.io.structures import (
     INFO_CLUSTER,
     INFO_CORRECTION_RATIO,
     INFO_LAST_CORRECTION,
@@ -65,13 +66,13 @@ from e3relax_ase.structures import (
     spacegroup_number,
     vacuum_cell_mask,
 )
-from e3relax_ase.validation import (
+from e3relax_ase.geometry.validation import (
     MIN_DISTANCE,
     InvalidStructureError,
     StructureReport,
     structure_name,
 )
-from e3relax_ase.workers import (
+from e3relax_ase.relax.workers import (
     PREFETCH_ITEMS,
     PreparationSettings,
     StructureSpec,
@@ -295,7 +296,7 @@ class OneShotRelaxer:
                 per size bucket: their time is kernel launches, not arithmetic. False runs
                 every batch eagerly.
             compile: run the network's message passing compiled by ``torch.compile``
-                (``e3relax_ase.compiled``) for every batch that does not replay a CUDA graph.
+                (``e3relax_ase.nn.compiled``) for every batch that does not replay a CUDA graph.
                 The first batch waits for the compilation (about 12 s on an H200 host, 10 s
                 on a 2-core CPU), later ones run faster: at the paper's size with TF32, 1.9x
                 the forward pass. For long runs; outputs agree with the eager pass to
@@ -316,7 +317,7 @@ class OneShotRelaxer:
         self._graphed = GraphedForward(self.model) if cuda_graphs and self.device.type == "cuda" else None
         self._compiled = CompiledForward(self.model) if compile else None
         if self.device.type == "cpu":
-            keep_freed_heap()  # no page faults on every forward pass (e3relax_ase.heap)
+            keep_freed_heap()  # no page faults on every forward pass (e3relax_ase.relax.heap)
         self.info = info
         self.batch_size = batch_size if batch_size is not None else (1 if self.device.type == "cpu" else CUDA_BATCH_STRUCTURES)
         self.max_atoms = max_atoms
@@ -361,7 +362,7 @@ class OneShotRelaxer:
             "max_edges": self.max_edges,
             "reduce": self.reduce_cell,
         }
-        # Vacuum at least as thick as the cutoff: no graph edge crosses it (e3relax_ase.vacuum).
+        # Vacuum at least as thick as the cutoff: no graph edge crosses it (e3relax_ase.geometry.vacuum).
         # The same margin as the isolation rule: a gap of exactly the cutoff is vacuum whatever rounding adds.
         return PreparationSettings(checks, vacuum_gap=config.cutoff - ISOLATION_MARGIN, allow_cluster=allow_cluster)
 
@@ -436,7 +437,7 @@ class OneShotRelaxer:
                 with real forces; then fmax, steps, optimizer, cell_filter, scalar_pressure
                 (eV/Å^3), mask, trajectory (a path, where "{index}" and "{name}" are replaced
                 for each structure, or an open ASE Trajectory that every refinement appends
-                to) and logfile apply, as in :func:`e3relax_ase.refine.refine`.
+                to) and logfile apply, as in :func:`e3relax_ase.relax.refine.refine`.
             prefetch: prepare (validate, canonicalise, search neighbours) the next
                 structures in a background thread while the network runs; results are the
                 same either way. The input is then read up to ``PREFETCH_ITEMS`` structures
@@ -450,9 +451,9 @@ class OneShotRelaxer:
                 as with 0. With workers and the network on CUDA (and no ``refine``), torch
                 runs this process's CPU work on one thread during the call (restored after;
                 process-wide while it lasts): its idle OpenMP threads otherwise spin on the
-                workers' cores (``e3relax_ase.threads.torch_threads``).
+                workers' cores (``e3relax_ase.relax.threads.torch_threads``).
             allow_cluster: an isolated cluster or molecule in a periodic box (vacuum along
-                every periodic axis, ``e3relax_ase.vacuum``) is relaxed keeping its box
+                every periodic axis, ``e3relax_ase.geometry.vacuum``) is relaxed keeping its box
                 instead of refused. A structure with vacuum along some periodic axes is
                 always relaxed with those lattice vectors kept, with a warning.
             progress: True shows a tqdm bar on stderr (structures done, structures/s); an
@@ -496,7 +497,7 @@ class OneShotRelaxer:
         frozen = _freeze_garbage_collection()
         host_threads = contextlib.nullcontext()
         if options.pool is not None and self.device.type == "cuda" and refine is None:
-            host_threads = torch_threads(1)  # the workers need the cores (e3relax_ase.threads)
+            host_threads = torch_threads(1)  # the workers need the cores (e3relax_ase.relax.threads)
         try:
             with host_threads:
                 self._run_chunks(source, budget, options, errors, results)
@@ -624,7 +625,7 @@ class OneShotRelaxer:
 
         This process converts and copies each structure (``_shell``) and sends its arrays; the
         workers run the same functions on the same numbers, so the items are the same
-        (e3relax_ase.workers).
+        (e3relax_ase.relax.workers).
         """
 
         def shell(index: int, structure):
@@ -948,8 +949,8 @@ class OneShotRelaxer:
             )
 
     def _refine(self, item: _Item, atoms, options: _Options, relax_cell: bool) -> None:
-        """Continue from the prediction with real forces (``e3relax_ase.refine``)."""
-        from e3relax_ase.refine import refine as refine_structure  # ase.optimize imports scipy: only when refining
+        """Continue from the prediction with real forces (``e3relax_ase.relax.refine``)."""
+        from e3relax_ase.relax.refine import refine as refine_structure  # ase.optimize imports scipy: only when refining
 
         kwargs = dict(options.refine_kwargs)
         if _per_structure(kwargs.get("trajectory")):

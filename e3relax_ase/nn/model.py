@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.graph import CrystalGraph, edge_vectors
+from e3relax_ase.geometry.graph import CrystalGraph, edge_vectors
 from e3relax_ase.nn.crystal import AtomToCrystal, CrystalToAtom
 from e3relax_ase.nn.h2mp import H2MessagePassing
 from e3relax_ase.nn.scatter import scatter_mean
@@ -110,7 +110,7 @@ class E3RelaxH2(nn.Module):
 
         Args:
             graph: batched crystals, any lattice basis and any periodic images of the atoms
-                (``e3relax_ase.canonical`` still reduces and wraps them: smaller coordinates
+                (``e3relax_ase.geometry.canonical`` still reduces and wraps them: smaller coordinates
                 round less).
             message_passing: per layer, a callable to run in place of the layer's
                 ``message_passing`` (its compiled form, ``compiled.CompiledForward``), or None.

@@ -47,7 +47,7 @@ _BY_EXTENSION = {
 }
 
 # What each format keeps (see the module docstring): (constraint types kept or "all", other properties kept).
-# "provenance": the e3relax_* info keys, in info or in a comment (e3relax_ase.provenance).
+# "provenance": the e3relax_* info keys, in info or in a comment (e3relax_ase.io.provenance).
 _KEEPS = {
     "extxyz": (("FixAtoms", "FixCartesian"), {"magmoms", "charges", "tags", "pbc", "info", "provenance"}),
     "traj": ("all", {"magmoms", "charges", "tags", "pbc", "info", "provenance"}),
@@ -211,7 +211,7 @@ def write_atomic(
         path: the output file.
         frames: the structures (several only for a format that holds many).
         fmt: the ASE format name. extxyz, cif and vasp carry the provenance keys as
-            ``e3relax_ase.provenance`` describes.
+            ``e3relax_ase.io.provenance`` describes.
         replace: False never replaces an existing file: the temporary file is hard-linked to
             ``path``, which fails when ``path`` exists, so no other writer can slip in between
             a check and the write.
@@ -290,7 +290,7 @@ def _write_frames(target: str, frames: list, fmt: str, symprec: float | None) ->
     """Serialise ``frames`` into the file ``target`` (see ``write_atomic``)."""
     import ase.io
 
-    from e3relax_ase import provenance
+    from e3relax_ase.io import provenance
 
     if fmt == "extxyz":
         ase.io.write(target, [provenance.for_extxyz(atoms) for atoms in frames], format="extxyz")
@@ -313,7 +313,7 @@ def _cif_text(atoms, symprec: float | None) -> str:
     """One CIF data block with the provenance comment block inside it (after ``data_``)."""
     import io
 
-    from e3relax_ase.provenance import cif_provenance_block
+    from e3relax_ase.io.provenance import cif_provenance_block
 
     if symprec is None:
         import ase.io

@@ -29,7 +29,7 @@ import re
 import shutil
 from pathlib import Path
 
-from e3relax_ase.fileio import write_atomic, write_bytes_atomic
+from e3relax_ase.io.files import write_atomic, write_bytes_atomic
 
 PARTS_SUFFIX = ".e3relax-parts"
 DISCARDED = ".discarded-"  # a parts folder being deleted: PARTS_SUFFIX + DISCARDED + pid (and ".new-" + pid: being made)

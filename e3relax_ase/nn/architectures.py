@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.model import E3RelaxH2
-from e3relax_ase.model_axis_lattice import AxisLatticeE3RelaxH2
+from e3relax_ase.nn.model import E3RelaxH2
+from e3relax_ase.nn.model_axis_lattice import AxisLatticeE3RelaxH2
 
 
 def build_model(config: ModelConfig) -> nn.Module:

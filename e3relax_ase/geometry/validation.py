@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from e3relax_ase.canonical import reduce_cell, wrap_into
+from e3relax_ase.geometry.canonical import reduce_cell, wrap_into
 from e3relax_ase.keys import ISOLATION_MARGIN
 
 MIN_DISTANCE = 0.5  # Å | closer atoms are a broken input (shortest real bond, H2, is 0.74 Å)
@@ -71,7 +71,7 @@ class PreparedCrystal:
     """
 
     report: StructureReport
-    form: Any  # e3relax_ase.canonical.CanonicalForm the pairs were searched in
+    form: Any  # e3relax_ase.geometry.canonical.CanonicalForm the pairs were searched in
     pairs: tuple  # (receiver, sender, shift, distance) numpy arrays: periodic_pairs(form, cutoff)
 
 
@@ -81,7 +81,7 @@ def neighbor_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     Returns:
         (receiver i [n_pairs], sender j [n_pairs], distance [n_pairs] Å) as numpy arrays.
     """
-    from e3relax_ase.graph import periodic_pairs
+    from e3relax_ase.geometry.graph import periodic_pairs
 
     receivers, senders, _, distances = periodic_pairs(
         np.asarray(positions, dtype=np.float64), np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool), cutoff
@@ -262,7 +262,7 @@ def prepare_arrays(
         form = wrap_into(positions, seen, transform, pbc)
     else:
         form = wrap_into(positions, cell, np.eye(3, dtype=np.int64), pbc)
-    from e3relax_ase.graph import periodic_pairs
+    from e3relax_ase.geometry.graph import periodic_pairs
 
 
     pairs = periodic_pairs(form.positions, form.cell, pbc, cutoff)

@@ -15,11 +15,11 @@ How each format is split:
   their comment lines (ASE writes ``Properties=`` in every one), so the frames after it keep
   their own indices.
 * cif: one frame per ``data_`` block, each parsed alone, with its site list checked for
-  duplicated sites (``e3relax_ase.cif_sites``).
+  duplicated sites (``e3relax_ase.io.cif_sites``).
 * traj, db, json: read whole; if that fails, frame by frame by index.
 * any other format: read whole (a failure is one error for the file).
 
-File-level problems (missing, empty, unknown format) raise ``fileio.InputFileError``.
+File-level problems (missing, empty, unknown format) raise ``files.InputFileError``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e3relax_ase.fileio import InputFileError, input_format
+from e3relax_ase.io.files import InputFileError, input_format
 
 INFO_SOURCE = "e3relax_source"  # str | the file a structure was read from (as given)
 INFO_INDEX = "e3relax_index"  # int | its frame index in that file (0 for a single structure)
@@ -253,7 +253,7 @@ def _shown(line: bytes) -> str:
 
 
 def _cif_frames(data: bytes) -> Iterator[Frame]:
-    from e3relax_ase.cif_sites import DuplicateSitesError, check_sites
+    from e3relax_ase.io.cif_sites import DuplicateSitesError, check_sites
 
     lines = data.split(b"\n")
     starts = [k for k, line in enumerate(lines) if line.lstrip().lower().startswith(b"data_")]

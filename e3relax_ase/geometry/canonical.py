@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e3relax_ase.niggli import niggli_transforms
+from e3relax_ase.geometry.niggli import niggli_transforms
 
 WRAP_TOLERANCE = 1e-8  # fractional; see module docstring
 
@@ -69,7 +69,7 @@ def image_translation(image_shift: np.ndarray, cell: np.ndarray) -> np.ndarray:
 def reduce_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     """Integer matrix T with T @ cell Niggli-reduced; the identity unless periodic in 3D.
 
-    T is the operation of ASE's ``niggli_reduce_cell`` (``e3relax_ase.niggli``, which
+    T is the operation of ASE's ``niggli_reduce_cell`` (``e3relax_ase.geometry.niggli``, which
     tests/test_niggli.py checks against it). ``reduce_cells`` does many cells at once.
 
     Raises:

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from e3relax_ase import __version__
-from e3relax_ase.architectures import build_model, is_basis_free
+from e3relax_ase.nn.architectures import build_model, is_basis_free
 from e3relax_ase.config import ModelConfig
 
 FORMAT_NAME = "e3relax-ase-checkpoint"
 FORMAT_VERSION = 2
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"  # e3relax_ase/checkpoints
 REGISTRY_FILE = "registry.json"
 # What a file written by torch.save starts with: a zip archive (torch >= 1.6), or a pickle
 # (the legacy format, protocol 2 or later). Anything else is not a checkpoint at all.

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.graph import CrystalGraph, edge_vectors
+from e3relax_ase.geometry.graph import CrystalGraph, edge_vectors
 from e3relax_ase.nn.broadcast import LatticeToAtom
 from e3relax_ase.nn.h2mp import H2MessagePassing
 from e3relax_ase.nn.lattice import AtomToLattice, LatticeMixing
 from e3relax_ase.nn.scatter import scatter_mean
 from e3relax_ase.nn.solve import solve_unchecked
-from e3relax_ase.model import ModelOutput
+from e3relax_ase.nn.model import ModelOutput
 from e3relax_ase.nn.self_interaction import SelfInteraction
 
 
@@ -94,7 +94,7 @@ class AxisLatticeE3RelaxH2(nn.Module):
 
         Args:
             graph: batched crystals; positions should be wrapped into the cell and the cell
-                reduced (``e3relax_ase.canonical`` does both) for the prediction to be
+                reduced (``e3relax_ase.geometry.canonical`` does both) for the prediction to be
                 invariant to how the input is written.
             message_passing: per layer, a callable to run in place of the layer's
                 ``message_passing`` (its compiled form, ``compiled.CompiledForward``), or None.

@@ -19,7 +19,7 @@ import functools
 
 import numpy as np
 
-from e3relax_ase.predict import CrystalArrays
+from e3relax_ase.geometry.crystal import CrystalArrays
 
 # Keys written into ``atoms.info`` (and pymatgen ``Structure.properties``); every key the
 # relaxer writes starts with INFO_PREFIX, and old ones are removed before new ones are written.
