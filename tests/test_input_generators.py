@@ -234,10 +234,14 @@ def test_quota_shortfall_and_large_top_up():
     fake.append((2, np.array([1, 8]), None, None, {}))
     assert quota_shortfall(fake, plan)[1] == 1  # (1 + 1) / (3 + 1) >= 0.5
 
-    results, report = make_input_set(_plan(n=4, mix=(("symmetric", 1.0),), large_share=0.9))
+    # Whether a random symmetric crystal has more than LARGE_ATOMS atoms can turn on rounding
+    # (spglib, BLAS) and so differ between machines: the first draw is 16 inputs, so that some
+    # are small, and top-ups are asserted to happen exactly when the draw fell short (here
+    # 14 of the first 16 are large; the top-ups then bring the share to 0.9).
+    results, report = make_input_set(_plan(n=16, mix=(("symmetric", 1.0),), large_share=0.9))
     n_large = [len(r[1]) > LARGE_ATOMS for r in results]
-    assert report["quota_met"] and report["top_up_rounds"] and not all(n_large[:4])
-    assert np.mean(n_large) >= 0.9 and all(n_large[4:])
+    assert report["quota_met"] and np.mean(n_large) >= 0.9 and all(n_large[16:])
+    assert bool(report["top_up_rounds"]) == (np.mean(n_large[:16]) < 0.9)
 
 
 def test_make_inputs_cli_writes_the_distill_format(tmp_path):
