@@ -232,13 +232,26 @@ def main(argv=None) -> None:
             target = output if kind == "cifs" else output.with_suffix(".db" if kind == "db" else ".extxyz")
             if target.exists():
                 target.unlink()
-            argv_relax = ["relax", str(path), "-o", str(target) + ("/" if kind == "cifs" else ""), "--checkpoint", args.checkpoint, "--device", args.device, "-q"] + args.extra
+            argv_relax = [
+                "relax",
+                str(path),
+                "-o",
+                str(target) + ("/" if kind == "cifs" else ""),
+                "--checkpoint",
+                args.checkpoint,
+                "--device",
+                args.device,
+                "-q",
+            ] + args.extra
             run = run_cli(tree, argv_relax, work / f"{label}_{kind}.log")
             run["structures_per_s"] = n / run["seconds"]
             results["runs"][kind][label] = run
             outputs[label] = target
-            print(f"{kind:>7} {label:>4}: {n} structures in {run['seconds']:.1f} s, {run['structures_per_s']:.0f}/s, "
-                  f"peak RSS {run['peak_rss_mib']:.0f} MiB, peak GPU {run['peak_gpu_mib']} MiB, {run.get('n_failed')} failed, exit {run['exit_code']}", flush=True)
+            print(
+                f"{kind:>7} {label:>4}: {n} structures in {run['seconds']:.1f} s, {run['structures_per_s']:.0f}/s, "
+                f"peak RSS {run['peak_rss_mib']:.0f} MiB, peak GPU {run['peak_gpu_mib']} MiB, {run.get('n_failed')} failed, exit {run['exit_code']}",
+                flush=True,
+            )
         if "old" in outputs:
             results["runs"][kind]["old_vs_new"] = compare_outputs(kind, outputs["old"], outputs["new"])
             results["runs"][kind]["speedup_new_over_old"] = results["runs"][kind]["old"]["seconds"] / results["runs"][kind]["new"]["seconds"]

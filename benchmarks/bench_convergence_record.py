@@ -77,10 +77,10 @@ def main(argv=None) -> dict:
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
 
+    from e3relax_ase.relax.calculators import resolve_calculator
     from e3relax_ase.relax.refine import refine
     from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.relax.threads import single_threaded_blas
-    from e3relax_ase.relax.calculators import resolve_calculator
 
     factory = resolve_calculator(args.calculator)
     relaxer = OneShotRelaxer("default", device="cpu")

@@ -79,7 +79,12 @@ def _many() -> list:
 
     pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
     return [
-        Atoms(pairs.numbers[pairs.offsets[k] : pairs.offsets[k + 1]], positions=pairs.pos_unrelaxed[pairs.offsets[k] : pairs.offsets[k + 1]], cell=pairs.cell_unrelaxed[k], pbc=True)
+        Atoms(
+            pairs.numbers[pairs.offsets[k] : pairs.offsets[k + 1]],
+            positions=pairs.pos_unrelaxed[pairs.offsets[k] : pairs.offsets[k + 1]],
+            cell=pairs.cell_unrelaxed[k],
+            pbc=True,
+        )
         for k in range(min(MANY, len(pairs)))
     ]
 
@@ -93,7 +98,6 @@ def child(args) -> None:
     torch.set_num_threads(int(args.threads))
     import logging
     import resource
-
 
     import e3relax_ase.relax.relaxer as relaxer_module
     from e3relax_ase.relax import heap
@@ -303,7 +307,9 @@ def parent(args) -> None:
         table = results["results" if keep else "without_kept_heap"]
         for key, entry in table.items():
             for dtype in DTYPES:
-                rows = [(name, e) for name, e in entry[dtype]["per_structure"].items()] + [("all three", {"relax": entry[dtype]["relax_all_structures"], "predict": None})]
+                rows = [(name, e) for name, e in entry[dtype]["per_structure"].items()] + [
+                    ("all three", {"relax": entry[dtype]["relax_all_structures"], "predict": None})
+                ]
                 for name, e in rows:
                     predict_ms = f"{e['predict']['median_ms']:10.1f}" if e["predict"] else " " * 10
                     print(
@@ -311,7 +317,9 @@ def parent(args) -> None:
                         f"{e['relax']['p10_ms']:6.1f}-{e['relax']['p90_ms']:<6.1f} {predict_ms}  {'kept' if entry['heap_kept'] else 'malloc defaults'}"
                     )
                 m = entry[dtype]["relax_many"]
-                print(f"{key.split('_')[0]:>7} {dtype:>8} relax_many of {m['structures']} NREL test crystals ({m['atoms']} atoms): {m['structures_per_s_median']:.1f} structures/s")
+                print(
+                    f"{key.split('_')[0]:>7} {dtype:>8} relax_many of {m['structures']} NREL test crystals ({m['atoms']} atoms): {m['structures_per_s_median']:.1f} structures/s"  # noqa: E501
+                )
     print("stages (ms, median), kept heap:")
     for key, entry in results["results"].items():
         for dtype in DTYPES:

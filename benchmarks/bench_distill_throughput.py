@@ -98,8 +98,14 @@ def load_inputs(args) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     cells = arrays.get("cells", arrays.get("cell_unrelaxed"))
     offsets = arrays["offsets"]
     n = min(args.n, len(offsets) - 1) if args.n > 0 else len(offsets) - 1
-    return [(arrays["numbers"][offsets[k] : offsets[k + 1]].astype(np.int64),
-             positions[offsets[k] : offsets[k + 1]].astype(np.float64), cells[k].astype(np.float64)) for k in range(n)]
+    return [
+        (
+            arrays["numbers"][offsets[k] : offsets[k + 1]].astype(np.int64),
+            positions[offsets[k] : offsets[k + 1]].astype(np.float64),
+            cells[k].astype(np.float64),
+        )
+        for k in range(n)
+    ]
 
 
 def run_driver(module, inputs, teacher, args) -> dict:
@@ -110,8 +116,7 @@ def run_driver(module, inputs, teacher, args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    results = {r.key: r for r in module.relax_stream(stream, timed, params, max_atoms=args.max_atoms,
-                                                      device=args.device, stats=stats)}
+    results = {r.key: r for r in module.relax_stream(stream, timed, params, max_atoms=args.max_atoms, device=args.device, stats=stats)}
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -137,15 +142,13 @@ def compare(a: dict, b: dict) -> dict:
     same_status = all(a[k].status == b[k].status and a[k].n_steps == b[k].n_steps for k in keys)
     dpos = max((float(np.abs(a[k].positions - b[k].positions).max()) for k in keys), default=0.0)
     dcell = max((float(np.abs(a[k].cell - b[k].cell).max()) for k in keys), default=0.0)
-    return {"same_keys": sorted(a) == sorted(b), "same_status_and_steps": same_status,
-            "max_position_diff_A": dpos, "max_cell_diff_A": dcell}
+    return {"same_keys": sorted(a) == sorted(b), "same_status_and_steps": same_status, "max_position_diff_A": dpos, "max_cell_diff_A": dcell}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old-module", required=True, help="path of the older batched_relax.py")
-    parser.add_argument("--inputs", default=str(ROOT / "data" / "nrel_zintl" / "train.npz"),
-                        help="make-inputs .npz or pair .npz (its unrelaxed structures)")
+    parser.add_argument("--inputs", default=str(ROOT / "data" / "nrel_zintl" / "train.npz"), help="make-inputs .npz or pair .npz (its unrelaxed structures)")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--teacher", choices=["toy", "sevennet"], default="toy")
     parser.add_argument("--device", default="cpu")
@@ -177,13 +180,23 @@ def main(argv=None) -> int:
     best = {label: min(rows, key=lambda r: r["wall_s"]) for label, rows in runs.items()}
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else f"main({argv})",
-        "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": args.device,
-                    "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": __import__("os").cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        },
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "inputs": {"file": args.inputs, "n": len(inputs), "atoms": int(sum(len(z) for z, _, _ in inputs))},
-        "settings": {"teacher": args.teacher, "max_atoms": args.max_atoms, "max_steps": args.max_steps, "fmax": args.fmax,
-                     "old_module": args.old_module, "repeats": args.repeats},
+        "settings": {
+            "teacher": args.teacher,
+            "max_atoms": args.max_atoms,
+            "max_steps": args.max_steps,
+            "fmax": args.fmax,
+            "old_module": args.old_module,
+            "repeats": args.repeats,
+        },
         "runs": runs,
         "best": best,
         "new_over_old": {

@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from bench_inference import test_structures  # noqa: E402
 from bench_pipeline import result_header, write_result  # noqa: E402
 
@@ -55,15 +54,17 @@ def _prepare_tasks(crystals) -> list:
     tasks = []
     for start in range(0, len(crystals), TASK):
         group = crystals[start : start + TASK]
-        tasks.append((
-            np.concatenate([c.numbers for c in group]),
-            np.concatenate([c.positions for c in group]),
-            np.stack([c.cell for c in group]),
-            np.stack([c.pbc for c in group]),
-            np.array([len(c.numbers) for c in group], dtype=np.int64),
-            [f"s{start + k}" for k in range(len(group))],
-            [{} for _ in group],
-        ))
+        tasks.append(
+            (
+                np.concatenate([c.numbers for c in group]),
+                np.concatenate([c.positions for c in group]),
+                np.stack([c.cell for c in group]),
+                np.stack([c.pbc for c in group]),
+                np.array([len(c.numbers) for c in group], dtype=np.int64),
+                [f"s{start + k}" for k in range(len(group))],
+                [{} for _ in group],
+            )
+        )
     return tasks
 
 
@@ -74,17 +75,19 @@ def _judge_tasks(crystals, rng) -> list:
         group = crystals[start : start + TASK]
         layers = [np.linspace(0.25, 1.0, 4)[:, None, None] * rng.normal(0, 0.03, c.positions.shape) + c.positions for c in group]
         cells = [np.stack([c.cell * (1 + 0.01 * s) for s in np.linspace(0.25, 1.0, 4)]) for c in group]
-        tasks.append((
-            np.concatenate(layers, axis=1),
-            np.stack(cells, axis=1),
-            np.concatenate([c.positions for c in group]),
-            np.stack([c.cell for c in group]),
-            np.stack([c.pbc for c in group]),
-            np.full(len(group), 1.8),
-            np.array([len(c.numbers) for c in group], dtype=np.int64),
-            True,
-            0.5,
-        ))
+        tasks.append(
+            (
+                np.concatenate(layers, axis=1),
+                np.stack(cells, axis=1),
+                np.concatenate([c.positions for c in group]),
+                np.stack([c.cell for c in group]),
+                np.stack([c.pbc for c in group]),
+                np.full(len(group), 1.8),
+                np.array([len(c.numbers) for c in group], dtype=np.int64),
+                True,
+                0.5,
+            )
+        )
     return tasks
 
 

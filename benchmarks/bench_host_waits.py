@@ -197,9 +197,7 @@ def main(argv=None) -> None:
 
     atoms = [Atoms(c.numbers, positions=c.positions, cell=c.cell, pbc=True) for c in (crystals[i % 1024] for i in range(args.n))]
     _instrument()
-    rows = [
-        measure(atoms, device, int(w), args.sample and k == 0, args.model, args.precision) for k, w in enumerate(args.workers.split(","))
-    ]
+    rows = [measure(atoms, device, int(w), args.sample and k == 0, args.model, args.precision) for k, w in enumerate(args.workers.split(","))]
     results = {
         **result_header(str(device)),
         "n_structures": args.n,
@@ -209,18 +207,20 @@ def main(argv=None) -> None:
     }
     write_result(results, args.out, f"host_waits_{device.type}.json")
     print(f"{results['device']}, {results['cpu_count']} cores, model {args.model} ({args.precision}), {args.n} structures")
-    print(f"{'workers':>7} {'struct/s':>9} {'main cpu us':>11} {'wait prep':>9} {'wait judge':>10} {'wait gpu':>8} {'restore':>7} "
-          f"{'prepare us':>10} {'judge us':>8} {'busy':>5}")
+    print(
+        f"{'workers':>7} {'struct/s':>9} {'main cpu us':>11} {'wait prep':>9} {'wait judge':>10} {'wait gpu':>8} {'restore':>7} "
+        f"{'prepare us':>10} {'judge us':>8} {'busy':>5}"
+    )
     for r in rows:
         busy = f"{100 * r['workers_busy']:4.0f}%" if r["workers_busy"] is not None else "    -"
-        print(f"{r['num_workers']:7d} {r['structures_per_s']:9.0f} {r['main_thread_cpu_us']:11.0f} {r.get('wait_prepared_us', 0):9.0f} "
-              f"{r.get('wait_verdicts_us', 0):10.0f} {r.get('wait_gpu_us', 0):8.0f} {r.get('restore_us', 0):7.0f} "
-              f"{r['worker_prepare_us']:10.0f} {r['worker_judge_us']:8.0f} {busy}")
+        print(
+            f"{r['num_workers']:7d} {r['structures_per_s']:9.0f} {r['main_thread_cpu_us']:11.0f} {r.get('wait_prepared_us', 0):9.0f} "
+            f"{r.get('wait_verdicts_us', 0):10.0f} {r.get('wait_gpu_us', 0):8.0f} {r.get('restore_us', 0):7.0f} "
+            f"{r['worker_prepare_us']:10.0f} {r['worker_judge_us']:8.0f} {busy}"
+        )
         if "main_thread_self" in r:
-            print("  main thread, innermost function (% of samples): "
-                  + ", ".join(f"{k} {100 * v:.0f}" for k, v in list(r["main_thread_self"].items())[:12]))
-            print("  main thread, inclusive (% of samples): "
-                  + ", ".join(f"{k} {100 * v:.0f}" for k, v in list(r["main_thread_inclusive"].items())[:20]))
+            print("  main thread, innermost function (% of samples): " + ", ".join(f"{k} {100 * v:.0f}" for k, v in list(r["main_thread_self"].items())[:12]))
+            print("  main thread, inclusive (% of samples): " + ", ".join(f"{k} {100 * v:.0f}" for k, v in list(r["main_thread_inclusive"].items())[:20]))
 
 
 if __name__ == "__main__":

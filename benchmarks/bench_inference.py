@@ -26,12 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # against in the same run: scripts/gpu_compare.sh) is the one measured.
 sys.path.append(str(ROOT))
 import e3relax_ase  # noqa: E402
-
-from e3relax_ase.io.checkpoint import load_checkpoint  # noqa: E402
 from e3relax_ase.config import ModelConfig  # noqa: E402
+from e3relax_ase.geometry.canonical import canonicalize  # noqa: E402
+from e3relax_ase.io.checkpoint import load_checkpoint  # noqa: E402
 from e3relax_ase.nn.model import E3RelaxH2  # noqa: E402
 from e3relax_ase.relax.predict import CrystalArrays, graph_from_canonical  # noqa: E402
-from e3relax_ase.geometry.canonical import canonicalize  # noqa: E402
 from e3relax_ase.training.pairs import load_pairs  # noqa: E402
 
 
@@ -92,8 +91,12 @@ def stages(checkpoint, crystals, device):
     out["graph_build"] = time.perf_counter() - start
     start = time.perf_counter()
     graph = graph_from_edges(
-        [i.arrays.numbers for i in items], [i.form.positions for i in items], [i.form.cell for i in items],
-        [i.arrays.pbc for i in items], [i.edges for i in items], torch.float32,
+        [i.arrays.numbers for i in items],
+        [i.form.positions for i in items],
+        [i.form.cell for i in items],
+        [i.arrays.pbc for i in items],
+        [i.edges for i in items],
+        torch.float32,
     )
     out["batching"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -142,8 +145,15 @@ def end_to_end_relaxer(checkpoint, crystals, device, repeats=2, **options):
         best = min(best, time.perf_counter() - start)
     relaxer.close()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"structures_per_s": len(atoms) / best, "seconds": best, "relaxed": sum(isinstance(r, Atoms) for r in results),
-            "warm_up_s": warm_up, "num_workers": num_workers, "peak_gpu_memory_gib": peak, **options}
+    return {
+        "structures_per_s": len(atoms) / best,
+        "seconds": best,
+        "relaxed": sum(isinstance(r, Atoms) for r in results),
+        "warm_up_s": warm_up,
+        "num_workers": num_workers,
+        "peak_gpu_memory_gib": peak,
+        **options,
+    }
 
 
 def sevennet_fire(crystals, device, n, fmax=0.05):
@@ -166,10 +176,13 @@ def sevennet_fire(crystals, device, n, fmax=0.05):
             converged = False
         rows.append({"seconds": time.perf_counter() - start, "steps": optimizer.get_number_of_steps(), "converged": bool(converged)})
     rows = rows[1:]  # the first one warms up the model
-    return {"n": len(rows), "median_seconds": float(np.median([r["seconds"] for r in rows])),
-            "mean_seconds": float(np.mean([r["seconds"] for r in rows])),
-            "median_steps": float(np.median([r["steps"] for r in rows])),
-            "converged": int(sum(r["converged"] for r in rows))}
+    return {
+        "n": len(rows),
+        "median_seconds": float(np.median([r["seconds"] for r in rows])),
+        "mean_seconds": float(np.mean([r["seconds"] for r in rows])),
+        "median_steps": float(np.median([r["steps"] for r in rows])),
+        "converged": int(sum(r["converged"] for r in rows)),
+    }
 
 
 # Dense peak rates (vendor datasheets, SXM parts) for the roofline columns; other GPUs get none.
@@ -205,8 +218,17 @@ def forward_throughput(model, graph, device, precision="float32", compiled=False
         first = time.perf_counter() - start
         seconds = timed(lambda: network(graph), device, repeats=5)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"precision": precision, "compiled": compiled, "batch": graph.n_graphs, "structures_per_s": graph.n_graphs / seconds,
-            "seconds": seconds, "first_call_s": first, "edges": int(graph.n_edges), "params": model.count_parameters(), "peak_gib": peak}
+    return {
+        "precision": precision,
+        "compiled": compiled,
+        "batch": graph.n_graphs,
+        "structures_per_s": graph.n_graphs / seconds,
+        "seconds": seconds,
+        "first_call_s": first,
+        "edges": int(graph.n_edges),
+        "params": model.count_parameters(),
+        "peak_gib": peak,
+    }
 
 
 def deviation_from_float32(model, graph, device, precision, compiled=False):
@@ -219,9 +241,13 @@ def deviation_from_float32(model, graph, device, precision, compiled=False):
         with matmul_precision(precision, device):
             other = network(graph)
     distance = (other.positions[-1] - exact.positions[-1]).norm(dim=-1)
-    return {"precision": precision, "compiled": compiled, "max_position_deviation_A": float(distance.max()),
-            "mean_position_deviation_A": float(distance.mean()),
-            "max_cell_deviation_A": float((other.cell[-1] - exact.cell[-1]).abs().max())}
+    return {
+        "precision": precision,
+        "compiled": compiled,
+        "max_position_deviation_A": float(distance.max()),
+        "mean_position_deviation_A": float(distance.mean()),
+        "max_cell_deviation_A": float((other.cell[-1] - exact.cell[-1]).abs().max()),
+    }
 
 
 class _ByteCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -287,13 +313,17 @@ def scaling(model, device, sizes):
         graph = graph_from_canonical([crystal], [form], model.config.cutoff, model.config.max_neighbors, device, torch.float32)
         synchronize(device)
         first_build = time.perf_counter() - start  # includes one-off kernel compilation on CUDA
-        build = timed(lambda: graph_from_canonical([crystal], [form], model.config.cutoff, model.config.max_neighbors, device, torch.float32),
-                      device, repeats=3)
+        build = timed(
+            lambda crystal=crystal, form=form: graph_from_canonical([crystal], [form], model.config.cutoff, model.config.max_neighbors, device, torch.float32),
+            device,
+            repeats=3,  # noqa: E501
+        )
         with torch.no_grad():
-            seconds = timed(lambda: model(graph), device, repeats=2)
+            seconds = timed(lambda graph=graph: model(graph), device, repeats=2)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append({"atoms": len(atoms), "edges": int(graph.n_edges), "graph_s": build, "graph_first_call_s": first_build,
-                     "forward_s": seconds, "peak_gib": peak})
+        rows.append(
+            {"atoms": len(atoms), "edges": int(graph.n_edges), "graph_s": build, "graph_first_call_s": first_build, "forward_s": seconds, "peak_gib": peak}
+        )
     return rows
 
 
@@ -308,15 +338,22 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--sevennet", type=int, default=0, help="also relax this many structures with SevenNet-0 + FIRE (needs sevenn)")
     parser.add_argument("--precisions", default="float32,tf32,bf16", help="forward-pass precisions to compare")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time OneShotRelaxer(compile=True): the forward passes and end-to-end runs with the message passing compiled")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time OneShotRelaxer(compile=True): the forward passes and end-to-end runs with the message passing compiled",
+    )
     parser.add_argument("--workers", default="0,4,12", help="num_workers values of the end-to-end runs")
     parser.add_argument("--e2e-n", type=int, default=4096, help="structures of the end-to-end runs")
-    parser.add_argument("--e2e-batch-sizes", default="",
-                        help="also run the end-to-end path with the most workers at these batch_size values "
-                        "(structures per forward pass; smaller chunks let preparation overlap the network)")
-    parser.add_argument("--paper-e2e", action="store_true",
-                        help="also run end to end with an untrained paper-size network (F = 512, T = 4), most workers, every precision")
+    parser.add_argument(
+        "--e2e-batch-sizes",
+        default="",
+        help="also run the end-to-end path with the most workers at these batch_size values "
+        "(structures per forward pass; smaller chunks let preparation overlap the network)",
+    )
+    parser.add_argument(
+        "--paper-e2e", action="store_true", help="also run end to end with an untrained paper-size network (F = 512, T = 4), most workers, every precision"
+    )
     parser.add_argument("--skip", default="", help=f"sections to leave out, of {','.join(SECTIONS)}")
     args = parser.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
@@ -338,8 +375,11 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "package": str(Path(e3relax_ase.__file__).parent),
-        "checkpoint": info.name, "checkpoint_sha256": info.sha256, "shipped_config": model.config.to_dict(),
-        "n_structures": n, "mean_atoms": float(np.mean([len(c.numbers) for c in crystals])),
+        "checkpoint": info.name,
+        "checkpoint_sha256": info.sha256,
+        "shipped_config": model.config.to_dict(),
+        "n_structures": n,
+        "mean_atoms": float(np.mean([len(c.numbers) for c in crystals])),
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"inference_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -376,8 +416,10 @@ def main(argv=None):
         try:
             compiles = [False, True] if args.compile else [False]
             results["end_to_end_paper_F512_T4"] = [
-                {**end_to_end_relaxer(paper, e2e_crystals, device, num_workers=workers[-1], precision=p, **({"compile": True} if c else {})),
-                 "model": "paper_F512_T4"}
+                {
+                    **end_to_end_relaxer(paper, e2e_crystals, device, num_workers=workers[-1], precision=p, **({"compile": True} if c else {})),
+                    "model": "paper_F512_T4",
+                }
                 for c in compiles
                 for p in precisions
             ]
@@ -461,8 +503,11 @@ def relax_latency(checkpoint, crystal, device, repeats=20) -> dict:
         relaxer.relax(atoms)
         synchronize(device)
         first_calls.append(time.perf_counter() - start)
-    return {"latency_relax_first_s": first_calls[0], "latency_relax_second_s": first_calls[1],
-            "latency_relax_s": timed(lambda: relaxer.relax(atoms), device, repeats=repeats)}
+    return {
+        "latency_relax_first_s": first_calls[0],
+        "latency_relax_second_s": first_calls[1],
+        "latency_relax_s": timed(lambda: relaxer.relax(atoms), device, repeats=repeats),
+    }
 
 
 def _predict_one(model, crystals, device):
@@ -480,31 +525,45 @@ def _table(r):
         print(f"  {label:45s} {row['structures_per_s']:8.0f} structures/s  ({row['structures_per_s'] / base:.2f}x)")
     for row in r.get("end_to_end_paper_F512_T4", []):
         compiled = " + compile" if row.get("compile") else ""
-        print(f"  paper size F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32') + compiled:18s}"
-              f"{row['structures_per_s']:12.0f} structures/s")
+        print(
+            f"  paper size F=512 T=4, num_workers={row['num_workers']}, {row.get('precision', 'float32') + compiled:18s}"
+            f"{row['structures_per_s']:12.0f} structures/s"
+        )
     if "sevennet_fire" in r:
         b = r["sevennet_fire"]
-        print(f"SevenNet-0 + FIRE + FrechetCellFilter (fmax 0.05), {b['n']} structures: median {b['median_seconds']:.2f} s, {b['median_steps']:.0f} steps, "
-              f"{b['structures_per_s']:.2f} structures/s -> best one-shot end to end is {r['speedup_vs_sevennet_fire']:.0f}x faster")
+        print(
+            f"SevenNet-0 + FIRE + FrechetCellFilter (fmax 0.05), {b['n']} structures: median {b['median_seconds']:.2f} s, {b['median_steps']:.0f} steps, "
+            f"{b['structures_per_s']:.2f} structures/s -> best one-shot end to end is {r['speedup_vs_sevennet_fire']:.0f}x faster"
+        )
     s = r["stages_seconds"]
-    print(f"stages for a batch of {s['n_structures']}: " + ", ".join(f"{k} {v*1e3:.1f} ms" for k, v in s.items() if k not in ("n_edges", "n_structures")))
+    print(f"stages for a batch of {s['n_structures']}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in s.items() if k not in ("n_edges", "n_structures")))
     for name, rows in r.get("forward", {}).items():
         work = r["work"][name]
         print(f"forward {name}, batch {r['forward_batch']} ({work['flops'] / 1e9:.0f} GFLOP, {work['bytes_unfused'] / 1e9:.1f} GB unfused):")
         base = rows[0]["structures_per_s"]
         for row in rows:
             label = row["precision"] + (" + compile" if row["compiled"] else "")
-            bound = f", {row['fraction_of_matmul_peak'] * 100:.0f}% matmul peak, {row['fraction_of_memory_peak_unfused'] * 100:.0f}% HBM (unfused)" if "fraction_of_matmul_peak" in row else ""
+            bound = (
+                f", {row['fraction_of_matmul_peak'] * 100:.0f}% matmul peak, {row['fraction_of_memory_peak_unfused'] * 100:.0f}% HBM (unfused)"
+                if "fraction_of_matmul_peak" in row
+                else ""
+            )
             print(f"  {label:18s} {row['structures_per_s']:9.0f} structures/s ({row['structures_per_s'] / base:.2f}x), peak {row['peak_gib']:.2f} GiB{bound}")
     for row in r.get("deviation", []):
-        print(f"{row['precision']}{' + compile' if row.get('compiled') else ''} vs float32 (shipped): max {row['max_position_deviation_A']:.2e} Å, mean {row['mean_position_deviation_A']:.2e} Å, cell {row['max_cell_deviation_A']:.2e} Å")
+        print(
+            f"{row['precision']}{' + compile' if row.get('compiled') else ''} vs float32 (shipped): max {row['max_position_deviation_A']:.2e} Å, mean {row['mean_position_deviation_A']:.2e} Å, cell {row['max_cell_deviation_A']:.2e} Å"  # noqa: E501
+        )
     if "latency_single_s" in r:
-        print(f"single-structure latency ({r['latency_atoms']} atoms): {r['latency_single_s']*1e3:.1f} ms")
+        print(f"single-structure latency ({r['latency_atoms']} atoms): {r['latency_single_s'] * 1e3:.1f} ms")
     if "latency_relax_s" in r:
-        print(f"OneShotRelaxer.relax of that structure: {r['latency_relax_s']*1e3:.1f} ms (first call {r['latency_relax_first_s']*1e3:.0f} ms, "
-              f"second {r.get('latency_relax_second_s', float('nan'))*1e3:.0f} ms)")
+        print(
+            f"OneShotRelaxer.relax of that structure: {r['latency_relax_s'] * 1e3:.1f} ms (first call {r['latency_relax_first_s'] * 1e3:.0f} ms, "
+            f"second {r.get('latency_relax_second_s', float('nan')) * 1e3:.0f} ms)"
+        )
     for row in r.get("scaling", []):
-        print(f"cell {row['atoms']:6d} atoms, {row['edges']:8d} edges: graph {row['graph_s']*1e3:.1f} ms (first call {row.get('graph_first_call_s', float('nan'))*1e3:.0f} ms), forward {row['forward_s']*1e3:.1f} ms, peak {row['peak_gib']:.2f} GiB")
+        print(
+            f"cell {row['atoms']:6d} atoms, {row['edges']:8d} edges: graph {row['graph_s'] * 1e3:.1f} ms (first call {row.get('graph_first_call_s', float('nan')) * 1e3:.0f} ms), forward {row['forward_s'] * 1e3:.1f} ms, peak {row['peak_gib']:.2f} GiB"  # noqa: E501
+        )
 
 
 if __name__ == "__main__":

@@ -118,16 +118,22 @@ def run_train(args) -> dict:
     results["amp_run"] = args.amp
     for name, config, gpu in single:
         logs[name] = open(work / f"{name}.log", "w")
-        procs[name] = subprocess.Popen([sys.executable, "-m", "e3relax_ase", "train", str(config)],
-                                       env=child_env(gpu), cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "e3relax_ase", "train", str(config)], env=child_env(gpu), cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT
+        )
     for name, proc in procs.items():
         proc.wait()
         results["runs"][name] = {"returncode": proc.returncode, **throughput(read_log(work / name), n_train)}
     results["single_gpu_wall_s"] = time.perf_counter() - start
     name = f"gpus{args.gpus}_fp32"
     with open(work / f"{name}.log", "w") as log:
-        proc = subprocess.run(TORCHRUN + ["--nproc-per-node", str(args.gpus), "-m", "e3relax_ase", "train", str(multi)],
-                              env=child_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            TORCHRUN + ["--nproc-per-node", str(args.gpus), "-m", "e3relax_ase", "train", str(multi)],
+            env=child_env(),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     results["runs"][name] = {"returncode": proc.returncode, **throughput(read_log(work / name), n_train)}
     one, many = results["runs"]["one_gpu_fp32"], results["runs"][name]
     for key in ("train_structures_per_s", "epoch_structures_per_s"):
@@ -140,8 +146,10 @@ def run_train(args) -> dict:
 def print_train(r: dict) -> None:
     print(f"\n{r['device']} x {r['gpus_visible']}, {r['n_train']} training pairs, config {r['config']} (its batch_size per GPU)")
     for name, run in r["runs"].items():
-        print(f"  {name:14s} train {run['train_structures_per_s']:7.0f} structures/s, with validation {run['epoch_structures_per_s']:7.0f}/s; "
-              f"val coord MAE by epoch {run['val_coord_mae_by_epoch']}")
+        print(
+            f"  {name:14s} train {run['train_structures_per_s']:7.0f} structures/s, with validation {run['epoch_structures_per_s']:7.0f}/s; "
+            f"val coord MAE by epoch {run['val_coord_mae_by_epoch']}"
+        )
     print(f"  scaling efficiency: training {r['scaling_efficiency_train'] * 100:.1f}%, with validation {r['scaling_efficiency_epoch'] * 100:.1f}%")
     if "amp_speedup_train" in r:
         print(f"  bf16 autocast / float32 training speed: {r['amp_speedup_train']:.2f}x")
@@ -190,11 +198,11 @@ def run_relax(args) -> dict:
     read(inputs, index=":")
     read_seconds = time.perf_counter() - start  # the file-reading floor every process pays
     common = ["relax", str(inputs), "--workers", str(args.workers), "--precision", args.precision, "-q"]
-    results = {**environment(), "n_structures": args.n, "workers_per_process": args.workers, "precision": args.precision,
-               "read_extxyz_seconds": read_seconds}
+    results = {**environment(), "n_structures": args.n, "workers_per_process": args.workers, "precision": args.precision, "read_extxyz_seconds": read_seconds}
     one = timed_relax([sys.executable, "-m", "e3relax_ase"] + common + ["-o", str(work / "one.extxyz")], child_env("0"), work / "one.log")
-    many = timed_relax(TORCHRUN + ["--nproc-per-node", str(args.gpus), "-m", "e3relax_ase"] + common + ["-o", str(work / "many.extxyz")],
-                       child_env(), work / "many.log")
+    many = timed_relax(
+        TORCHRUN + ["--nproc-per-node", str(args.gpus), "-m", "e3relax_ase"] + common + ["-o", str(work / "many.extxyz")], child_env(), work / "many.log"
+    )
     results["one_gpu"] = {"seconds": one, "structures_per_s": args.n / one}
     results[f"gpus{args.gpus}"] = {"seconds": many, "structures_per_s": args.n / many}
     results["speedup"] = one / many
@@ -249,8 +257,10 @@ def run_relax_api(args) -> dict:
     one = run([sys.executable] + child + ["--structures", str(args.n)], child_env("0"), work / "api_one.json")
     many = run(TORCHRUN + ["--nproc-per-node", str(args.gpus)] + child + ["--structures", str(args.n)], child_env(), work / "api_many.json")
     share = args.n // args.gpus
-    procs = [subprocess.Popen([sys.executable] + child + ["--structures", str(share), "--out", str(work / f"api_alone{g}.json")],
-                              env=child_env(str(g)), cwd=ROOT) for g in range(args.gpus)]
+    procs = [
+        subprocess.Popen([sys.executable] + child + ["--structures", str(share), "--out", str(work / f"api_alone{g}.json")], env=child_env(str(g)), cwd=ROOT)
+        for g in range(args.gpus)
+    ]
     for proc in procs:
         proc.wait()
     alone = [json.loads((work / f"api_alone{g}.json").read_text()) for g in range(args.gpus)]
@@ -264,20 +274,28 @@ def run_relax_api(args) -> dict:
 
 
 def print_relax_api(r: dict, gpus: int) -> None:
-    print(f"\n{r['device']}: OneShotRelaxer.relax_many in memory (no file IO), {r['n_structures']} NREL inputs, num_workers {r['workers_per_process']} per process")
+    print(
+        f"\n{r['device']}: OneShotRelaxer.relax_many in memory (no file IO), {r['n_structures']} NREL inputs, num_workers {r['workers_per_process']} per process"  # noqa: E501
+    )
     print(f"  1 GPU                    : {r['one_gpu']['structures_per_s']:7.0f} structures/s")
     for key, label in ((f"torchrun_gpus{gpus}", f"{gpus} GPUs, torchrun (gathered)"), (f"independent_gpus{gpus}", f"{gpus} independent processes")):
         print(f"  {label:25s}: {r[key]['structures_per_s']:7.0f} structures/s (efficiency {r[key]['scaling_efficiency'] * 100:.0f}%)")
 
 
 def print_relax(r: dict, gpus: int) -> None:
-    print(f"\n{r['device']}: e3relax-ase relax of {r['n_structures']} structures (one extxyz), --workers {r['workers_per_process']} per process, "
-          f"precision {r['precision']}, wall time of the whole command")
+    print(
+        f"\n{r['device']}: e3relax-ase relax of {r['n_structures']} structures (one extxyz), --workers {r['workers_per_process']} per process, "
+        f"precision {r['precision']}, wall time of the whole command"
+    )
     print(f"  1 GPU : {r['one_gpu']['seconds']:.1f} s, {r['one_gpu']['structures_per_s']:.0f} structures/s")
-    print(f"  {gpus} GPUs: {r[f'gpus{gpus}']['seconds']:.1f} s, {r[f'gpus{gpus}']['structures_per_s']:.0f} structures/s  "
-          f"(speed-up {r['speedup']:.2f}x, efficiency {r['scaling_efficiency'] * 100:.0f}%)")
+    print(
+        f"  {gpus} GPUs: {r[f'gpus{gpus}']['seconds']:.1f} s, {r[f'gpus{gpus}']['structures_per_s']:.0f} structures/s  "
+        f"(speed-up {r['speedup']:.2f}x, efficiency {r['scaling_efficiency'] * 100:.0f}%)"
+    )
     print(f"  reading the input file alone: {r['read_extxyz_seconds']:.1f} s")
-    print(f"  outputs: {r['written']} structures each, largest difference {r['max_position_difference_A']:.1e} Å (positions), {r['max_cell_difference_A']:.1e} Å (cell)")
+    print(
+        f"  outputs: {r['written']} structures each, largest difference {r['max_position_difference_A']:.1e} Å (positions), {r['max_cell_difference_A']:.1e} Å (cell)"  # noqa: E501
+    )
 
 
 def main(argv=None) -> None:
@@ -285,8 +303,12 @@ def main(argv=None) -> None:
     parser.add_argument("what", choices=["train", "relax", "relax-api", "relax-api-child"])
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=8, help="train: epochs of each run")
-    parser.add_argument("--amp", choices=["concurrent", "skip"], default="concurrent",
-                        help="train: also run amp: true on GPU 1 while the float32 baseline runs on GPU 0, or skip it (a clean baseline)")
+    parser.add_argument(
+        "--amp",
+        choices=["concurrent", "skip"],
+        default="concurrent",
+        help="train: also run amp: true on GPU 1 while the float32 baseline runs on GPU 0, or skip it (a clean baseline)",
+    )
     parser.add_argument("--config", default=str(CONFIGS / "train_nrel_f128.yaml"), help="train: the training config")
     parser.add_argument("--n", "--structures", dest="n", type=int, default=40000, help="relax: structures")
     parser.add_argument("--workers", type=int, default=6, help="relax: --workers of each process")
@@ -296,8 +318,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.what == "relax-api-child":
         return api_child(args)
-    run, show = {"train": (run_train, lambda r: print_train(r)), "relax": (run_relax, lambda r: print_relax(r, args.gpus)),
-                 "relax-api": (run_relax_api, lambda r: print_relax_api(r, args.gpus))}[args.what]
+    run, show = {
+        "train": (run_train, lambda r: print_train(r)),
+        "relax": (run_relax, lambda r: print_relax(r, args.gpus)),
+        "relax-api": (run_relax_api, lambda r: print_relax_api(r, args.gpus)),
+    }[args.what]
     results = run(args)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"multi_gpu_{args.what}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

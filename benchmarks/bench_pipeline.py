@@ -40,18 +40,18 @@ STAGES = ("_prepare", "_shell", "_finish", "_judge_in_pool", "_submit_judging") 
 
 
 def child(args) -> None:
-    import e3relax_ase  # first: PYTHONPATH decides which package (old or current) this is
-
     import logging
 
     import numpy as np
     import torch
 
+    import e3relax_ase  # first: PYTHONPATH decides which package (old or current) this is
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from ase import Atoms
+    from bench_inference import test_structures
 
     import e3relax_ase.relax.relaxer as relaxer_module
-    from bench_inference import test_structures
     from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
 
     logging.disable(logging.WARNING)  # the sanity warnings of the untuned checkpoint
@@ -374,7 +374,7 @@ def table(args, experiment: dict) -> None:
             same += f" ({v['structures_differing_from_old']} structures, up to {v['max_position_deviation_from_old_A']:.1e} Å)"
         other = "   (a)" if st["other_ms"] is None else f"{st['other_ms']:7.3f}"
         print(
-            f"{v['name']:24s} {v['structures_per_s']:9.1f} {v['ms_per_structure']:7.3f} {v['forward_ms_per_structure']:8.3f} {v['host_ms_per_structure']:7.3f} | "
+            f"{v['name']:24s} {v['structures_per_s']:9.1f} {v['ms_per_structure']:7.3f} {v['forward_ms_per_structure']:8.3f} {v['host_ms_per_structure']:7.3f} | "  # noqa: E501
             f"{st['prepare_ms']:8.3f} {st['graph_and_canonical_in_predict_ms']:11.3f} {st['finish_ms']:7.3f} {other} | "
             f"{st['main_process_cpu_us']:7.1f} {st['main_thread_cpu_us']:7.1f}  {same}"
         )

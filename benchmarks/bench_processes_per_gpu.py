@@ -35,8 +35,8 @@ def child(args) -> None:
     """One relaxing process: its share (every P-th structure), timed from the agreed start."""
     import torch
     from ase import Atoms
-
     from bench_inference import test_structures
+
     from e3relax_ase.relax.relaxer import OneShotRelaxer
 
     logging.disable(logging.WARNING)  # the sanity warnings of uncertain inputs
@@ -69,8 +69,25 @@ def child(args) -> None:
 
 def run_config(args, processes: int, workers: int) -> dict:
     start_at = time.time() + args.warm_up_s
-    command = [sys.executable, __file__, "--child", "--device", args.device, "--n", str(args.n), "--model", args.model,
-               "--precision", args.precision, "--processes", str(processes), "--workers", str(workers), "--start-at", str(start_at)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--device",
+        args.device,
+        "--n",
+        str(args.n),
+        "--model",
+        args.model,
+        "--precision",
+        args.precision,
+        "--processes",
+        str(processes),
+        "--workers",
+        str(workers),
+        "--start-at",
+        str(start_at),
+    ]
     command += ["--compile"] if args.compile else []
     children = [subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.PIPE, text=True) for rank in range(processes)]
     rows = []
@@ -127,10 +144,14 @@ def main(argv=None) -> None:
     }
     write_result(results, args.out, f"processes_per_gpu_{device.type}.json")
     base = rows[0]["structures_per_s"]
-    print(f"{results['device']}, {results['cpu_count']} cores, model {args.model} ({args.precision}{', compiled' if args.compile else ''}), {args.n} structures")
+    print(
+        f"{results['device']}, {results['cpu_count']} cores, model {args.model} ({args.precision}{', compiled' if args.compile else ''}), {args.n} structures"
+    )
     for r in rows:
-        print(f"  {r['processes']} process(es) x {r['workers_per_process']:2d} workers: {r['structures_per_s']:8.0f} structures/s "
-              f"({r['structures_per_s'] / base:.2f}x)")
+        print(
+            f"  {r['processes']} process(es) x {r['workers_per_process']:2d} workers: {r['structures_per_s']:8.0f} structures/s "
+            f"({r['structures_per_s'] / base:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def main():
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
 
-    from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.relax.calculators import resolve_calculator
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.training.pairs import load_pairs
 
     torch.set_num_threads(1)
@@ -87,9 +87,14 @@ def main():
     energy_gap = np.array([r["one_shot_energy_per_atom"] - r["raw_energy_per_atom"] for r in both])
     summary = {
         "command": " ".join(["python"] + sys.argv),
-        "device": args.device, "machine": platform.machine(), "torch": torch.__version__,
-        "calculator": args.calculator, "fmax": args.fmax, "checkpoint": relaxer.info.name,
-        "n": len(rows), "n_both_converged": len(both),
+        "device": args.device,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "calculator": args.calculator,
+        "fmax": args.fmax,
+        "checkpoint": relaxer.info.name,
+        "n": len(rows),
+        "n_both_converged": len(both),
         "median_steps_raw": float(np.median([r["raw_steps"] for r in both])) if both else None,
         "median_steps_one_shot": float(np.median([r["one_shot_steps"] for r in both])) if both else None,
         "median_ratio_one_shot_over_raw": float(np.median(ratios)) if ratios else None,

@@ -146,8 +146,13 @@ def main(argv=None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "timed": " ".join([*_command(), "relax", "one.cif", "-o", "out.cif", "-q"]),
         "input": {"structure": structure_id, "n_atoms": N_ATOMS, "source": "data/nrel_zintl/test.npz (unrelaxed), written as CIF by ASE"},
-        "machine": {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "load_1min_before": load_before, "load_1min_after": load_after},  # fmt: skip
+        "machine": {
+            "cpu_model": _cpu_model(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_1min_before": load_before,
+            "load_1min_after": load_after,
+        },  # fmt: skip
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "repeats": args.repeats,
         "runs": [
@@ -162,9 +167,7 @@ def main(argv=None) -> dict:
             }
             for code, variant in variants
         ],
-        "stages_s": {
-            str(code): {name: statistics.median(s[name] for s in stages[str(code)]) for name in stages[str(code)][0]} for code in codes
-        },
+        "stages_s": {str(code): {name: statistics.median(s[name] for s in stages[str(code)]) for name in stages[str(code)][0]} for code in codes},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

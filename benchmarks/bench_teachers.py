@@ -72,9 +72,7 @@ class CHGNetTeacher:
         pos, cells, z = positions.cpu().numpy(), cell.cpu().numpy(), numbers.cpu().numpy()
         offsets = np.concatenate([[0], np.cumsum(n_atoms.cpu().numpy())])
         structures = [
-            Structure(Lattice(cells[k]), z[offsets[k] : offsets[k + 1]], pos[offsets[k] : offsets[k + 1]],
-                      coords_are_cartesian=True)
-            for k in range(len(cells))
+            Structure(Lattice(cells[k]), z[offsets[k] : offsets[k + 1]], pos[offsets[k] : offsets[k + 1]], coords_are_cartesian=True) for k in range(len(cells))
         ]
         energy = np.full(len(structures), np.nan)
         forces = np.zeros((len(z), 3))
@@ -107,7 +105,7 @@ class CHGNetTeacher:
 def make_teacher(spec: str, device: str):
     """A batched teacher for a ``--teachers`` entry (see the module docstring)."""
     if spec.startswith("chgnet-"):
-        return CHGNetTeacher(spec[len("chgnet-"):], device)
+        return CHGNetTeacher(spec[len("chgnet-") :], device)
     from e3relax_ase.training.teacher_sevennet import SevenNetTeacher
 
     model, _, modal = spec.partition(":")
@@ -126,8 +124,12 @@ def inputs_of(pairs, indices):
 
     for k in indices:
         s = pairs.atom_slice(int(k))
-        yield RelaxInput(numbers=pairs.numbers[s].astype(np.int64), positions=pairs.pos_unrelaxed[s].astype(np.float64),
-                         cell=pairs.cell_unrelaxed[int(k)].astype(np.float64), key=int(k))
+        yield RelaxInput(
+            numbers=pairs.numbers[s].astype(np.int64),
+            positions=pairs.pos_unrelaxed[s].astype(np.float64),
+            cell=pairs.cell_unrelaxed[int(k)].astype(np.float64),
+            key=int(k),
+        )
 
 
 def _sync(device: str) -> None:
@@ -141,16 +143,24 @@ def relax_with(teacher, pairs, indices, args) -> dict:
 
     params = FireParams(fmax=args.fmax, max_steps=args.max_steps, fresh_check=True)
     warm = RelaxStats()
-    for _ in relax_stream(inputs_of(pairs, indices[:8]), teacher, params, max_atoms=args.max_atoms, device=args.device,
-                          stats=warm, stop=lambda: warm.n_calls >= 3):
+    for _ in relax_stream(
+        inputs_of(pairs, indices[:8]), teacher, params, max_atoms=args.max_atoms, device=args.device, stats=warm, stop=lambda: warm.n_calls >= 3
+    ):
         pass
     stats = RelaxStats()
     _sync(args.device)
     start = time.perf_counter()
     deadline = start + args.time_budget if args.time_budget else None
     results = {}
-    for r in relax_stream(inputs_of(pairs, indices), teacher, params, max_atoms=args.max_atoms, device=args.device,
-                          stats=stats, stop=(lambda: time.perf_counter() > deadline) if deadline else None):
+    for r in relax_stream(
+        inputs_of(pairs, indices),
+        teacher,
+        params,
+        max_atoms=args.max_atoms,
+        device=args.device,
+        stats=stats,
+        stop=(lambda: time.perf_counter() > deadline) if deadline else None,
+    ):
         results[int(r.key)] = r
     _sync(args.device)
     elapsed = time.perf_counter() - start
@@ -186,9 +196,11 @@ def errors_against_dft(pairs, indices, positions, cells) -> dict:
     batch = torch.repeat_interleave(torch.arange(len(indices)), n_atoms)
     d = torch.float64
     errs = structure_errors(
-        torch.tensor(np.concatenate(positions), dtype=d), torch.tensor(np.stack(cells), dtype=d),
+        torch.tensor(np.concatenate(positions), dtype=d),
+        torch.tensor(np.stack(cells), dtype=d),
         torch.tensor(np.concatenate([pairs.pos_relaxed[s] for s in slices]), dtype=d),
-        torch.tensor(pairs.cell_relaxed[np.asarray(indices)], dtype=d), batch,
+        torch.tensor(pairs.cell_relaxed[np.asarray(indices)], dtype=d),
+        batch,
     )
     v_pred = np.abs(np.linalg.det(np.stack(cells)))
     v_dft = np.abs(np.linalg.det(pairs.cell_relaxed[np.asarray(indices)]))
@@ -223,8 +235,13 @@ def versions() -> dict:
 
 
 def machine(device: str) -> dict:
-    out = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    out = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
@@ -240,31 +257,40 @@ def main(argv=None) -> int:
     parser.add_argument("--fmax", type=float, default=0.02)
     parser.add_argument("--max-steps", type=int, default=500)
     parser.add_argument("--max-atoms", type=int, default=4096, help="atoms per teacher call")
-    parser.add_argument("--time-budget", type=float, default=0.0,
-                        help="seconds per teacher (0 = none); unfinished structures are left out and counted")
+    parser.add_argument("--time-budget", type=float, default=0.0, help="seconds per teacher (0 = none); unfinished structures are left out and counted")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     from e3relax_ase.training.pairs import load_pairs
 
     if Path(args.pairs).name != "train.npz":
-        print(f"warning: {args.pairs} is not a train split; the choice of teacher should see training data only",
-              file=sys.stderr)
+        print(f"warning: {args.pairs} is not a train split; the choice of teacher should see training data only", file=sys.stderr)
     pairs = load_pairs(args.pairs)
     indices = select(len(pairs), args.n, args.seed)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else f"main({argv})",
         "machine": machine(args.device),
         "versions": versions(),
-        "inputs": {"pairs": str(Path(args.pairs).relative_to(ROOT)) if Path(args.pairs).resolve().is_relative_to(ROOT)
-                   else args.pairs, "n_pairs_in_file": len(pairs), "n_selected": int(len(indices)), "seed": args.seed,
-                   "atoms_selected": int(pairs.n_atoms[indices].sum()), "pair_ids_first": [str(i) for i in pairs.ids[indices[:5]]]},
-        "relaxation": {"optimizer": "batched FIRE + Frechet cell filter (e3relax_ase.training.batched_relax)",
-                       "fmax": args.fmax, "max_steps": args.max_steps, "fresh_check": True, "max_atoms_per_call": args.max_atoms},
+        "inputs": {
+            "pairs": str(Path(args.pairs).relative_to(ROOT)) if Path(args.pairs).resolve().is_relative_to(ROOT) else args.pairs,
+            "n_pairs_in_file": len(pairs),
+            "n_selected": int(len(indices)),
+            "seed": args.seed,
+            "atoms_selected": int(pairs.n_atoms[indices].sum()),
+            "pair_ids_first": [str(i) for i in pairs.ids[indices[:5]]],
+        },
+        "relaxation": {
+            "optimizer": "batched FIRE + Frechet cell filter (e3relax_ase.training.batched_relax)",
+            "fmax": args.fmax,
+            "max_steps": args.max_steps,
+            "fresh_check": True,
+            "max_atoms_per_call": args.max_atoms,
+        },
         "teachers": {},
     }
-    baseline = errors_against_dft(pairs, indices, [pairs.pos_unrelaxed[pairs.atom_slice(int(k))] for k in indices],
-                                  [pairs.cell_unrelaxed[int(k)] for k in indices])
+    baseline = errors_against_dft(
+        pairs, indices, [pairs.pos_unrelaxed[pairs.atom_slice(int(k))] for k in indices], [pairs.cell_unrelaxed[int(k)] for k in indices]
+    )
     report["unrelaxed_input"] = summary_of(baseline)
     converged_by: dict[str, set] = {}
     per_structure: dict[str, dict] = {}
@@ -293,15 +319,18 @@ def main(argv=None) -> int:
             "converged": summary_of(errs),
             "speed": run["timing"],
         }
-        print(json.dumps({spec: report["teachers"][spec]["converged"] | {"structures_per_s": run["timing"]["structures_per_s"]}}),
-              flush=True)
+        print(json.dumps({spec: report["teachers"][spec]["converged"] | {"structures_per_s": run["timing"]["structures_per_s"]}}), flush=True)
         del teacher
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
     common = sorted(set.intersection(*converged_by.values())) if converged_by else []
-    report["common"] = {"n": len(common), "unrelaxed_input": summary_of(errors_against_dft(
-        pairs, common, [pairs.pos_unrelaxed[pairs.atom_slice(k)] for k in common], [pairs.cell_unrelaxed[k] for k in common]))}
+    report["common"] = {
+        "n": len(common),
+        "unrelaxed_input": summary_of(
+            errors_against_dft(pairs, common, [pairs.pos_unrelaxed[pairs.atom_slice(k)] for k in common], [pairs.cell_unrelaxed[k] for k in common])
+        ),
+    }
     for spec, rows in per_structure.items():
         errs = {"volume_rel": np.array([rows[k][0] for k in common]), "coord_mae": np.array([rows[k][1] for k in common])}
         report["common"][spec] = summary_of(errs)
@@ -317,9 +346,11 @@ def main(argv=None) -> int:
         c = row["converged"]
         if not c.get("n"):
             continue
-        lines.append(f"{spec:<20} {c['n']:>6} {c['volume_abs_err_pct_median']:>13.2f} {c['volume_abs_err_pct_p90']:>8.2f} "
-                     f"{c['volume_err_pct_median_signed']:>11.2f} {c['coord_mae_A_mean']:>12.4f} "
-                     f"{row['speed'].get('structures_per_s', float('nan')):>9.2f}")
+        lines.append(
+            f"{spec:<20} {c['n']:>6} {c['volume_abs_err_pct_median']:>13.2f} {c['volume_abs_err_pct_p90']:>8.2f} "
+            f"{c['volume_err_pct_median_signed']:>11.2f} {c['coord_mae_A_mean']:>12.4f} "
+            f"{row['speed'].get('structures_per_s', float('nan')):>9.2f}"
+        )
     table = "\n".join(lines)
     report["table_common"] = table
     print(f"On the {len(common)} structures every teacher converged:\n{table}")

@@ -47,8 +47,8 @@ def measure_new(prepared, device, width: int, variant: str, seconds: float, warm
     import numpy as np
     import torch
 
-    from e3relax_ase.nn.architectures import build_model
     from e3relax_ase.config import ModelConfig
+    from e3relax_ase.nn.architectures import build_model
     from e3relax_ase.training.batching import Budget, EpochBatches
     from e3relax_ase.training.config import TrainConfig
     from e3relax_ase.training.trainer import take_step
@@ -89,16 +89,24 @@ def measure_new(prepared, device, width: int, variant: str, seconds: float, warm
     _sync(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"variant": variant, "trainer": "new", "pairs_per_s": pairs / elapsed, "steps": steps, "pairs": pairs, "seconds": elapsed,
-            "mean_pairs_per_step": pairs / max(steps, 1), "warmup_seconds": warmup_seconds, "peak_gpu_gib": peak}
+    return {
+        "variant": variant,
+        "trainer": "new",
+        "pairs_per_s": pairs / elapsed,
+        "steps": steps,
+        "pairs": pairs,
+        "seconds": elapsed,
+        "mean_pairs_per_step": pairs / max(steps, 1),
+        "warmup_seconds": warmup_seconds,
+        "peak_gpu_gib": peak,
+    }
 
 
 def child_old(args) -> None:
     """In a process whose PYTHONPATH starts with the old package: its throughput and its train()."""
-    import e3relax_ase  # noqa: F401  (first: PYTHONPATH decides which package this is)
-
     import torch
 
+    import e3relax_ase  # noqa: F401  (first: PYTHONPATH decides which package this is)
     from e3relax_ase.config import ModelConfig
     from e3relax_ase.nn.model import E3RelaxH2
     from e3relax_ase.training.config import TrainConfig
@@ -134,32 +142,57 @@ def child_old(args) -> None:
         result["throughput"] = {"variant": "count64", "trainer": "old", "pairs_per_s": pairs / elapsed, "steps": steps, "pairs": pairs, "seconds": elapsed}
     if args.train_seconds:
         recipe = json.loads(args.old_recipe)
-        config = TrainConfig(train_data=tuple(args.train), val_data=tuple(args.val), out_dir=args.old_out, model={"num_channels": args.width},
-                             time_budget_minutes=args.train_seconds / 60, **recipe)
+        config = TrainConfig(
+            train_data=tuple(args.train),
+            val_data=tuple(args.val),
+            out_dir=args.old_out,
+            model={"num_channels": args.width},
+            time_budget_minutes=args.train_seconds / 60,
+            **recipe,
+        )
         summary = train(config, device=str(device), prepared=(train_set, val_set))
         result["train"] = {"summary": summary, "recipe": recipe}
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_old(args) -> dict:
-    command = [sys.executable, __file__, "--child-old", "--device", args.device, "--width", str(args.width),
-               "--throughput-seconds", str(args.throughput_seconds), "--train-seconds", str(args.train_seconds),
-               "--cache", str(Path(args.work) / "cache_old"), "--old-out", str(Path(args.work) / "old_run"),
-               "--old-recipe", args.old_recipe, "--train", *args.train, "--val", *args.val]
+    command = [
+        sys.executable,
+        __file__,
+        "--child-old",
+        "--device",
+        args.device,
+        "--width",
+        str(args.width),
+        "--throughput-seconds",
+        str(args.throughput_seconds),
+        "--train-seconds",
+        str(args.train_seconds),
+        "--cache",
+        str(Path(args.work) / "cache_old"),
+        "--old-out",
+        str(Path(args.work) / "old_run"),
+        "--old-recipe",
+        args.old_recipe,
+        "--train",
+        *args.train,
+        "--val",
+        *args.val,
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(args.old).resolve()), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         return {"error": done.stderr[-3000:]}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def evaluate_weights(weights_path: Path, config_values: dict, val_set, device) -> dict:
     """The current evaluator on ``val_set`` for EMA weights saved by either trainer."""
     import torch
 
-    from e3relax_ase.nn.architectures import build_model
     from e3relax_ase.config import ModelConfig
+    from e3relax_ase.nn.architectures import build_model
     from e3relax_ase.training.batching import Budget
     from e3relax_ase.training.trainer import evaluate
 
@@ -226,12 +259,16 @@ def main(argv=None) -> None:
     save()
     if args.train_seconds:
         recipe = TrainConfig.from_yaml(args.recipe).to_dict()
-        recipe.update(train_data=args.train, val_data=args.val, out_dir=str(Path(args.work) / "new_run"),
-                      time_budget_minutes=args.train_seconds / 60, cache_dir="")
+        recipe.update(
+            train_data=args.train, val_data=args.val, out_dir=str(Path(args.work) / "new_run"), time_budget_minutes=args.train_seconds / 60, cache_dir=""
+        )
         new_config = TrainConfig.from_dict(recipe)
         summary = train(new_config, device=str(device), prepared=(train_set, val_set))
-        results["per_gpu_minute"]["new"] = {"summary": summary, "recipe": args.recipe,
-                                            "validation": evaluate_weights(Path(summary["out_dir"]) / "best_ema.pt", new_config.model, val_set, device)}
+        results["per_gpu_minute"]["new"] = {
+            "summary": summary,
+            "recipe": args.recipe,
+            "validation": evaluate_weights(Path(summary["out_dir"]) / "best_ema.pt", new_config.model, val_set, device),
+        }
         if "train" in old:
             old_config = dict(architecture="axis-lattice", num_channels=args.width)
             results["per_gpu_minute"]["old"] = {

@@ -51,8 +51,15 @@ def signals_and_errors(path: str, checkpoint: str) -> dict:
         with open(Path(tmp) / "per_structure.csv") as handle:
             error = np.array([float(row["coord_mae"]) for row in csv.DictReader(handle)])
     relaxer = OneShotRelaxer(checkpoint, device="cpu", dtype="float32")
-    inputs = [Atoms(pairs.numbers[pairs.offsets[k] : pairs.offsets[k + 1]], positions=pairs.pos_unrelaxed[pairs.offsets[k] : pairs.offsets[k + 1]],
-                    cell=pairs.cell_unrelaxed[k], pbc=pairs.pbc[k]) for k in range(len(pairs))]
+    inputs = [
+        Atoms(
+            pairs.numbers[pairs.offsets[k] : pairs.offsets[k + 1]],
+            positions=pairs.pos_unrelaxed[pairs.offsets[k] : pairs.offsets[k + 1]],
+            cell=pairs.cell_unrelaxed[k],
+            pbc=pairs.pbc[k],
+        )
+        for k in range(len(pairs))
+    ]
     values = {name: np.full(len(pairs), np.nan) for name in SIGNALS}
     for k, result in enumerate(relaxer.relax_many(inputs, errors="return", return_trajectory=True)):
         if isinstance(result, RelaxFailure):
@@ -129,8 +136,9 @@ def main(argv=None) -> None:
         "chosen_on": {split: {"data": CALIBRATION[split], **fitted[split]} for split in CALIBRATION},
         "reported_on": {split: {"data": REPORT[split], **scores(report[split], thresholds)} for split in REPORT},
         "rank_correlation_with_error": {
-            split: {name: float(np.corrcoef(np.argsort(np.argsort(np.nan_to_num(data[name]))), np.argsort(np.argsort(data["error"])))[0, 1])
-                    for name in SIGNALS}
+            split: {
+                name: float(np.corrcoef(np.argsort(np.argsort(np.nan_to_num(data[name]))), np.argsort(np.argsort(data["error"])))[0, 1]) for name in SIGNALS
+            }
             for split, data in {**calibration, **report}.items()
         },
     }

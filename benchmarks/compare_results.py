@@ -27,8 +27,12 @@ def _rows(result: dict) -> dict:
             rows[f"{label} (peak GPU memory, GiB)"] = row["peak_gpu_memory_gib"]
     for stage, value in result.get("us_per_structure", {}).items():  # bench_host_stages.py
         rows[f"host stage {stage} (µs per structure)"] = value
-    for key, label in (("latency_single_s", "predict() of one structure (ms)"), ("latency_relax_s", "relax() of one structure (ms)"),
-                       ("latency_relax_first_s", "relax(), first call (ms)"), ("latency_relax_second_s", "relax(), second call (ms)")):
+    for key, label in (
+        ("latency_single_s", "predict() of one structure (ms)"),
+        ("latency_relax_s", "relax() of one structure (ms)"),
+        ("latency_relax_first_s", "relax(), first call (ms)"),
+        ("latency_relax_second_s", "relax(), second call (ms)"),
+    ):
         if key in result:
             rows[label] = result[key] * 1e3
     return rows

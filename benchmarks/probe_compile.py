@@ -9,13 +9,17 @@ table and each compiled pass's largest atom deviation from the eager one. CUDA o
 
 Output of the fifth session's run: benchmarks/results/compile_probe_h200_session5.txt.
 """
-import sys, time, traceback
+
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import test_structures, batch_graph
+from bench_inference import batch_graph, test_structures
+
 from e3relax_ase.config import ModelConfig
 from e3relax_ase.nn.model import E3RelaxH2
 from e3relax_ase.nn.precision import matmul_precision
@@ -27,27 +31,40 @@ crystals = test_structures(2048)
 graphs = {n: batch_graph(crystals[:n], model.config, device) for n in (1024, 2048)}
 graphs[1000] = batch_graph(crystals[1000:2000], model.config, device)
 
+
 def timed(fn, repeats=5):
-    fn(); torch.cuda.synchronize()
+    fn()
+    torch.cuda.synchronize()
     best = 1e9
     for _ in range(repeats):
-        s = time.perf_counter(); fn(); torch.cuda.synchronize(); best = min(best, time.perf_counter() - s)
+        s = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - s)
     return best
+
 
 def run(label, network):
     out = {}
     with torch.inference_mode(), matmul_precision("tf32", device):
         for n, g in graphs.items():
             try:
-                s = time.perf_counter(); network(g); torch.cuda.synchronize(); first = time.perf_counter() - s
-                t = timed(lambda: network(g))
+                s = time.perf_counter()
+                network(g)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - s
+                t = timed(lambda g=g: network(g))
                 out[n] = network(g)
-                print(f"{label:28s} batch {n:5d}: {g.n_graphs / t:8.0f} structures/s ({t*1e3:.1f} ms; first call {first:.1f} s); peak {torch.cuda.max_memory_allocated()/2**30:.1f} GiB", flush=True)
+                print(
+                    f"{label:28s} batch {n:5d}: {g.n_graphs / t:8.0f} structures/s ({t * 1e3:.1f} ms; first call {first:.1f} s); peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",  # noqa: E501
+                    flush=True,
+                )
             except Exception as exc:
                 print(f"{label} batch {n}: FAILED {type(exc).__name__}: {str(exc)[:400]}", flush=True)
                 traceback.print_exc(limit=3)
                 return out
     return out
+
 
 eager = run("eager tf32", model)
 for name, make in (("compile mp dynamic", "mp"), ("compile model dynamic", "model")):
@@ -57,6 +74,7 @@ for name, make in (("compile mp dynamic", "mp"), ("compile model dynamic", "mode
             network = torch.compile(model, dynamic=True)
         else:
             import copy
+
             network = copy.deepcopy(model)
             for layer in network.layers:
                 layer.message_passing = torch.compile(layer.message_passing, dynamic=True)

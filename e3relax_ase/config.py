@@ -96,6 +96,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         """Build a config, rejecting unknown keys."""
         return from_dict_strict(cls, values, "ModelConfig")

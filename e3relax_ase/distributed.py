@@ -40,7 +40,7 @@ class World:
     local_rank: int = 0
 
     @classmethod
-    def current(cls) -> "World":
+    def current(cls) -> World:
         """The process group this process has already joined (rank 0 of 1 when none)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -22,15 +22,15 @@ One crystal, one answer:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.geometry.graph import CrystalGraph, build_graph
 from e3relax_ase.geometry.crystal import CrystalArrays
+from e3relax_ase.geometry.graph import CrystalGraph, build_graph
+from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.relax.predict import predict
 
 # A small configuration for fast tests: every stage present, F and the bases shrunk.
@@ -60,9 +60,7 @@ def random_unimodular(rng: np.random.Generator, max_entry: int = 2) -> np.ndarra
             return transform
 
 
-def random_crystal(
-    rng: np.random.Generator, n_atoms: int = 6, elements=(3, 8, 14, 26), min_distance: float = 1.6, skew: float = 0.3
-) -> CrystalArrays:
+def random_crystal(rng: np.random.Generator, n_atoms: int = 6, elements=(3, 8, 14, 26), min_distance: float = 1.6, skew: float = 0.3) -> CrystalArrays:
     """A random triclinic crystal with atoms at least ``min_distance`` apart (periodic)."""
     for _ in range(1000):
         cell = np.diag(rng.uniform(3.5, 5.5, size=3)) + rng.uniform(-skew, skew, size=(3, 3)) * 3.0
@@ -351,7 +349,9 @@ def prototypes() -> dict[str, CrystalArrays]:
         "NaCl rocksalt cubic": bulk("NaCl", "rocksalt", a=5.64, cubic=True),
         "CsCl": bulk("CsCl", "cesiumchloride", a=4.12),
         "CaF2 fluorite primitive": bulk("CaF2", "fluorite", a=5.46),
-        "SrTiO3 perovskite": from_spacegroup(["Sr", "Ti", "O"], [(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)], spacegroup=221, cellpar=[3.9, 3.9, 3.9, 90, 90, 90]),
+        "SrTiO3 perovskite": from_spacegroup(
+            ["Sr", "Ti", "O"], [(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)], spacegroup=221, cellpar=[3.9, 3.9, 3.9, 90, 90, 90]
+        ),
         "Mg hcp": bulk("Mg", "hcp", a=3.21, c=5.21),
         "ZnO wurtzite": bulk("ZnO", "wurtzite", a=3.25, c=5.21),
         "In body-centred tetragonal": bulk("In", "bct", a=3.25, c=4.95),

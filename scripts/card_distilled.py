@@ -24,7 +24,7 @@ write_data_card(
     pairs,
     splits,
     title="SevenNet-0 distilled pairs",
-    source="seeds: perov_5 and carbon_24 (cdvae, MIT), pymatgen AFLOW prototypes with MP-like element substitution, ASE dcdft elements; perturbed (symmetric strain, rattle, volume rescale) as users make inputs",
+    source="seeds: perov_5 and carbon_24 (cdvae, MIT), pymatgen AFLOW prototypes with MP-like element substitution, ASE dcdft elements; perturbed (symmetric strain, rattle, volume rescale) as users make inputs",  # noqa: E501
     teacher=pairs.metadata.get("teacher", "SevenNet-0"),
     licence="MIT (our relaxations); SevenNet-0 weights MIT; seed structures MIT",
     how_made=(

@@ -43,7 +43,69 @@ STATUS_CODES = {"converged": 0, "max_steps": 1, "nonfinite": 2, "diverged": 3}
 # --------------------------------------------------------------------------------------------
 # Chemistry for decorating AFLOW prototypes (MP-like chemistries, Z <= 83, no Tc/Pm/noble gases)
 # --------------------------------------------------------------------------------------------
-METALS = ["Li", "Be", "Na", "Mg", "Al", "K", "Ca", "Sc", "Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn", "Ga", "Ge", "Rb", "Sr", "Y", "Zr", "Nb", "Mo", "Ru", "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Cs", "Ba", "La", "Ce", "Pr", "Nd", "Sm", "Eu", "Gd", "Tb", "Dy", "Ho", "Er", "Tm", "Yb", "Lu", "Hf", "Ta", "W", "Re", "Os", "Ir", "Pt", "Au", "Hg", "Tl", "Pb", "Bi"]
+METALS = [
+    "Li",
+    "Be",
+    "Na",
+    "Mg",
+    "Al",
+    "K",
+    "Ca",
+    "Sc",
+    "Ti",
+    "V",
+    "Cr",
+    "Mn",
+    "Fe",
+    "Co",
+    "Ni",
+    "Cu",
+    "Zn",
+    "Ga",
+    "Ge",
+    "Rb",
+    "Sr",
+    "Y",
+    "Zr",
+    "Nb",
+    "Mo",
+    "Ru",
+    "Rh",
+    "Pd",
+    "Ag",
+    "Cd",
+    "In",
+    "Sn",
+    "Sb",
+    "Cs",
+    "Ba",
+    "La",
+    "Ce",
+    "Pr",
+    "Nd",
+    "Sm",
+    "Eu",
+    "Gd",
+    "Tb",
+    "Dy",
+    "Ho",
+    "Er",
+    "Tm",
+    "Yb",
+    "Lu",
+    "Hf",
+    "Ta",
+    "W",
+    "Re",
+    "Os",
+    "Ir",
+    "Pt",
+    "Au",
+    "Hg",
+    "Tl",
+    "Pb",
+    "Bi",
+]
 METALLOIDS = ["B", "Si", "As", "Te"]
 ANION_CLASSES = {  # class: (weight, anion elements)
     "oxide": (0.30, ["O"]),
@@ -172,9 +234,13 @@ def fit_volumes(args) -> None:
     pairs = load_pairs(args.pairs)
     volumes = fit_element_volumes(pairs)
     table = {chemical_symbols[z]: round(v, 6) for z, v in sorted(volumes.items())}
-    document = {"fitted_on": Path(args.pairs).name, "pairs": len(pairs.ids), "unit": "A^3 per atom",
-                "rule": "non-negative least squares of V_relaxed ~ sum of per-atom volumes, rows / V_relaxed",
-                "volumes": table}
+    document = {
+        "fitted_on": Path(args.pairs).name,
+        "pairs": len(pairs.ids),
+        "unit": "A^3 per atom",
+        "rule": "non-negative least squares of V_relaxed ~ sum of per-atom volumes, rows / V_relaxed",
+        "volumes": table,
+    }
     _atomic_write_text(Path(args.out), json.dumps(document, indent=1))
     logger.info("fitted %d element volumes on %d pairs -> %s", len(table), len(pairs.ids), args.out)
 
@@ -289,9 +355,7 @@ def trim_wheel(args) -> None:
         dropped = [
             n
             for n in names
-            if ("/pretrained_potentials/" in n and f"/{args.keep}/" not in n and not n.endswith(".py"))
-            or n.endswith(".so")
-            or "/pair_e3gnn/" in n
+            if ("/pretrained_potentials/" in n and f"/{args.keep}/" not in n and not n.endswith(".py")) or n.endswith(".so") or "/pair_e3gnn/" in n
         ]
         record_name = next(n for n in names if n.endswith(".dist-info/RECORD"))
         for n in names:
@@ -373,8 +437,7 @@ def bench(args) -> None:
     teacher = _make_teacher(device)
     params = FireParams(fresh_check=True)
     warm = RelaxStats()
-    for _ in relax_stream(_input_stream(inp, 0, 64), teacher, params, max_atoms=1024, device=device,
-                          stats=warm, stop=lambda: warm.n_calls >= 3):
+    for _ in relax_stream(_input_stream(inp, 0, 64), teacher, params, max_atoms=1024, device=device, stats=warm, stop=lambda: warm.n_calls >= 3):
         pass
     report = {"device": _device_info(), "runs": []}
     start = args.offset
@@ -386,10 +449,17 @@ def bench(args) -> None:
         t0 = time.time()
         deadline = t0 + args.seconds
         try:
-            results = list(relax_stream(
-                _input_stream(inp, start, len(inp["ids"])), teacher, params, max_atoms=max_atoms, device=device,
-                stats=stats, stop=lambda deadline=deadline: time.time() > deadline,
-            ))
+            results = list(
+                relax_stream(
+                    _input_stream(inp, start, len(inp["ids"])),
+                    teacher,
+                    params,
+                    max_atoms=max_atoms,
+                    device=device,
+                    stats=stats,
+                    stop=lambda deadline=deadline: time.time() > deadline,
+                )
+            )
         except torch.OutOfMemoryError:
             report["runs"].append({"max_atoms": max_atoms, "error": "out of GPU memory"})
             print(json.dumps(report["runs"][-1]), flush=True)
@@ -503,11 +573,22 @@ def relax(args) -> None:
     writer = _RawWriter(out_dir, args.part_mib, args.positions_dtype)
     stop = min(len(inp["ids"]), args.offset + (args.limit or len(inp["ids"])))
     stream = relax_stream(
-        _input_stream(inp, args.offset, stop, feed_until), teacher, params, max_atoms=args.max_atoms,
-        device=device, stats=stats, stop=lambda: time.time() > deadline,
+        _input_stream(inp, args.offset, stop, feed_until),
+        teacher,
+        params,
+        max_atoms=args.max_atoms,
+        device=device,
+        stats=stats,
+        stop=lambda: time.time() > deadline,
     )
-    log = {"device": _device_info(), "max_atoms": args.max_atoms, "fmax": args.fmax, "max_steps": args.max_steps,
-           "inputs": Path(args.inputs).name, "offset": args.offset}
+    log = {
+        "device": _device_info(),
+        "max_atoms": args.max_atoms,
+        "fmax": args.fmax,
+        "max_steps": args.max_steps,
+        "inputs": Path(args.inputs).name,
+        "offset": args.offset,
+    }
     last_save = time.time()
 
     def write_log(final: bool):
@@ -517,32 +598,35 @@ def relax(args) -> None:
         codes = np.array(writer.status_code, dtype=int)
         steps = np.array(writer.status_steps)
         conv_steps = steps[codes == 0]
-        log.update({
-            "final": final,
-            "wall_s_total": round(now - t_start, 1),
-            "startup_s": round(t_loop - t_start, 1),
-            "loop_s": round(loop_s, 1),
-            "teacher_calls": stats.n_calls,
-            "steps_per_s": round(stats.n_calls / max(loop_s, 1e-9), 3),
-            "atom_steps_per_s": round(stats.n_atom_evals / max(loop_s, 1e-9), 1),
-            "structure_steps_per_s": round(stats.n_graph_evals / max(loop_s, 1e-9), 1),
-            "mean_structures_per_call": round(stats.n_graph_evals / max(stats.n_calls, 1), 1),
-            "finished": stats.n_finished,
-            "converged": n_conv,
-            "status_counts": {s: int((codes == c).sum()) for s, c in STATUS_CODES.items()},
-            "converged_fraction_of_finished": round(n_conv / max(stats.n_finished, 1), 4),
-            "converged_pairs_per_hour_loop": round(3600 * n_conv / max(loop_s, 1e-9)),
-            "converged_pairs_per_hour_incl_startup": round(3600 * n_conv / max(now - t_start, 1e-9)),
-            "median_steps_converged": float(np.median(conv_steps)) if len(conv_steps) else None,
-            "mean_steps_converged": float(np.mean(conv_steps)) if len(conv_steps) else None,
-            "inputs_consumed_upto": int(max(writer.status_index, default=args.offset)),
-            "raw_parts": writer.part + 1,
-        })
+        log.update(
+            {
+                "final": final,
+                "wall_s_total": round(now - t_start, 1),
+                "startup_s": round(t_loop - t_start, 1),
+                "loop_s": round(loop_s, 1),
+                "teacher_calls": stats.n_calls,
+                "steps_per_s": round(stats.n_calls / max(loop_s, 1e-9), 3),
+                "atom_steps_per_s": round(stats.n_atom_evals / max(loop_s, 1e-9), 1),
+                "structure_steps_per_s": round(stats.n_graph_evals / max(loop_s, 1e-9), 1),
+                "mean_structures_per_call": round(stats.n_graph_evals / max(stats.n_calls, 1), 1),
+                "finished": stats.n_finished,
+                "converged": n_conv,
+                "status_counts": {s: int((codes == c).sum()) for s, c in STATUS_CODES.items()},
+                "converged_fraction_of_finished": round(n_conv / max(stats.n_finished, 1), 4),
+                "converged_pairs_per_hour_loop": round(3600 * n_conv / max(loop_s, 1e-9)),
+                "converged_pairs_per_hour_incl_startup": round(3600 * n_conv / max(now - t_start, 1e-9)),
+                "median_steps_converged": float(np.median(conv_steps)) if len(conv_steps) else None,
+                "mean_steps_converged": float(np.mean(conv_steps)) if len(conv_steps) else None,
+                "inputs_consumed_upto": int(max(writer.status_index, default=args.offset)),
+                "raw_parts": writer.part + 1,
+            }
+        )
         if device == "cuda":
             log["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         _atomic_write_text(out_dir / "relax_log.json", json.dumps(log, indent=1))
-        print(json.dumps({k: log[k] for k in ("loop_s", "steps_per_s", "atom_steps_per_s", "finished", "converged",
-                                               "converged_pairs_per_hour_loop")}), flush=True)
+        print(
+            json.dumps({k: log[k] for k in ("loop_s", "steps_per_s", "atom_steps_per_s", "finished", "converged", "converged_pairs_per_hour_loop")}), flush=True
+        )
 
     for result in stream:
         writer.add(result)
@@ -590,11 +674,18 @@ def finalize(args) -> None:
             for r, k in enumerate(raw["index"]):
                 a, b = off[k], off[k + 1]
                 result = RelaxResult(
-                    key=int(k), numbers=inp["numbers"][a:b].astype(np.int64),
-                    positions_init=inp["positions"][a:b].astype(np.float64), cell_init=inp["cells"][k].astype(np.float64),
-                    positions=raw["positions"][roff[r]:roff[r + 1]].astype(np.float64), cell=raw["cells"][r],
-                    energy=float(raw["energy"][r]), fmax=float(raw["fmax"][r]), fmax_fresh=float(raw["fmax_fresh"][r]),
-                    n_steps=int(raw["n_steps"][r]), converged=True, status="converged",
+                    key=int(k),
+                    numbers=inp["numbers"][a:b].astype(np.int64),
+                    positions_init=inp["positions"][a:b].astype(np.float64),
+                    cell_init=inp["cells"][k].astype(np.float64),
+                    positions=raw["positions"][roff[r] : roff[r + 1]].astype(np.float64),
+                    cell=raw["cells"][r],
+                    energy=float(raw["energy"][r]),
+                    fmax=float(raw["fmax"][r]),
+                    fmax_fresh=float(raw["fmax_fresh"][r]),
+                    n_steps=int(raw["n_steps"][r]),
+                    converged=True,
+                    status="converged",
                 )
                 problem = check_sane(result)
                 if problem is None and min_interatomic_distance(result.positions_init, result.cell_init, 1.0) <= 0.5:
@@ -622,9 +713,9 @@ def finalize(args) -> None:
         "FIRE/FrechetCellFilter defaults: dt 0.1, maxstep 0.2, dtmax 1.0, Nmin 5, finc 1.1, fdec 0.5, "
         "astart 0.1, fa 0.99, exp_cell_factor n_atoms)",
         "seed_sources": sources,
-        "inputs": "e3relax-ase data make-inputs (e3relax_ase.training.inputs; parameters in the inputs' "
-        "manifest and each pair's info)" if any(s.startswith("generator:") for s in sources) else
-        "seeds perturbed by e3relax_ase.training.perturb (rattle 0.05-0.15 A, symmetric strain "
+        "inputs": "e3relax-ase data make-inputs (e3relax_ase.training.inputs; parameters in the inputs' manifest and each pair's info)"
+        if any(s.startswith("generator:") for s in sources)
+        else "seeds perturbed by e3relax_ase.training.perturb (rattle 0.05-0.15 A, symmetric strain "
         "<= 5 %, volume x0.85-1.2; perov_5 element substitution p=0.5; AFLOW prototypes decorated with "
         "MP-like chemistries scaled to covalent contact), supercells to >= 4 atoms, <= 32 atoms",
         "volume_guess": (
@@ -650,12 +741,20 @@ def finalize(args) -> None:
         pid = str(inp["ids"][p.key])
         side = sidecar[pid]
         ids.append(pid)
-        infos.append({"seed_id": side["seed_id"], "source": side["source"], "perturbation": side["perturbation"],
-                      # inputs from `e3relax-ase data make-inputs` also carry their generator's
-                      # parameters, seed, chemical system and planned split
-                      **{k: side[k] for k in ("generator", "rng", "chemical_system", "split") if k in side},
-                      "steps": p.n_steps, "converged": True, "fmax": round(p.fmax, 5),
-                      "fmax_fresh": round(p.fmax_fresh, 5)})
+        infos.append(
+            {
+                "seed_id": side["seed_id"],
+                "source": side["source"],
+                "perturbation": side["perturbation"],
+                # inputs from `e3relax-ase data make-inputs` also carry their generator's
+                # parameters, seed, chemical system and planned split
+                **{k: side[k] for k in ("generator", "rng", "chemical_system", "split") if k in side},
+                "steps": p.n_steps,
+                "converged": True,
+                "fmax": round(p.fmax, 5),
+                "fmax_fresh": round(p.fmax_fresh, 5),
+            }
+        )
     out = Path(args.out)
     n_files = max(1, int(np.ceil(_estimate_bytes(pairs) / (args.max_mib * 2**20))))
     chunks = np.array_split(np.arange(len(pairs)), n_files)
@@ -664,20 +763,23 @@ def finalize(args) -> None:
         sel = [pairs[i] for i in idx]
         n = np.array([len(p.numbers) for p in sel], dtype=np.int64)
         pairset = PairSet(
-            ids=np.array([ids[i] for i in idx]), n_atoms=n, offsets=np.concatenate([[0], np.cumsum(n)]),
+            ids=np.array([ids[i] for i in idx]),
+            n_atoms=n,
+            offsets=np.concatenate([[0], np.cumsum(n)]),
             numbers=np.concatenate([p.numbers for p in sel]),
             pos_unrelaxed=np.concatenate([p.positions_init for p in sel]),
             pos_relaxed=np.concatenate([p.positions for p in sel]),
-            cell_unrelaxed=np.stack([p.cell_init for p in sel]), cell_relaxed=np.stack([p.cell for p in sel]),
+            cell_unrelaxed=np.stack([p.cell_init for p in sel]),
+            cell_relaxed=np.stack([p.cell for p in sel]),
             pbc=np.ones((len(sel), 3), dtype=bool),
             energy_per_atom_relaxed=np.array([p.energy / len(p.numbers) for p in sel]),
-            metadata=dict(metadata, part=f"{c + 1}/{n_files}"), info=[infos[i] for i in idx],
+            metadata=dict(metadata, part=f"{c + 1}/{n_files}"),
+            info=[infos[i] for i in idx],
         )
         path = out if n_files == 1 else out.with_name(f"{out.stem}_{c:02d}{out.suffix}")
         save_pairs(path, pairset)
         written.append(path.name)
-    runlog = {"relax_log": log, "pairs_files": written, "kept_pairs": len(pairs),
-              "rejected_after_convergence": rejected, "bench": None}
+    runlog = {"relax_log": log, "pairs_files": written, "kept_pairs": len(pairs), "rejected_after_convergence": rejected, "bench": None}
     bench_path = Path(args.bench) if args.bench else None
     if bench_path and bench_path.exists():
         runlog["bench"] = json.loads(bench_path.read_text())
@@ -707,14 +809,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-strain", type=float, default=0.05)
     p.add_argument("--rattle", type=float, nargs=2, default=(0.05, 0.15))
     p.add_argument("--volume-range", type=float, nargs=2, default=(0.85, 1.2))
-    p.add_argument("--element-volumes", default=None,
-                   help="JSON from fit-volumes: compounds' volumes become the geometric mean of their "
-                   "perturbed volume and the per-element guess")
-    p.add_argument("--sources", default=None,
-                   help=f"seed sources to use, of {','.join(SOURCE_FRACTIONS)} (default all, in those shares; "
-                   "a subset keeps their relative shares)")
-    p.add_argument("--id-prefix", default="sn0-", help="pair ids are PREFIX + 6-digit index; a new input set "
-                   "that will join an existing dataset needs its own prefix")
+    p.add_argument(
+        "--element-volumes",
+        default=None,
+        help="JSON from fit-volumes: compounds' volumes become the geometric mean of their perturbed volume and the per-element guess",
+    )
+    p.add_argument(
+        "--sources",
+        default=None,
+        help=f"seed sources to use, of {','.join(SOURCE_FRACTIONS)} (default all, in those shares; a subset keeps their relative shares)",
+    )
+    p.add_argument(
+        "--id-prefix", default="sn0-", help="pair ids are PREFIX + 6-digit index; a new input set that will join an existing dataset needs its own prefix"
+    )
     p.set_defaults(func=make_inputs)
 
     p = sub.add_parser("fit-volumes", help="per-element volumes from a pair file -> JSON (here)")

@@ -34,18 +34,18 @@ args = parser.parse_args()
 
 model, info = load_checkpoint(args.weights)
 elements = sorted({int(z) for path in args.train for z in np.unique(load_pairs(path).numbers)})
-training_data = [
-    {"file": str(p), "pairs": len(load_pairs(p)), "metadata": load_pairs(p).metadata} for p in args.train
-]
+training_data = [{"file": str(p), "pairs": len(load_pairs(p)), "metadata": load_pairs(p).metadata} for p in args.train]
 metadata = dict(info.metadata)
-metadata.update({
-    "name": args.name,
-    "untrained": False,
-    "elements": elements,
-    "training_data": training_data,
-    "licence": "MIT (weights); training data: see training_data",
-    "notes": args.notes,
-})
+metadata.update(
+    {
+        "name": args.name,
+        "untrained": False,
+        "elements": elements,
+        "training_data": training_data,
+        "licence": "MIT (weights); training data: see training_data",
+        "notes": args.notes,
+    }
+)
 checkpoints = ROOT / "checkpoints"
 target = checkpoints / f"{args.name}.pt"
 save_checkpoint(target, model, metadata)
@@ -107,23 +107,23 @@ card = f"""# Model card: {args.name}
 |---|---|
 | file | `checkpoints/{target.name}` (sha256 `{sha}`) |
 | architecture | E3Relax-H2, F = {model.config.num_channels}, T = {model.config.num_layers}, D = {model.config.cutoff} Å, K = {model.config.max_neighbors}, {model.count_parameters():,} parameters |
-| training data | {', '.join(f"{t['file']} ({t['pairs']} pairs)" for t in training_data)} |
-| elements seen | {' '.join(chemical_symbols[z] for z in elements)} ({len(elements)}); other elements are refused |
-| licence | {metadata['licence']} |
+| training data | {", ".join(f"{t['file']} ({t['pairs']} pairs)" for t in training_data)} |
+| elements seen | {" ".join(chemical_symbols[z] for z in elements)} ({len(elements)}); other elements are refused |
+| licence | {metadata["licence"]} |
 | notes | {args.notes} |
 
-## Test metrics ({summary['n_pairs']} pairs of `{args.test}`, chemistries unseen in training)
+## Test metrics ({summary["n_pairs"]} pairs of `{args.test}`, chemistries unseen in training)
 Reproduce with `e3relax-ase evaluate {args.name} {args.test} --match-sample 300`.
 
 | metric | E3Relax-H2 | Dummy (input) | ratio |
 |---|---|---|---|
-| coordinate MAE, rigid translation removed (Å) | {m['coord_mae']:.4f} | {d['coord_mae']:.4f} | {r['coord_mae']:.3f} |
-| coordinate MAE, paper's definition (Å) | {m['coord_mae_paper']:.4f} | {d['coord_mae_paper']:.4f} | {r['coord_mae_paper']:.3f} |
-| volume MAE (Å³) | {m['volume_abs']:.2f} | {d['volume_abs']:.2f} | {r['volume_abs']:.3f} |
-| cell shape deviation (Å²) | {m['cell_shape']:.2f} | {d['cell_shape']:.2f} | {r['cell_shape']:.3f} |
-| match rate (StructureMatcher 0.2/0.3/5, {summary['match_sample']} random pairs) | {m['match_rate']:.3f} | {d['match_rate']:.3f} | |
+| coordinate MAE, rigid translation removed (Å) | {m["coord_mae"]:.4f} | {d["coord_mae"]:.4f} | {r["coord_mae"]:.3f} |
+| coordinate MAE, paper's definition (Å) | {m["coord_mae_paper"]:.4f} | {d["coord_mae_paper"]:.4f} | {r["coord_mae_paper"]:.3f} |
+| volume MAE (Å³) | {m["volume_abs"]:.2f} | {d["volume_abs"]:.2f} | {r["volume_abs"]:.3f} |
+| cell shape deviation (Å²) | {m["cell_shape"]:.2f} | {d["cell_shape"]:.2f} | {r["cell_shape"]:.3f} |
+| match rate (StructureMatcher 0.2/0.3/5, {summary["match_sample"]} random pairs) | {m["match_rate"]:.3f} | {d["match_rate"]:.3f} | |
 
-Plots: `coord_error_hist.png`, `volume_parity.png`{', `validation_curve.png`' if curve else ''} beside this card;
+Plots: `coord_error_hist.png`, `volume_parity.png`{", `validation_curve.png`" if curve else ""} beside this card;
 per-structure errors in `per_structure.csv`.
 
 ## Intended use and limits

@@ -52,8 +52,10 @@ def main():
         source = np.array([sidecar[i]["source"] for i in pairs.ids])
         for name in ["all"] + sorted(set(source)):
             m = seen & ((source == name) if name != "all" else True)
-            print(f"{split:5s}  {name:8s} {m.sum():5d}   {spread(v_relaxed[m], v_input[m])}   "
-                  f"{spread(v_relaxed[m], guess[m])}   {spread(v_relaxed[m], mean[m])}   {spread(v_relaxed[m], rule[m])}")
+            print(
+                f"{split:5s}  {name:8s} {m.sum():5d}   {spread(v_relaxed[m], v_input[m])}   "
+                f"{spread(v_relaxed[m], guess[m])}   {spread(v_relaxed[m], mean[m])}   {spread(v_relaxed[m], rule[m])}"
+            )
 
 
 if __name__ == "__main__":

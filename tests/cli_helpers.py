@@ -3,8 +3,8 @@
 from ase.build import bulk
 from click.testing import CliRunner
 
-from e3relax_ase.io.checkpoint import save_checkpoint
 from e3relax_ase.cli.main import cli
+from e3relax_ase.io.checkpoint import save_checkpoint
 from e3relax_ase.testing import tiny_model
 
 

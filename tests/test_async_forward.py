@@ -92,8 +92,8 @@ def test_cuda_forward_pass_never_syncs_and_matches_a_waiting_call():
     model = tiny_model().cuda().float()
     crystals = _crystals(16)
     waited = predict(model, crystals, "cuda", torch.float32)
-    from e3relax_ase.relax.predict import graph_from_canonical
     from e3relax_ase.geometry.canonical import canonicalize
+    from e3relax_ase.relax.predict import graph_from_canonical
 
     forms = [canonicalize(c.positions, c.cell, c.pbc) for c in crystals]
     graph = graph_from_canonical(crystals, forms, model.config.cutoff, model.config.max_neighbors, "cpu", torch.float32)

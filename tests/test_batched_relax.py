@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.filters import FrechetCellFilter
+from ase.optimize import FIRE
 
 from e3relax_ase.relax.threads import single_threaded_blas
 from e3relax_ase.training.batched_relax import (
@@ -18,13 +23,6 @@ from e3relax_ase.training.batched_relax import (
     relax_stream,
 )
 from e3relax_ase.training.teacher_sevennet import periodic_edges
-
-ase = pytest.importorskip("ase")
-from ase import Atoms
-from ase.build import bulk
-from ase.calculators.emt import EMT
-from ase.filters import FrechetCellFilter
-from ase.optimize import FIRE
 
 
 class EMTTeacher:
@@ -183,9 +181,7 @@ def test_periodic_edges_match_ase_neighbor_list():
     for k, atoms in enumerate(crystals):
         i, j, d_vec = neighbor_list("ijD", atoms, 4.0)
         mask = ((src >= offsets[k]) & (src < offsets[k + 1])).numpy()
-        ours = sorted(
-            zip((src[mask] - offsets[k]).tolist(), (dst[mask] - offsets[k]).tolist(), np.round(vec[mask].numpy(), 8).tolist())
-        )
+        ours = sorted(zip((src[mask] - offsets[k]).tolist(), (dst[mask] - offsets[k]).tolist(), np.round(vec[mask].numpy(), 8).tolist()))
         ref = sorted(zip(i.tolist(), j.tolist(), np.round(d_vec, 8).tolist()))
         assert ours == ref
 
@@ -297,8 +293,13 @@ def test_sevennet_wheel_models_match_their_calculator(model, modal):
     teacher = SevenNetTeacher(model, modal=modal)
     calc = SevenNetCalculator(model, modal=modal) if modal else SevenNetCalculator(model)
     n_atoms = torch.tensor([len(a) for a in crystals])
-    out = teacher(torch.tensor(np.concatenate([a.positions for a in crystals])), torch.tensor(np.stack([a.cell.array for a in crystals])),
-                  torch.tensor(np.concatenate([a.numbers for a in crystals])), torch.repeat_interleave(torch.arange(2), n_atoms), n_atoms)
+    out = teacher(
+        torch.tensor(np.concatenate([a.positions for a in crystals])),
+        torch.tensor(np.stack([a.cell.array for a in crystals])),
+        torch.tensor(np.concatenate([a.numbers for a in crystals])),
+        torch.repeat_interleave(torch.arange(2), n_atoms),
+        n_atoms,
+    )
     offsets = np.concatenate([[0], np.cumsum(n_atoms.numpy())])
     for k, atoms in enumerate(crystals):
         a = atoms.copy()

@@ -23,8 +23,7 @@ def run(args, tmp_path):
 @pytest.mark.slow
 def test_bench_inference_quick_on_cpu(tmp_path):
     out = tmp_path / "inference.json"
-    stdout = run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32,bf16",
-                  "--workers", "0", "--out", str(out)], tmp_path)
+    stdout = run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32,bf16", "--workers", "0", "--out", str(out)], tmp_path)
     results = json.loads(out.read_text())
     assert results["end_to_end"][0]["relaxed"] > 0
     assert {row["precision"] for row in results["forward"]["paper_F512_T4"]} == {"float32", "bf16"}
@@ -36,9 +35,26 @@ def test_bench_inference_quick_on_cpu(tmp_path):
 def test_bench_inference_end_to_end_options_on_cpu(tmp_path):
     """The end-to-end-only run of scripts/gpu_inference.sh's options: batch sizes, the paper's size, --skip."""
     out = tmp_path / "e2e.json"
-    stdout = run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32",
-                  "--workers", "0,1", "--e2e-batch-sizes", "16", "--paper-e2e", "--skip", "forward,latency,scaling",
-                  "--out", str(out)], tmp_path)
+    stdout = run(
+        [
+            "benchmarks/bench_inference.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--precisions",
+            "float32",
+            "--workers",
+            "0,1",
+            "--e2e-batch-sizes",
+            "16",
+            "--paper-e2e",
+            "--skip",
+            "forward,latency,scaling",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     results = json.loads(out.read_text())
     assert [row.get("batch_size") for row in results["end_to_end"]] == [None, None, 16]
     (paper,) = results["end_to_end_paper_F512_T4"]
@@ -49,8 +65,10 @@ def test_bench_inference_end_to_end_options_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_bench_multi_gpu_relax_api_on_cpu_with_two_processes(tmp_path):
     out = tmp_path / "api.json"
-    run(["benchmarks/bench_multi_gpu.py", "relax-api", "--gpus", "2", "--n", "24", "--workers", "0",
-         "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    run(
+        ["benchmarks/bench_multi_gpu.py", "relax-api", "--gpus", "2", "--n", "24", "--workers", "0", "--work", str(tmp_path / "work"), "--out", str(out)],
+        tmp_path,
+    )
     results = json.loads(out.read_text())
     assert results["one_gpu"]["relaxed"] == results["torchrun_gpus2"]["relaxed"] > 0
     assert results["torchrun_gpus2"]["world_size"] == 2
@@ -60,14 +78,28 @@ def test_bench_multi_gpu_relax_api_on_cpu_with_two_processes(tmp_path):
 def test_bench_host_waits_and_compare_results_on_cpu(tmp_path):
     """The host diagnostics (waits, worker time, main-thread samples) and the old/new comparer."""
     out = tmp_path / "waits.json"
-    stdout = run(["benchmarks/bench_host_waits.py", "--device", "cpu", "--n", "96", "--workers", "1", "--sample",
-                  "--out", str(out)], tmp_path)
+    stdout = run(["benchmarks/bench_host_waits.py", "--device", "cpu", "--n", "96", "--workers", "1", "--sample", "--out", str(out)], tmp_path)
     (row,) = json.loads(out.read_text())["runs"]
     assert row["structures_per_s"] > 0 and row["worker_prepare_us"] > 0 and row["worker_judge_us"] > 0
     assert row["main_thread_inclusive"]["relaxer.py:relax_many"] > 0.5 and "main thread, inclusive" in stdout
     inference = tmp_path / "e2e.json"
-    run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32", "--workers", "0",
-         "--skip", "forward,scaling", "--out", str(inference)], tmp_path)
+    run(
+        [
+            "benchmarks/bench_inference.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--precisions",
+            "float32",
+            "--workers",
+            "0",
+            "--skip",
+            "forward,scaling",
+            "--out",
+            str(inference),
+        ],
+        tmp_path,
+    )
     table = run(["benchmarks/compare_results.py", str(inference), str(inference)], tmp_path)
     assert "end to end, num_workers=0 (structures/s)" in table and "relax() of one structure (ms)" in table and " 1.00" in table
 
@@ -75,8 +107,9 @@ def test_bench_host_waits_and_compare_results_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_bench_processes_per_gpu_on_cpu(tmp_path):
     out = tmp_path / "processes.json"
-    stdout = run(["benchmarks/bench_processes_per_gpu.py", "--device", "cpu", "--n", "24", "--configs", "1x0,2x0",
-                  "--warm-up-s", "15", "--out", str(out)], tmp_path)
+    stdout = run(
+        ["benchmarks/bench_processes_per_gpu.py", "--device", "cpu", "--n", "24", "--configs", "1x0,2x0", "--warm-up-s", "15", "--out", str(out)], tmp_path
+    )
     rows = json.loads(out.read_text())["configs"]
     assert [(r["processes"], r["workers_per_process"]) for r in rows] == [(1, 0), (2, 0)]
     assert all(r["relaxed"] > 0 and r["structures_per_s"] > 0 for r in rows) and "2 process(es)" in stdout
@@ -102,8 +135,24 @@ def test_bench_inference_compiled_rows_on_cpu(tmp_path):
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("Inductor on a CPU needs a C++ compiler")
     out = tmp_path / "compiled.json"
-    run(["benchmarks/bench_inference.py", "--device", "cpu", "--quick", "--precisions", "float32", "--workers", "0",
-         "--compile", "--skip", "latency,scaling", "--out", str(out)], tmp_path)
+    run(
+        [
+            "benchmarks/bench_inference.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--precisions",
+            "float32",
+            "--workers",
+            "0",
+            "--compile",
+            "--skip",
+            "latency,scaling",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     results = json.loads(out.read_text())
     assert [row["compiled"] for row in results["forward"]["shipped"]] == [False, True]
     assert any(row.get("compile") for row in results["end_to_end"])
@@ -126,8 +175,9 @@ def test_bench_teachers_on_three_nrel_inputs_on_cpu(tmp_path):
     CHGNet when installed): every teacher relaxes the same inputs and is scored against DFT."""
     pytest.importorskip("sevenn")
     out = tmp_path / "teachers.json"
-    stdout = run(["benchmarks/bench_teachers.py", "--n", "3", "--device", "cpu",
-                  "--teachers", "7net-0,7net-mf-0:PBE,chgnet-0.3.0", "--out", str(out)], tmp_path)
+    stdout = run(
+        ["benchmarks/bench_teachers.py", "--n", "3", "--device", "cpu", "--teachers", "7net-0,7net-mf-0:PBE,chgnet-0.3.0", "--out", str(out)], tmp_path
+    )
     results = json.loads(out.read_text())
     assert results["inputs"]["n_selected"] == 3 and results["inputs"]["pairs"].endswith("nrel_zintl/train.npz")
     for spec in ("7net-0", "7net-mf-0:PBE"):
@@ -148,9 +198,22 @@ def test_bench_distill_throughput_runs_and_compares(tmp_path):
     """The old-vs-new driver benchmark on the CPU with the toy teacher; against itself the two
     drivers must agree bit for bit."""
     out = tmp_path / "driver.json"
-    run(["benchmarks/bench_distill_throughput.py", "--old-module", "e3relax_ase/training/batched_relax.py",
-         "--teacher", "toy", "--n", "60", "--repeats", "1", "--out", str(out)], tmp_path)
+    run(
+        [
+            "benchmarks/bench_distill_throughput.py",
+            "--old-module",
+            "e3relax_ase/training/batched_relax.py",
+            "--teacher",
+            "toy",
+            "--n",
+            "60",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     results = json.loads(out.read_text())
-    assert results["same_results"] == {"same_keys": True, "same_status_and_steps": True,
-                                       "max_position_diff_A": 0.0, "max_cell_diff_A": 0.0}
+    assert results["same_results"] == {"same_keys": True, "same_status_and_steps": True, "max_position_diff_A": 0.0, "max_cell_diff_A": 0.0}
     assert results["best"]["new"]["finished"] == 60 and results["best"]["old"]["teacher_calls"] > 0

@@ -31,10 +31,7 @@ def test_golden_checkpoint_reproduces_reference_outputs():
     reference = json.loads((DATA / "golden_tiny_reference.json").read_text())
     model, info = load_checkpoint(DATA / "golden_tiny.pt", expected_sha256=reference["sha256"])
     model = model.double()
-    crystals = [
-        CrystalArrays(np.array(c["numbers"]), np.array(c["positions"]), np.array(c["cell"]), np.ones(3, dtype=bool))
-        for c in reference["inputs"]
-    ]
+    crystals = [CrystalArrays(np.array(c["numbers"]), np.array(c["positions"]), np.array(c["cell"]), np.ones(3, dtype=bool)) for c in reference["inputs"]]
     for prediction, positions, cell in zip(predict(model, crystals, dtype=torch.float64), reference["positions"], reference["cell"]):
         np.testing.assert_allclose(prediction.positions[-1], positions, atol=1e-10)
         np.testing.assert_allclose(prediction.cell[-1], cell, atol=1e-10)

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 import e3relax_ase.relax.relaxer as relaxer_module
 from e3relax_ase.cli.main import cli, main
-from tests.cli_helpers import save_tiny_checkpoint, run_relax as relax, nacl
+from tests.cli_helpers import nacl, save_tiny_checkpoint
+from tests.cli_helpers import run_relax as relax
 
 REAL_PREDICT = relaxer_module.predict
 

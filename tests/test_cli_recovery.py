@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from e3relax_ase.cli.main import cli
 from e3relax_ase.io import structures
 from e3relax_ase.io.claims import lock_path
-from e3relax_ase.cli.main import cli
 from e3relax_ase.io.files import write_atomic
 from e3relax_ase.io.streamed import parts_dir
-from tests.cli_helpers import save_tiny_checkpoint, run_relax as relax, nacl
+from tests.cli_helpers import nacl, save_tiny_checkpoint
+from tests.cli_helpers import run_relax as relax
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_blas_thread")

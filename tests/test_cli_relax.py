@@ -12,8 +12,8 @@ from ase.build import bulk, fcc111
 from ase.constraints import FixAtoms
 from click.testing import CliRunner
 
-from e3relax_ase.io.checkpoint import file_sha256, save_checkpoint
 from e3relax_ase.cli.main import cli
+from e3relax_ase.io.checkpoint import file_sha256, save_checkpoint
 from e3relax_ase.io.files import _KEEPS, format_losses
 from e3relax_ase.io.structures import spacegroup_number
 from e3relax_ase.testing import tiny_model
@@ -277,8 +277,9 @@ def test_workers_option_gives_the_same_file_and_checks_its_value(tmp_path, check
     for workers in ("2", "auto"):
         for a, b in zip(outputs["0"], outputs[workers]):
             assert np.array_equal(a.positions, b.positions) and np.array_equal(a.cell.array, b.cell.array)
-    result = CliRunner().invoke(cli, ["relax", str(tmp_path / "many.extxyz"), "-o", str(tmp_path / "x.extxyz"),
-                                      "--workers", "many", "--checkpoint", checkpoint])
+    result = CliRunner().invoke(
+        cli, ["relax", str(tmp_path / "many.extxyz"), "-o", str(tmp_path / "x.extxyz"), "--workers", "many", "--checkpoint", checkpoint]
+    )
     assert result.exit_code == 2 and "neither 'auto' nor a number" in result.output
 
 

@@ -15,7 +15,7 @@ from ase.build import bulk, fcc111, molecule
 from e3relax_ase.io.checkpoint import file_sha256
 from e3relax_ase.io.provenance import read_cif_provenance
 from e3relax_ase.io.structures import spacegroup_number
-from tests.cli_helpers import save_tiny_checkpoint, run_relax, nacl
+from tests.cli_helpers import nacl, run_relax, save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_blas_thread")

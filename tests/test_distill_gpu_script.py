@@ -30,8 +30,9 @@ def inputs(tmp_path_factory, script):
     assert json.loads(volumes.read_text()) == json.loads(committed.read_text())  # the committed fit is reproducible
     path = folder / "inputs.npz"
     # Seeds shipped with pymatgen (AFLOW prototypes) and ASE (dcdft): present wherever the package installs.
-    script.main(["make-inputs", "--n", "40", "--out", str(path), "--seed", "3", "--element-volumes", str(volumes),
-                 "--id-prefix", "t-", "--sources", "aflow,dcdft"])
+    script.main(
+        ["make-inputs", "--n", "40", "--out", str(path), "--seed", "3", "--element-volumes", str(volumes), "--id-prefix", "t-", "--sources", "aflow,dcdft"]
+    )
     return path
 
 
@@ -41,8 +42,18 @@ def _fake_run(script, inputs_path, out_dir: Path, indices):
     writer = script._RawWriter(out_dir, part_mib=13, positions_dtype="float64")
     for k in indices:
         a, b = data["offsets"][k], data["offsets"][k + 1]
-        writer.add(SimpleNamespace(key=k, status="converged", n_steps=3, positions=data["positions"][a:b].astype(float),
-                                   cell=data["cells"][k].astype(float), energy=-1.0, fmax=0.01, fmax_fresh=0.01))
+        writer.add(
+            SimpleNamespace(
+                key=k,
+                status="converged",
+                n_steps=3,
+                positions=data["positions"][a:b].astype(float),
+                cell=data["cells"][k].astype(float),
+                energy=-1.0,
+                fmax=0.01,
+                fmax_fresh=0.01,
+            )
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     writer.flush()
     (out_dir / "relax_log.json").write_text(json.dumps({"device": {"gpu": "none", "sevenn": "test"}}))
@@ -63,8 +74,20 @@ def test_finalize_joins_raw_folders_and_refuses_an_input_relaxed_twice(tmp_path,
     _fake_run(script, inputs, tmp_path / "a", [0, 1, 2, 3])
     _fake_run(script, inputs, tmp_path / "b", [10, 11, 12])
     out = tmp_path / "pairs.npz"
-    script.main(["finalize", "--inputs", str(inputs), "--raw-dir", str(tmp_path / "a"), str(tmp_path / "b"),
-                 "--out", str(out), "--runlog", str(tmp_path / "RUNLOG.json")])
+    script.main(
+        [
+            "finalize",
+            "--inputs",
+            str(inputs),
+            "--raw-dir",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(out),
+            "--runlog",
+            str(tmp_path / "RUNLOG.json"),
+        ]
+    )
     from e3relax_ase.training.pairs import load_pairs
 
     pairs = load_pairs(out)
@@ -74,5 +97,17 @@ def test_finalize_joins_raw_folders_and_refuses_an_input_relaxed_twice(tmp_path,
     assert runlog["kept_pairs"] == 7 and len(runlog["relax_log"]["runs"]) == 2
     _fake_run(script, inputs, tmp_path / "c", [3, 4])  # input 3 again
     with pytest.raises(SystemExit, match="input 3 was already relaxed"):
-        script.main(["finalize", "--inputs", str(inputs), "--raw-dir", str(tmp_path / "a"), str(tmp_path / "c"),
-                     "--out", str(tmp_path / "twice.npz"), "--runlog", str(tmp_path / "R2.json")])
+        script.main(
+            [
+                "finalize",
+                "--inputs",
+                str(inputs),
+                "--raw-dir",
+                str(tmp_path / "a"),
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "twice.npz"),
+                "--runlog",
+                str(tmp_path / "R2.json"),
+            ]
+        )

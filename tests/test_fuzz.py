@@ -39,12 +39,12 @@ from ase.constraints import FixAtoms
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from e3relax_ase.relax.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
+from e3relax_ase.geometry.vacuum import find_vacuum
+from e3relax_ase.geometry.validation import InvalidStructureError
 from e3relax_ase.keys import ISOLATION_MARGIN
 from e3relax_ase.relax.predict import CrystalArrays
-from e3relax_ase.geometry.vacuum import find_vacuum
+from e3relax_ase.relax.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
 from e3relax_ase.testing import arrays_of, random_rotation, random_unimodular, rotated, supercell, tiny_model
-from e3relax_ase.geometry.validation import InvalidStructureError
 from tests.strategies import accepted_numbers, allowed_elements, crystals, oracle_clear, oracle_problem
 
 EQUIVARIANCE_ATOL = 1e-6  # Å

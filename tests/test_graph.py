@@ -9,9 +9,7 @@ from e3relax_ase.testing import random_crystal
 
 
 def _edges(atoms, cutoff=6.0, k=50, dtype=torch.float64):
-    return neighbor_edges(
-        torch.tensor(atoms.positions, dtype=dtype), torch.tensor(atoms.cell.array, dtype=dtype), torch.tensor(atoms.pbc), cutoff, k
-    )
+    return neighbor_edges(torch.tensor(atoms.positions, dtype=dtype), torch.tensor(atoms.cell.array, dtype=dtype), torch.tensor(atoms.pbc), cutoff, k)
 
 
 def test_edge_vectors_follow_convention_and_lengths_within_cutoff():
@@ -104,14 +102,19 @@ def test_graph_dtype_preserved(dtype):
 def test_build_graph_device_search_path_gives_the_host_edges(monkeypatch):
     """build_graph's per-crystal search on the device (large cells on CUDA) joins with the host
     searches of the other crystals into the same graph; run here on the CPU by forcing the path."""
-    import e3relax_ase.geometry.graph as graph_module
     from ase.build import bulk
+
+    import e3relax_ase.geometry.graph as graph_module
 
     rng = np.random.default_rng(5)
     big = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 2))
     big.rattle(0.05, seed=2)
-    crystals = [random_crystal(rng, n_atoms=4), CrystalArrays(big.numbers, big.positions, big.cell.array, big.pbc),
-                random_crystal(rng, n_atoms=6), random_crystal(rng, n_atoms=3)]
+    crystals = [
+        random_crystal(rng, n_atoms=4),
+        CrystalArrays(big.numbers, big.positions, big.cell.array, big.pbc),
+        random_crystal(rng, n_atoms=6),
+        random_crystal(rng, n_atoms=3),
+    ]
 
     def build():
         return build_graph(

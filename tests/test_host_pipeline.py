@@ -18,8 +18,8 @@ from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms, FixCartesian
 
 from e3relax_ase.geometry.canonical import canonicalize
-from e3relax_ase.relax.predict import restore_all
 from e3relax_ase.io.structures import _light_copy_matches, copy_atoms
+from e3relax_ase.relax.predict import restore_all
 
 
 def _atoms_variety():
@@ -165,11 +165,10 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
     import os
 
     from e3relax_ase import __version__
-    from e3relax_ase.relax.predict import predict
-    from e3relax_ase.relax.predict import CrystalArrays
-    from e3relax_ase.io.structures import apply_prediction, clear_provenance, crystal_arrays
-    from e3relax_ase.relax.sanity import judge_batch
     from e3relax_ase.geometry.vacuum import find_vacuum
+    from e3relax_ase.io.structures import apply_prediction, clear_provenance, crystal_arrays
+    from e3relax_ase.relax.predict import CrystalArrays, predict
+    from e3relax_ase.relax.sanity import judge_batch
 
     out = []
     for start in range(0, len(structures), chunk):
@@ -182,9 +181,16 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
         for atoms, crystal, prediction, layout in zip(batch, crystals, predictions, layouts):
             closest = min(relaxer.validate(atoms).min_distance, relaxer.model.config.cutoff)
             # Judged alone: a structure's verdict does not depend on its batch (test_sanity_batch.py).
-            (sanity, signal), = judge_batch(
-                prediction.positions, prediction.cell[:, None], crystal.positions, crystal.cell[None], crystal.pbc[None],
-                [closest], [len(crystal.positions)], relax_cell, relaxer.min_distance,
+            ((sanity, signal),) = judge_batch(
+                prediction.positions,
+                prediction.cell[:, None],
+                crystal.positions,
+                crystal.cell[None],
+                crystal.pbc[None],
+                [closest],
+                [len(crystal.positions)],
+                relax_cell,
+                relaxer.min_distance,
             )
             expected = atoms.copy()
             clear_provenance(expected)
@@ -247,8 +253,8 @@ def test_relax_many_is_the_plain_reference(relax_cell):
 
 def test_shell_arrays_are_crystal_arrays():
     """``_shell`` builds the item's arrays from what it already read: those of crystal_arrays."""
-    from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.io.structures import crystal_arrays
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.testing import tiny_model
 
     relaxer = OneShotRelaxer(tiny_model(), device="cpu")

@@ -37,8 +37,7 @@ from e3relax_ase.training.inputs.supercells import random_supercell
 
 # Wyckoff positions per space group, International Tables for Crystallography vol. A
 # (the standard setting; letters a... counted, the general position included).
-ITA_WYCKOFF_COUNTS = {1: 1, 2: 9, 14: 5, 16: 21, 47: 27, 62: 4, 123: 21, 139: 15, 166: 9, 191: 18,
-                      194: 12, 221: 14, 225: 12, 227: 9, 229: 12, 230: 8}
+ITA_WYCKOFF_COUNTS = {1: 1, 2: 9, 14: 5, 16: 21, 47: 27, 62: 4, 123: 21, 139: 15, 166: 9, 191: 18, 194: 12, 221: 14, 225: 12, 227: 9, 229: 12, 230: 8}
 ITA_WYCKOFF_TOTAL = 1731  # over all 230 space groups
 
 
@@ -248,8 +247,7 @@ def test_make_inputs_cli_writes_the_distill_format(tmp_path):
     from e3relax_ase.cli.main import main
 
     out = tmp_path / "inputs.npz"
-    args = ["data", "make-inputs", "-o", str(out), "--n", "4", "--seed", "1", "--mix", "symmetric=1,supercell=1",
-            "--extend-splits", "data/nrel_zintl"]
+    args = ["data", "make-inputs", "-o", str(out), "--n", "4", "--seed", "1", "--mix", "symmetric=1,supercell=1", "--extend-splits", "data/nrel_zintl"]
     assert main(args) == 0
     with np.load(out, allow_pickle=False) as d:
         arrays = {k: d[k] for k in d.files}
@@ -283,9 +281,7 @@ def test_inputs_get_the_split_rule_of_pairs():
     existing = {"train": train.subset(np.arange(2000)), "test": test.subset(np.arange(300))}
     new = PairSet.concatenate([train.subset(np.arange(2000, 2400)), test.subset(np.arange(250, 400))])
     by_pairs = split_keeping_systems(new, existing, fractions=(0.8, 0.1, 0.1), seed=3)
-    by_systems = assign_systems_keeping(
-        chemical_systems(new), {k: chemical_systems(v) for k, v in existing.items()}, (0.8, 0.1, 0.1), 3
-    )
+    by_systems = assign_systems_keeping(chemical_systems(new), {k: chemical_systems(v) for k, v in existing.items()}, (0.8, 0.1, 0.1), 3)
     for i, name in enumerate(DEFAULT_NAMES):
         np.testing.assert_array_equal(by_pairs[name], np.flatnonzero(by_systems == i))
     # A system already in the test split stays there.

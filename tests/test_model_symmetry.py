@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.config import ModelConfig
 from e3relax_ase.geometry.graph import CrystalGraph
+from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.nn.model import E3RelaxH2
 from e3relax_ase.nn.model_axis_lattice import InteractionLayer as AxisLatticeLayer
 from e3relax_ase.relax.predict import CrystalArrays, predict
@@ -214,12 +214,14 @@ def test_edge_beyond_cutoff_sends_nothing(model):
     crystal = _pair_in_box(7.0)
     graph = graph_of([crystal], model.config)
     assert graph.n_edges == 0
-    forced = CrystalGraph(**{
-        **graph.__dict__,
-        "edge_src": torch.tensor([1, 0]),
-        "edge_dst": torch.tensor([0, 1]),
-        "edge_shift": torch.zeros(2, 3, dtype=torch.float64),
-    })
+    forced = CrystalGraph(
+        **{
+            **graph.__dict__,
+            "edge_src": torch.tensor([1, 0]),
+            "edge_dst": torch.tensor([0, 1]),
+            "edge_shift": torch.zeros(2, 3, dtype=torch.float64),
+        }
+    )
     with torch.no_grad():
         a, b = model(graph), model(forced)
     assert torch.equal(a.positions, b.positions) and torch.equal(a.cell, b.cell)
@@ -318,9 +320,13 @@ def test_strain_step_is_symmetric_and_bounded(model, rng):
 def test_supercell_helper_on_a_cell_with_atoms_on_its_faces():
     """Found by the fuzz: fractional coordinates a hair below 0 (wrapped by floor to 1.0) lost
     every copy; the translations are now chosen in integers."""
-    cell = np.array([[0.19133517141301049, 0.1596360980055288, 1.9844160774378747],
-                     [-0.16893740341524682, -0.7979371141599656, 1.8261315712657122],
-                     [0.4452802331395162, -0.4799122026585231, 1.8898173963943345]])
+    cell = np.array(
+        [
+            [0.19133517141301049, 0.1596360980055288, 1.9844160774378747],
+            [-0.16893740341524682, -0.7979371141599656, 1.8261315712657122],
+            [0.4452802331395162, -0.4799122026585231, 1.8898173963943345],
+        ]
+    )
     crystal = CrystalArrays(np.array([1]), np.array([[0.21373293941077415, -0.478664918148908, 5.794963726141462]]), cell, np.ones(3, bool))
     for transform in (np.diag([2, 1, 1]), np.array([[1, 1, 0], [-1, 1, 0], [0, 0, 1]]), np.array([[2, 1, 0], [0, 1, 1], [1, 0, 2]])):
         big, copies = supercell(crystal, transform)

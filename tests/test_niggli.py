@@ -32,8 +32,10 @@ def scrambled(cell, rng, moves=6):
 
 def awkward_cells():
     rng = np.random.default_rng(11)
-    symmetric = [bulk(name, crystal, a=a).cell.array for name, crystal, a in (
-        ("Cu", "fcc", 3.6), ("Fe", "bcc", 2.87), ("Si", "diamond", 5.43), ("NaCl", "rocksalt", 5.64))]
+    symmetric = [
+        bulk(name, crystal, a=a).cell.array
+        for name, crystal, a in (("Cu", "fcc", 3.6), ("Fe", "bcc", 2.87), ("Si", "diamond", 5.43), ("NaCl", "rocksalt", 5.64))
+    ]
     symmetric += [bulk("Mg", "hcp", a=3.2, c=5.2).cell.array, np.diag([4.0, 4.0, 4.0]), np.diag([3.0, 3.0, 7.0])]
     cells = list(symmetric)
     cells += [scrambled(c, rng) for c in symmetric for _ in range(30)]  # ties in a skewed basis

@@ -36,12 +36,7 @@ def _snapshot(atoms):
 
 def _unchanged(atoms, snap):
     pos, cell, numbers, info = snap
-    return (
-        np.array_equal(atoms.positions, pos)
-        and np.array_equal(atoms.cell.array, cell)
-        and np.array_equal(atoms.numbers, numbers)
-        and atoms.info == info
-    )
+    return np.array_equal(atoms.positions, pos) and np.array_equal(atoms.cell.array, cell) and np.array_equal(atoms.numbers, numbers) and atoms.info == info
 
 
 def test_strain_is_symmetric_bounded_and_keeps_fractions(zintl):
@@ -142,9 +137,14 @@ def test_fit_element_volumes_recovers_additive_volumes():
     cells = np.stack([np.eye(3) * sum(truth[z] for z in c) ** (1 / 3) for c in compositions])
     positions = np.random.default_rng(0).uniform(0, 1, (n.sum(), 3))
     pairs = PairSet(
-        ids=[f"p{k}" for k in range(len(n))], n_atoms=n, offsets=np.concatenate([[0], np.cumsum(n)]),
-        numbers=np.concatenate(compositions), pos_unrelaxed=positions, pos_relaxed=positions,
-        cell_unrelaxed=cells, cell_relaxed=cells,
+        ids=[f"p{k}" for k in range(len(n))],
+        n_atoms=n,
+        offsets=np.concatenate([[0], np.cumsum(n)]),
+        numbers=np.concatenate(compositions),
+        pos_unrelaxed=positions,
+        pos_relaxed=positions,
+        cell_unrelaxed=cells,
+        cell_relaxed=cells,
     )
     fitted = fit_element_volumes(pairs)
     assert fitted.keys() == truth.keys()

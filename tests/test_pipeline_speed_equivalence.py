@@ -26,12 +26,12 @@ from ase.constraints import FixAtoms
 
 from e3relax_ase.geometry.canonical import canonicalize, reduce_cell, wrap_into
 from e3relax_ase.geometry.graph import CrystalGraph, build_graph, capped_edges, capped_edges_many, graph_from_edges, neighbor_edges, periodic_pairs
+from e3relax_ase.geometry.validation import InvalidStructureError, prepare_arrays, validate_atoms
+from e3relax_ase.io.structures import apply_prediction, crystal_arrays
 from e3relax_ase.relax.predict import CrystalArrays, graph_from_canonical, predict
 from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
 from e3relax_ase.relax.sanity import check_prediction
-from e3relax_ase.io.structures import apply_prediction, crystal_arrays
 from e3relax_ase.testing import random_crystal, tiny_model
-from e3relax_ase.geometry.validation import InvalidStructureError, prepare_arrays, validate_atoms
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last revision before the pipeline work (benchmarks/bench_pipeline.py DEFAULT_BASELINE).
@@ -168,12 +168,8 @@ def test_build_graph_and_graph_from_edges_match_per_crystal_graph(dtype):
         [torch.as_tensor(c.pbc) for c in CRYSTALS],
     )
     expected = _per_crystal_graph(*args, 6.0, 20)
-    edges = [
-        capped_edges(*periodic_pairs(p, cell, pbc, 6.0), len(p), 20) for p, cell, pbc in zip(args[1], args[2], args[3])
-    ]
-    prebuilt = graph_from_edges(
-        [c.numbers for c in CRYSTALS], [f.positions for f in forms], [f.cell for f in forms], [c.pbc for c in CRYSTALS], edges, dtype
-    )
+    edges = [capped_edges(*periodic_pairs(p, cell, pbc, 6.0), len(p), 20) for p, cell, pbc in zip(args[1], args[2], args[3])]
+    prebuilt = graph_from_edges([c.numbers for c in CRYSTALS], [f.positions for f in forms], [f.cell for f in forms], [c.pbc for c in CRYSTALS], edges, dtype)
     for graph in (build_graph(*args, 6.0, 20), prebuilt):
         for name in FIELDS:
             a, b = getattr(graph, name), getattr(expected, name)

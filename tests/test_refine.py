@@ -178,7 +178,7 @@ def test_oneshot_then_optimize_jumps_before_first_force_call(relaxer, runner):
         converged = optimizer.run(fmax=0.05, steps=300)
     else:
         converged = False
-        for converged in optimizer.irun(fmax=0.05, steps=300):
+        for converged in optimizer.irun(fmax=0.05, steps=300):  # noqa: B007 (the last verdict is kept)
             pass
     assert converged
     first_positions, first_cell = atoms.calc.seen[0]

@@ -8,9 +8,9 @@ import pytest
 from ase.build import bulk
 from click.testing import CliRunner
 
-from e3relax_ase.io.checkpoint import save_checkpoint
 from e3relax_ase.cli.main import cli
 from e3relax_ase.distributed import World, gather_ordered, launched_by_torchrun, shard
+from e3relax_ase.io.checkpoint import save_checkpoint
 from e3relax_ase.testing import tiny_model
 from tests.test_ddp import torchrun
 
@@ -92,7 +92,7 @@ def test_other_ranks_follow_rank_0s_claims(tmp_path, checkpoint):
     folder.mkdir()
     for name, atoms in (("cu", bulk("Cu", "fcc", a=3.6)), ("si", bulk("Si", "diamond", a=5.43)), ("w", bulk("W", "bcc", a=3.16))):
         ase.io.write(folder / f"{name}.cif", atoms)
-    foreign = "import socket, e3relax_ase.io.claims as c; c._read = (lambda lock: {'run': 'another', 'host': socket.gethostname(), 'pid': 1}) if os.environ['RANK'] == '1' else c._read"
+    foreign = "import socket, e3relax_ase.io.claims as c; c._read = (lambda lock: {'run': 'another', 'host': socket.gethostname(), 'pid': 1}) if os.environ['RANK'] == '1' else c._read"  # noqa: E501
     args = ["relax", str(folder), "--checkpoint", checkpoint, "--device", "cpu", "--json", "--chunk-size", "1", "-o", str(tmp_path / "out") + "/"]
     two = torchrun(2, args, tmp_path, setup=foreign)
     assert two.returncode == 0, two.stderr[-4000:]

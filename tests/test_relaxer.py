@@ -12,12 +12,12 @@ from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 import e3relax_ase.relax.relaxer as relaxer_module
+from e3relax_ase.geometry.validation import InvalidStructureError
+from e3relax_ase.io.structures import spacegroup_number
 from e3relax_ase.relax.predict import Prediction, ReadyPredictions
 from e3relax_ase.relax.relaxer import OneShotRelaxer, PredictionError, RelaxFailure
 from e3relax_ase.relax.sanity import REFINE_ADVISED_CORRECTION, check_prediction, confidence
-from e3relax_ase.io.structures import spacegroup_number
 from e3relax_ase.testing import tiny_model
-from e3relax_ase.geometry.validation import InvalidStructureError
 
 REAL_PREDICT = relaxer_module.predict
 

@@ -61,13 +61,17 @@ def test_evaluate_reproduces_the_model_cards_per_structure_figures(tmp_path):
 
 def test_installed_wheel_loads_the_default_checkpoint(tmp_path):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(ROOT)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(ROOT)], check=True, capture_output=True
+    )
     wheel = next(wheel_dir.glob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
-    code = ("import e3relax_ase, json; from e3relax_ase.io.checkpoint import load_checkpoint; m, i = load_checkpoint('default'); "
-            "print(json.dumps([e3relax_ase.__file__, i.name, i.untrained]))")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)], check=True, capture_output=True
+    )
+    code = (
+        "import e3relax_ase, json; from e3relax_ase.io.checkpoint import load_checkpoint; m, i = load_checkpoint('default'); "
+        "print(json.dumps([e3relax_ase.__file__, i.name, i.untrained]))"
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
     path, name, untrained = json.loads(out.stdout.strip().splitlines()[-1])

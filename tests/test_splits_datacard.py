@@ -105,8 +105,7 @@ def test_data_split_extend_cli(tmp_path, sample):
     save_pairs(tmp_path / "new.npz", sample.subset(np.flatnonzero(~np.isin(systems, first))))
     r = _run(["data", "split", str(tmp_path / "old.npz"), "-o", str(tmp_path / "v1"), "--fractions", "0.5,0.25,0.25"])
     assert r.exit_code == 0, r.output
-    r = _run(["data", "split", str(tmp_path / "new.npz"), "-o", str(tmp_path / "v2"), "--extend", str(tmp_path / "v1"),
-              "--fractions", "0.5,0.25,0.25"])
+    r = _run(["data", "split", str(tmp_path / "new.npz"), "-o", str(tmp_path / "v2"), "--extend", str(tmp_path / "v1"), "--fractions", "0.5,0.25,0.25"])
     assert r.exit_code == 0, r.output
     v1 = {n: load_pairs(tmp_path / "v1" / f"{n}.npz") for n in ("train", "val", "test")}
     v2 = {n: load_pairs(tmp_path / "v2" / f"{n}.npz") for n in ("train", "val", "test")}

@@ -27,8 +27,7 @@ def pair_files(tmp_path_factory):
 
 
 def _config(pair_files, out_dir, **overrides):
-    values = dict(train_data=pair_files[0], val_data=pair_files[1], out_dir=str(out_dir), model=TINY,
-                  batch_size=4, max_epochs=4, lr=2e-3, seed=3)
+    values = dict(train_data=pair_files[0], val_data=pair_files[1], out_dir=str(out_dir), model=TINY, batch_size=4, max_epochs=4, lr=2e-3, seed=3)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -136,9 +135,9 @@ def test_finetune_from_a_checkpoint_starts_from_its_weights(pair_files, tmp_path
     """The documented fine-tuning path: init_from a checkpoint, then train on user pairs."""
     import yaml
 
+    from e3relax_ase.config import ModelConfig
     from e3relax_ase.io.checkpoint import save_checkpoint
     from e3relax_ase.nn.model import E3RelaxH2
-    from e3relax_ase.config import ModelConfig
 
     torch.manual_seed(11)
     base = E3RelaxH2(ModelConfig(**TINY))
@@ -151,8 +150,7 @@ def test_finetune_from_a_checkpoint_starts_from_its_weights(pair_files, tmp_path
     for key, value in base.state_dict().items():  # lr ~ 0: still the base weights
         assert torch.allclose(state["model"][key], value, atol=1e-6), key
     with pytest.raises(ValueError, match="model config differs"):
-        train(_config(pair_files, tmp_path / "bad", max_epochs=1, init_from=str(tmp_path / "base.pt"),
-                      model={**TINY, "num_channels": 12}), device="cpu")
+        train(_config(pair_files, tmp_path / "bad", max_epochs=1, init_from=str(tmp_path / "base.pt"), model={**TINY, "num_channels": 12}), device="cpu")
 
 
 def test_a_portable_state_resumes_on_another_machine(pair_files, tmp_path):

@@ -7,10 +7,10 @@ import pytest
 from ase.build import bulk, fcc111, molecule
 from ase.calculators.emt import EMT
 
-from e3relax_ase.relax.relaxer import OneShotRelaxer
-from e3relax_ase.testing import tiny_model
 from e3relax_ase.geometry.vacuum import find_vacuum
 from e3relax_ase.geometry.validation import InvalidStructureError
+from e3relax_ase.relax.relaxer import OneShotRelaxer
+from e3relax_ase.testing import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
@@ -69,7 +69,9 @@ def test_bulk_crystal_gets_no_vacuum_record(relaxer):
 
 def test_molecule_in_a_periodic_box_is_refused_unless_allowed(relaxer, caplog):
     water = water_in_a_box()
-    with pytest.raises(InvalidStructureError, match=r"H2O: an isolated cluster or molecule in a periodic box \(vacuum of 10\.0 Å along axis 0, 8\.5 Å along axis 1"):
+    with pytest.raises(
+        InvalidStructureError, match=r"H2O: an isolated cluster or molecule in a periodic box \(vacuum of 10\.0 Å along axis 0, 8\.5 Å along axis 1"
+    ):
         relaxer.relax(water)
     with caplog.at_level(logging.WARNING, logger="e3relax_ase.relax.relaxer"):
         kept = relaxer.relax(water, allow_cluster=True)

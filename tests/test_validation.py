@@ -5,14 +5,14 @@ import pytest
 from ase import Atoms
 from ase.build import bulk, fcc111
 
-from e3relax_ase.relax.relaxer import OneShotRelaxer
-from e3relax_ase.testing import tiny_model
 from e3relax_ase.geometry.validation import (
     MAX_PAIRS_SEARCHED,
     InvalidStructureError,
     validate_arrays,
     validate_atoms,
 )
+from e3relax_ase.relax.relaxer import OneShotRelaxer
+from e3relax_ase.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +213,8 @@ def test_an_atom_whose_neighbours_sit_at_the_cutoff_is_refused_however_written(e
     """Issue 15 item 2: an atom whose only neighbours are its images at the cutoff was refused
     or accepted by rounding once rotated; within keys.ISOLATION_MARGIN of the cutoff it is
     refused in every orientation and basis."""
-    from e3relax_ase.testing import random_rotation, random_unimodular
     from e3relax_ase.geometry.validation import prepare_arrays
+    from e3relax_ase.testing import random_rotation, random_unimodular
 
     rng = np.random.default_rng(7)
     for _ in range(25):
@@ -226,8 +226,8 @@ def test_an_atom_whose_neighbours_sit_at_the_cutoff_is_refused_however_written(e
 
 
 def test_an_atom_whose_neighbours_are_felt_is_accepted_however_written():
-    from e3relax_ase.testing import random_rotation, random_unimodular
     from e3relax_ase.geometry.validation import prepare_arrays
+    from e3relax_ase.testing import random_rotation, random_unimodular
 
     rng = np.random.default_rng(8)
     for _ in range(25):

@@ -42,8 +42,7 @@ def _specs(n_structures, n_atoms):
     specs = []
     for _ in range(n_structures):
         crystal = random_crystal(rng, n_atoms=n_atoms)
-        specs.append(workers.StructureSpec(np.asarray(crystal.numbers, dtype=np.int64), crystal.positions, crystal.cell,
-                                           np.ones(3, dtype=bool), None, {}))
+        specs.append(workers.StructureSpec(np.asarray(crystal.numbers, dtype=np.int64), crystal.positions, crystal.cell, np.ones(3, dtype=bool), None, {}))
     return specs
 
 

@@ -106,9 +106,7 @@ def import_cmd(source, output, fmt, keep_splits, source_name, teacher, licence, 
     type=click.Choice(["random", "chemsys"]),
     help="random pairs, or whole chemical systems per split (unseen test chemistries).",
 )
-@click.option(
-    "--fractions", default="0.8,0.1,0.1", show_default=True, callback=_fractions, help="train,val,test fractions."
-)
+@click.option("--fractions", default="0.8,0.1,0.1", show_default=True, callback=_fractions, help="train,val,test fractions.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--extend",
@@ -258,33 +256,62 @@ def _pair_of_floats(ctx, param, value):
 
 
 @data.command("make-inputs")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Inputs .npz (with OUTPUT.info.json.gz and OUTPUT.manifest.json beside it).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Inputs .npz (with OUTPUT.info.json.gz and OUTPUT.manifest.json beside it).",
+)
 @click.option("--n", "n_inputs", required=True, type=click.IntRange(min=0), help="Inputs drawn from the mix.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Input k is made from rng([seed, k]).")
-@click.option("--mix", default=None, callback=_mix,
-              help="Generator shares, e.g. symmetric=0.35,substituted=0.25,layered=0.15,supercell=0.25 (the default).")
+@click.option("--mix", default=None, callback=_mix, help="Generator shares, e.g. symmetric=0.35,substituted=0.25,layered=0.15,supercell=0.25 (the default).")
 @click.option("--min-atoms", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-atoms", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--volume-range", default="0.65,1.35", show_default=True, callback=_pair_of_floats,
-              help="Start: isotropic volume factor bounds.")
+@click.option("--volume-range", default="0.65,1.35", show_default=True, callback=_pair_of_floats, help="Start: isotropic volume factor bounds.")
 @click.option("--max-shear", default=0.15, show_default=True, type=click.FloatRange(0, 0.49), help="Start: largest shear.")
-@click.option("--rattle", default="0.02,0.3", show_default=True, callback=_pair_of_floats,
-              help="Start: rattle standard deviation bounds, Å.")
-@click.option("--min-per-element", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Top up until every covered element (Z <= 83, no noble gases, no Pm) is in this many inputs.")
-@click.option("--large-share", default=0.0, show_default=True, type=click.FloatRange(0, 0.95),
-              help="Top up until this share of inputs has more than 24 atoms.")
-@click.option("--element-volumes", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="fit-volumes JSON for the volume guesses (default: covalent radii).")
-@click.option("--extend-splits", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Directory with train/val/test.npz: each input gets the split its chemical system has there, "
-              "new systems are shared out by --fractions.")
+@click.option("--rattle", default="0.02,0.3", show_default=True, callback=_pair_of_floats, help="Start: rattle standard deviation bounds, Å.")
+@click.option(
+    "--min-per-element",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Top up until every covered element (Z <= 83, no noble gases, no Pm) is in this many inputs.",
+)
+@click.option("--large-share", default=0.0, show_default=True, type=click.FloatRange(0, 0.95), help="Top up until this share of inputs has more than 24 atoms.")
+@click.option(
+    "--element-volumes",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="fit-volumes JSON for the volume guesses (default: covalent radii).",
+)
+@click.option(
+    "--extend-splits",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Directory with train/val/test.npz: each input gets the split its chemical system has there, new systems are shared out by --fractions.",
+)
 @click.option("--fractions", default="0.9,0.05,0.05", show_default=True, callback=_fractions)
 @click.option("--id-prefix", default="sn0c-", show_default=True)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes (same output for any).")
-def make_inputs_cmd(output, n_inputs, seed, mix, min_atoms, max_atoms, volume_range, max_shear, rattle, min_per_element,
-                    large_share, element_volumes, extend_splits, fractions, id_prefix, workers):
+def make_inputs_cmd(
+    output,
+    n_inputs,
+    seed,
+    mix,
+    min_atoms,
+    max_atoms,
+    volume_range,
+    max_shear,
+    rattle,
+    min_per_element,
+    large_share,
+    element_volumes,
+    extend_splits,
+    fractions,
+    id_prefix,
+    workers,
+):
     """Generate user-like inputs for distillation: random symmetric crystals, substituted
     prototypes, slabs and layered cells, supercells; all with hard starts (docs/data.md)."""
     import sys
@@ -295,9 +322,18 @@ def make_inputs_cmd(output, n_inputs, seed, mix, min_atoms, max_atoms, volume_ra
         raise click.ClickException(f"refusing to write into the split directory {extend_splits}")
     try:
         plan = InputPlan(
-            n=n_inputs, seed=seed, mix=mix, min_atoms=min_atoms, max_atoms=max_atoms, volume_range=volume_range,
-            max_shear=max_shear, rattle_range=rattle, min_per_element=min_per_element, large_share=large_share,
-            id_prefix=id_prefix, element_volumes=str(element_volumes) if element_volumes else None,
+            n=n_inputs,
+            seed=seed,
+            mix=mix,
+            min_atoms=min_atoms,
+            max_atoms=max_atoms,
+            volume_range=volume_range,
+            max_shear=max_shear,
+            rattle_range=rattle,
+            min_per_element=min_per_element,
+            large_share=large_share,
+            id_prefix=id_prefix,
+            element_volumes=str(element_volumes) if element_volumes else None,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

@@ -31,9 +31,7 @@ def _volume_range(ctx, param, value):
     type=click.Path(dir_okay=False, path_type=Path),
     help="Output file: .extxyz (alternating frames) or .npz (e3relax pair format).",
 )
-@click.option(
-    "--n-per-seed", default=1, show_default=True, type=click.IntRange(min=1), help="Perturbed inputs per seed."
-)
+@click.option("--n-per-seed", default=1, show_default=True, type=click.IntRange(min=1), help="Perturbed inputs per seed.")
 @click.option(
     "--limit",
     default=None,
@@ -55,12 +53,8 @@ def _volume_range(ctx, param, value):
     type=click.FloatRange(0, 0.5, max_open=True),
     help="Symmetric strain magnitude.",
 )
-@click.option(
-    "--rattle", default=0.1, show_default=True, type=click.FloatRange(min=0), help="Gaussian rattle per component, Å."
-)
-@click.option(
-    "--volume-range", default=None, callback=_volume_range, help="Volume factor range LOW,HIGH (default: keep)."
-)
+@click.option("--rattle", default=0.1, show_default=True, type=click.FloatRange(min=0), help="Gaussian rattle per component, Å.")
+@click.option("--volume-range", default=None, callback=_volume_range, help="Volume factor range LOW,HIGH (default: keep).")
 @click.option(
     "--substitute",
     default=0.0,
@@ -70,9 +64,7 @@ def _volume_range(ctx, param, value):
 )
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes (1 = inline).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option(
-    "--seeds-dir", default=None, type=click.Path(file_okay=False), help="Directory holding perov_5/ and carbon_24/."
-)
+@click.option("--seeds-dir", default=None, type=click.Path(file_okay=False), help="Directory holding perov_5/ and carbon_24/.")
 def make_pairs(
     seeds,
     calculator,

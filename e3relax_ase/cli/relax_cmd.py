@@ -32,9 +32,7 @@ class _DropUntrainedWarning(logging.Filter):
 @click.command("relax")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(), help="Output file (one input) or directory (ends in '/', exists, or several inputs).")
-@click.option(
-    "--suffix", default=None, help="Appended to each input's name [default: '_relaxed' next to the input, '' in an -o directory]."
-)
+@click.option("--suffix", default=None, help="Appended to each input's name [default: '_relaxed' next to the input, '' in an -o directory].")
 @click.option("--format", "fmt", default=None, help="Output format (an ASE format name); default: from the output's extension.")
 @click.option("--overwrite", is_flag=True, help="Replace output files that exist (by default an existing file is never replaced).")
 @click.option(
@@ -67,9 +65,7 @@ class _DropUntrainedWarning(logging.Filter):
     default=None,
     help="Symmetry tolerance, Å: for --fix-symmetry, and a CIF output is then written symmetrized (pymatgen's CifWriter).",
 )
-@click.option(
-    "--allow-cluster", is_flag=True, help="Relax an isolated cluster or molecule in a periodic box, keeping its box (refused by default)."
-)
+@click.option("--allow-cluster", is_flag=True, help="Relax an isolated cluster or molecule in a periodic box, keeping its box (refused by default).")
 @click.option("--refine", "refine_spec", default=None, help="Refine with real forces: emt, sevennet, chgnet or module:Class.")
 @click.option("--optimizer", default="FIRE", show_default=True, help="Refinement optimizer: FIRE, BFGS, LBFGS, BFGSLineSearch, ...")
 @click.option(
@@ -84,19 +80,15 @@ class _DropUntrainedWarning(logging.Filter):
 @click.option(
     "--trajectory",
     default=None,
-    help="Refinement steps as ASE .traj: one multi-frame FILE for every structure, a DIR/ for one file per structure, "
-    "or a pattern with {name}.",
+    help="Refinement steps as ASE .traj: one multi-frame FILE for every structure, a DIR/ for one file per structure, or a pattern with {name}.",
 )
 @click.option("--logfile", default=None, help="The refinement optimizer's log: a file, or - for stderr.")
-@click.option(
-    "--batch-size", type=int, default=None, help="Structures per forward pass [default: 1 on CPU, 2048 on GPU, within its memory]."
-)
+@click.option("--batch-size", type=int, default=None, help="Structures per forward pass [default: 1 on CPU, 2048 on GPU, within its memory].")
 @click.option(
     "--threads",
     default="auto",
     show_default=True,
-    help="torch threads for a network on the CPU, or 'auto': one when other work keeps a core busy (load average), "
-    "else torch's default.",
+    help="torch threads for a network on the CPU, or 'auto': one when other work keeps a core busy (load average), else torch's default.",
 )
 @click.option(
     "--chunk-size",
@@ -117,9 +109,7 @@ class _DropUntrainedWarning(logging.Filter):
     default=None,
     help="Share the structures between the processes of a torchrun job (rank 0 writes) [default: when started by torchrun].",
 )
-@click.option(
-    "--progress/--no-progress", default=None, help="A progress bar on stderr, in structures [default: when stderr is a terminal]."
-)
+@click.option("--progress/--no-progress", default=None, help="A progress bar on stderr, in structures [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", count=True, help="Errors only (no closing line).")
@@ -140,13 +130,13 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
     from ase.units import GPa
 
     from e3relax_ase import distributed as torchrun_job
-    from e3relax_ase.relax.sharded import relax_sharded
-    from e3relax_ase.io.checkpoint import CheckpointError
-    from e3relax_ase.io.claims import new_run_id
     from e3relax_ase.cli.relax_files import FileJob, OutputRules
     from e3relax_ase.cli.relax_report import Progress, closing_line
+    from e3relax_ase.io.checkpoint import CheckpointError
+    from e3relax_ase.io.claims import new_run_id
     from e3relax_ase.io.files import expand_inputs
     from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
+    from e3relax_ase.relax.sharded import relax_sharded
 
     if pressure and not refine_spec:
         logger.warning("--pressure applies to --refine only; the one-shot prediction ignores it")
@@ -232,9 +222,7 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
         # Workers once there are enough structures to pay for starting them (then kept).
         workers_now = num_workers if len(atoms) >= min_structures or relaxer.has_worker_pool else 0
         tracked = {"progress": bar.bar} if bar.bar is not None and not world.active else {}
-        results = relax_sharded(
-            relaxer, atoms, world, names=names, start=n_flushed, num_workers=workers_now, **options, **extras.options(), **tracked
-        ) or []
+        results = relax_sharded(relaxer, atoms, world, names=names, start=n_flushed, num_workers=workers_now, **options, **extras.options(), **tracked) or []
         if not tracked:
             bar.update(len(queue))
         n_flushed += len(atoms)

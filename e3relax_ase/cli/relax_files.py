@@ -259,8 +259,7 @@ class FileJob:
             return {}
         if not rules.resume:
             self._fail_file(
-                f"{self.path}: unfinished results of an earlier run are in {self.stream.folder}: "
-                "--resume continues them, --overwrite discards them"
+                f"{self.path}: unfinished results of an earlier run are in {self.stream.folder}: --resume continues them, --overwrite discards them"
             )
             return None
         try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ class CrystalGraph:
     def n_edges(self) -> int:
         return self.edge_src.shape[0]
 
-    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "CrystalGraph":
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> CrystalGraph:
         """Move to a device; ``dtype`` applies to the floating-point fields only."""
         moved = {}
         for f in fields(self):
@@ -52,7 +52,7 @@ class CrystalGraph:
             moved[f.name] = value
         return CrystalGraph(**moved)
 
-    def pin_memory(self) -> "CrystalGraph":
+    def pin_memory(self) -> CrystalGraph:
         return CrystalGraph(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
 
@@ -60,9 +60,7 @@ class CrystalGraph:
 GPU_SEARCH_ATOMS = 1000
 
 
-def cap_neighbors(
-    dst: torch.Tensor, distances: torch.Tensor, n_nodes: int, max_neighbors: int, tolerance: float = SHELL_TOLERANCE
-) -> torch.Tensor:
+def cap_neighbors(dst: torch.Tensor, distances: torch.Tensor, n_nodes: int, max_neighbors: int, tolerance: float = SHELL_TOLERANCE) -> torch.Tensor:
     """Keep at most ``max_neighbors`` nearest incoming edges per receiver, plus the whole last shell.
 
     An edge is kept when it is among the K nearest of its receiver, or when its distance is

@@ -59,9 +59,7 @@ def niggli_transforms(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = _apply(metric_map, g0[active])
         e = eps[active]
         swap_ab = _gt(g[:, 0], g[:, 1], e) | (_eq(g[:, 0], g[:, 1], e) & _gt(np.abs(g[:, 3]), np.abs(g[:, 4]), e))
-        swap_bc = ~swap_ab & (
-            _gt(g[:, 1], g[:, 2], e) | (_eq(g[:, 1], g[:, 2], e) & _gt(np.abs(g[:, 4]), np.abs(g[:, 5]), e))
-        )
+        swap_bc = ~swap_ab & (_gt(g[:, 1], g[:, 2], e) | (_eq(g[:, 1], g[:, 2], e) & _gt(np.abs(g[:, 4]), np.abs(g[:, 5]), e)))
         if swap_ab.any():
             rows = np.flatnonzero(swap_ab)
             basis[rows] = -basis[rows][:, :, [1, 0, 2]]
@@ -88,9 +86,7 @@ def niggli_transforms(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         taken = np.zeros(len(rest), dtype=bool)
         for term, i, j, other, partner in _SHEARS:  # A5, A6, A7 in order
             t, gi = g[:, term], g[:, i]
-            step = ~taken & (
-                _gt(np.abs(t), gi, e) | (_eq(t, gi, e) & _lt(2 * g[:, other], g[:, partner], e)) | (_eq(t, -gi, e) & _lt(g[:, partner], 0.0, e))
-            )
+            step = ~taken & (_gt(np.abs(t), gi, e) | (_eq(t, gi, e) & _lt(2 * g[:, other], g[:, partner], e)) | (_eq(t, -gi, e) & _lt(g[:, partner], 0.0, e)))
             if step.any():
                 _shear(c, d, np.flatnonzero(step), np.sign(t[step]).astype(np.int64)[:, None], i, j, term, other, partner)
             taken |= step

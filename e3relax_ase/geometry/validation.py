@@ -225,7 +225,9 @@ def prepare_arrays(
         height = abs(det) / float(np.linalg.norm(np.cross(cell[(axis + 1) % 3], cell[(axis + 2) % 3])))
         extent = float(fractional[:, axis].max() - fractional[:, axis].min()) * height
         if extent > MAX_VACUUM_EXTENT:
-            _fail(name, f"has atoms spread over {extent:.3g} Å along vacuum axis {axis} (> {MAX_VACUUM_EXTENT:g} Å); center them, e.g. atoms.center(axis={axis})")
+            _fail(
+                name, f"has atoms spread over {extent:.3g} Å along vacuum axis {axis} (> {MAX_VACUUM_EXTENT:g} Å); center them, e.g. atoms.center(axis={axis})"
+            )
 
     allowed = _allowed(elements, max_atomic_number)
     bad = sorted(z for z in {int(z) for z in np.unique(numbers).tolist()} if z not in allowed)
@@ -264,7 +266,6 @@ def prepare_arrays(
         form = wrap_into(positions, cell, np.eye(3, dtype=np.int64), pbc)
     from e3relax_ase.geometry.graph import periodic_pairs
 
-
     pairs = periodic_pairs(form.positions, form.cell, pbc, cutoff)
     receivers, senders, _, distances = pairs
     closest = float(distances.min()) if len(distances) else math.inf
@@ -278,8 +279,7 @@ def prepare_arrays(
     if len(lonely):
         _fail(
             name,
-            f"atom {int(lonely[0])} has no neighbour within the {cutoff} Å cutoff "
-            f"(closer than {cutoff - ISOLATION_MARGIN:g} Å; {len(lonely)} isolated atoms)",
+            f"atom {int(lonely[0])} has no neighbour within the {cutoff} Å cutoff (closer than {cutoff - ISOLATION_MARGIN:g} Å; {len(lonely)} isolated atoms)",
         )
     n_edges = int(np.minimum(counts, max_neighbors).sum())
     if max_edges is not None and n_edges > max_edges:
@@ -315,9 +315,7 @@ def prepare_atoms(atoms, name: str | None = None, **kwargs) -> PreparedCrystal:
     """
     name = name or structure_name(atoms)
     arrays = {key: value for key, value in atoms.arrays.items() if key not in ("numbers", "positions")}
-    return prepare_arrays(
-        atoms.arrays["numbers"], atoms.arrays["positions"], atoms.cell.array, atoms.pbc, name=name, per_atom_arrays=arrays, **kwargs
-    )
+    return prepare_arrays(atoms.arrays["numbers"], atoms.arrays["positions"], atoms.cell.array, atoms.pbc, name=name, per_atom_arrays=arrays, **kwargs)
 
 
 def structure_name(atoms, index: int | None = None) -> str:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from e3relax_ase import __version__
-from e3relax_ase.nn.architectures import build_model, is_basis_free
 from e3relax_ase.config import ModelConfig
+from e3relax_ase.nn.architectures import build_model, is_basis_free
 
 FORMAT_NAME = "e3relax-ase-checkpoint"
 FORMAT_VERSION = 2
@@ -180,9 +180,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} is not an e3relax-ase checkpoint (no '{FORMAT_NAME}' header)")
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {version}, newer than this e3relax-ase reads ({FORMAT_VERSION}); upgrade e3relax-ase"
-        )
+        raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this e3relax-ase reads ({FORMAT_VERSION}); upgrade e3relax-ase")
     try:
         config_values = dict(payload["config"])
         if version == 1:
@@ -225,8 +223,7 @@ def _label_of_file(path: Path, sha: str, claimed_name) -> str:
     label = path.name
     if claimed_name in registered:
         logger.warning(
-            "checkpoint %s calls itself %r but its sha256 %s is not that registered checkpoint's (a modified or damaged copy?); "
-            "its results are labelled %r",
+            "checkpoint %s calls itself %r but its sha256 %s is not that registered checkpoint's (a modified or damaged copy?); its results are labelled %r",
             path,
             claimed_name,
             sha[:12],

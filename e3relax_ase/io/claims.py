@@ -125,9 +125,7 @@ def _refuse_unless_stale(output: Path, lock: Path, holder: dict | None) -> None:
             pass
         return
     who = f"process {pid} on {host}" if host else "an unknown process"
-    raise OutputClaimedError(
-        f"{output} is being written by another e3relax-ase run ({who}); if no such run is going on, delete {lock}"
-    )
+    raise OutputClaimedError(f"{output} is being written by another e3relax-ase run ({who}); if no such run is going on, delete {lock}")
 
 
 def _alive(pid: int) -> bool:

@@ -202,9 +202,7 @@ class OutputExistsError(FileExistsError):
     """An output file that exists and may not be replaced (no ``--overwrite``)."""
 
 
-def write_atomic(
-    path: str | os.PathLike, frames: list, fmt: str, *, replace: bool = True, symprec: float | None = None, fsync: bool = False
-) -> None:
+def write_atomic(path: str | os.PathLike, frames: list, fmt: str, *, replace: bool = True, symprec: float | None = None, fsync: bool = False) -> None:
     """Write structures to ``path`` all at once or not at all (temporary file, then one rename).
 
     Args:

@@ -80,6 +80,6 @@ def read_cif_provenance(text: str) -> dict:
 def poscar_comment(atoms) -> str:
     """The free-text first line of a POSCAR: the formula, then the identifying keys."""
     keys = provenance(atoms.info)
-    parts = [f"{key[len(INFO_PREFIX):]}={keys[key]}" for key in POSCAR_KEYS if key in keys]
+    parts = [f"{key[len(INFO_PREFIX) :]}={keys[key]}" for key in POSCAR_KEYS if key in keys]
     head = atoms.get_chemical_formula()
     return f"{head} | e3relax {' '.join(parts)}" if parts else head

@@ -52,9 +52,7 @@ class LatticeToAtom(nn.Module):
         parallel = (centred.unsqueeze(1) * lattice).sum(dim=-1) / length  # not einsum: see lattice_step
         cross = torch.linalg.cross(centred.unsqueeze(1).expand_as(lattice), lattice, dim=-1)
         perpendicular = safe_norm(cross) / length  # [n_atoms, 3]
-        geometry = self.geometry(
-            torch.cat([self.rbf_parallel(parallel), self.rbf_perpendicular(perpendicular)], dim=-1)
-        )  # [n_atoms, 3, F]
+        geometry = self.geometry(torch.cat([self.rbf_parallel(parallel), self.rbf_perpendicular(perpendicular)], dim=-1))  # [n_atoms, 3, F]
         toward_axis = lattice - centred.unsqueeze(1)  # [n_atoms, 3, 3]
         direction = toward_axis / safe_norm(toward_axis, eps=1e-6).unsqueeze(-1)
 

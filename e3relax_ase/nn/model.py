@@ -48,7 +48,12 @@ class InteractionLayer(nn.Module):
         f = config.num_channels
         self.crystal_to_atom = CrystalToAtom(f)
         self.message_passing = H2MessagePassing(
-            f, config.num_rbf, config.cutoff, config.envelope_exponent, config.l_max, config.avg_num_neighbors,
+            f,
+            config.num_rbf,
+            config.cutoff,
+            config.envelope_exponent,
+            config.l_max,
+            config.avg_num_neighbors,
             num_tensor_channels=config.num_strain_channels,
         )
         self.self_interaction = SelfInteraction(f)
@@ -57,7 +62,7 @@ class InteractionLayer(nn.Module):
         # Bias-free head F -> 1: W_p turns atom vectors into displacements.
         self.w_position = nn.Parameter(torch.randn(f) * config.output_init_scale)
 
-    def forward(self, graph: CrystalGraph, state: dict, geometry: "InputGeometry", message_passing=None) -> dict:
+    def forward(self, graph: CrystalGraph, state: dict, geometry: InputGeometry, message_passing=None) -> dict:
         """One layer; ``message_passing`` runs in place of ``self.message_passing`` when given
         (the same function compiled: ``compiled.CompiledForward``)."""
         h, v, s, u = state["h"], state["v"], state["s"], state["u"]
@@ -65,10 +70,7 @@ class InteractionLayer(nn.Module):
         symmetric = 0.5 * (deformation + deformation.transpose(-1, -2))
         h, v = self.crystal_to_atom(h, v, s, u, symmetric, graph.batch)
         edge_vec = (
-            geometry.edge_vec
-            + matmul3(geometry.edge_vec, deformation[geometry.edge_graph])
-            + displacement[graph.edge_src]
-            - displacement[graph.edge_dst]
+            geometry.edge_vec + matmul3(geometry.edge_vec, deformation[geometry.edge_graph]) + displacement[graph.edge_src] - displacement[graph.edge_dst]
         )
         message_passing = self.message_passing if message_passing is None else message_passing
         m, mv, edge_tensors = message_passing(h, v, edge_vec, graph.edge_src, graph.edge_dst)

@@ -16,10 +16,10 @@ from e3relax_ase.geometry.graph import CrystalGraph, edge_vectors
 from e3relax_ase.nn.broadcast import LatticeToAtom
 from e3relax_ase.nn.h2mp import H2MessagePassing
 from e3relax_ase.nn.lattice import AtomToLattice, LatticeMixing
-from e3relax_ase.nn.scatter import scatter_mean
-from e3relax_ase.nn.solve import solve_unchecked
 from e3relax_ase.nn.model import ModelOutput
+from e3relax_ase.nn.scatter import scatter_mean
 from e3relax_ase.nn.self_interaction import SelfInteraction
+from e3relax_ase.nn.solve import solve_unchecked
 
 
 class InteractionLayer(nn.Module):
@@ -30,9 +30,7 @@ class InteractionLayer(nn.Module):
         f = config.num_channels
         self.positions_follow_cell = config.positions_follow_cell
         self.broadcast = LatticeToAtom(f, config.num_lattice_rbf, config.lattice_rbf_range)
-        self.message_passing = H2MessagePassing(
-            f, config.num_rbf, config.cutoff, config.envelope_exponent, config.l_max, config.avg_num_neighbors
-        )
+        self.message_passing = H2MessagePassing(f, config.num_rbf, config.cutoff, config.envelope_exponent, config.l_max, config.avg_num_neighbors)
         self.self_interaction = SelfInteraction(f)
         self.atom_to_lattice = AtomToLattice(f, config.num_lattice_rbf, config.lattice_rbf_range)
         self.lattice_mixing = LatticeMixing()

@@ -59,7 +59,7 @@ def _set_thresholds() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl's mallopt ignores these parameters
+        _ = libc.gnu_get_libc_version  # glibc only: musl's mallopt ignores these parameters
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

@@ -92,9 +92,7 @@ class OneShotThenOptimize(Optimizer):
             self._relaxer = OneShotRelaxer(self._checkpoint)
         real = underlying_atoms(self.atoms)
         relax_cell = self._relax_cell if self._relax_cell is not None else real is not self.atoms and hasattr(self.atoms, "orig_cell")
-        self._relaxer.relax(
-            real, inplace=True, relax_cell=bool(relax_cell), fix_symmetry=self._fix_symmetry, symprec=self._symprec, on_insane="input"
-        )
+        self._relaxer.relax(real, inplace=True, relax_cell=bool(relax_cell), fix_symmetry=self._fix_symmetry, symprec=self._symprec, on_insane="input")
 
     def step(self, f=None):
         if self._inner is None:

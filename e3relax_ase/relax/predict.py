@@ -6,8 +6,8 @@ the training code both call it, so invariance to how the input is written holds 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,9 +29,7 @@ class Prediction:
     cell: np.ndarray  # [n_layers, 3, 3] Å
 
 
-def graph_from_canonical(
-    crystals: Sequence[CrystalArrays], forms: Sequence[CanonicalForm], cutoff: float, max_neighbors: int, device, dtype
-) -> CrystalGraph:
+def graph_from_canonical(crystals: Sequence[CrystalArrays], forms: Sequence[CanonicalForm], cutoff: float, max_neighbors: int, device, dtype) -> CrystalGraph:
     """Build the batched graph of crystals already in canonical form.
 
     The edges are those of the float64 canonical crystal whatever ``dtype`` is (the search
@@ -183,10 +181,7 @@ def restore_all(forms: Sequence[CanonicalForm], positions: np.ndarray, cells: np
     if moved.any():
         crystal_of_atom = np.repeat(np.arange(len(forms)), np.diff(bounds))
         restored[:, moved] += image_translation(shifts[moved], cells[:, crystal_of_atom[moved]])
-    return [
-        Prediction(restored[:, bounds[index] : bounds[index + 1]].copy(), cells_input_basis[:, index].copy())
-        for index in range(len(forms))
-    ]
+    return [Prediction(restored[:, bounds[index] : bounds[index + 1]].copy(), cells_input_basis[:, index].copy()) for index in range(len(forms))]
 
 
 def to_device(graph: CrystalGraph, device, dtype: torch.dtype) -> CrystalGraph:

@@ -27,18 +27,16 @@ import numpy as np
 import torch
 
 from e3relax_ase import __version__
-from e3relax_ase.keys import ISOLATION_MARGIN
-from e3relax_ase.io.checkpoint import CheckpointInfo, load_checkpoint
-from e3relax_ase.nn.model import E3RelaxH2
 from e3relax_ase.geometry.canonical import CanonicalForm
-from e3relax_ase.geometry.graph import graph_from_edges
-from e3relax_ase.nn.compiled import CompiledForward
-from e3relax_ase.nn.graphed import GraphedForward
-from e3relax_ase.relax.heap import keep_freed_heap
 from e3relax_ase.geometry.crystal import CrystalArrays
-from e3relax_ase.relax.predict import Prediction, ReadyPredictions, predict
-from e3relax_ase.nn.precision import check_precision
-from e3relax_ase.relax.threads import torch_threads
+from e3relax_ase.geometry.graph import graph_from_edges
+from e3relax_ase.geometry.validation import (
+    MIN_DISTANCE,
+    InvalidStructureError,
+    StructureReport,
+    structure_name,
+)
+from e3relax_ase.io.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.io.structures import (
     INFO_CLUSTER,
     INFO_CORRECTION_RATIO,
@@ -66,28 +64,30 @@ from e3relax_ase.io.structures import (
     spacegroup_number,
     vacuum_cell_mask,
 )
-from e3relax_ase.geometry.validation import (
-    MIN_DISTANCE,
-    InvalidStructureError,
-    StructureReport,
-    structure_name,
-)
+from e3relax_ase.keys import ISOLATION_MARGIN
+from e3relax_ase.nn.compiled import CompiledForward
+from e3relax_ase.nn.graphed import GraphedForward
+from e3relax_ase.nn.model import E3RelaxH2
+from e3relax_ase.nn.precision import check_precision
+from e3relax_ase.relax.heap import keep_freed_heap
+from e3relax_ase.relax.predict import Prediction, ReadyPredictions, predict
+from e3relax_ase.relax.threads import torch_threads
 from e3relax_ase.relax.workers import (
     PREFETCH_ITEMS,
+    UNNAMED,
     PreparationSettings,
     StructureSpec,
-    UNNAMED,
-    graph_edges,
-    named,
     collect_verdicts,
-    submit_judging,
+    graph_edges,
     judge_here,
     judge_prediction,
+    named,
     pool_is_broken,
     prefetched,
     prepare_structure,
     prepared_in_pool,
     start_worker_pool,
+    submit_judging,
 )
 
 logger = logging.getLogger(__name__)
@@ -246,9 +246,7 @@ def _model_info(model: E3RelaxH2, name: str) -> CheckpointInfo:
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode())
         digest.update(tensor.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return CheckpointInfo(
-        path="<in memory>", sha256=digest.hexdigest(), config=model.config, versions={}, metadata={"name": name}, name=name
-    )
+    return CheckpointInfo(path="<in memory>", sha256=digest.hexdigest(), config=model.config, versions={}, metadata={"name": name}, name=name)
 
 
 class OneShotRelaxer:
@@ -347,9 +345,7 @@ class OneShotRelaxer:
         """``workers.prepare_structure`` on an Atoms: (PreparedCrystal, VacuumLayout or None)."""
         arrays = atoms.arrays
         others = {key: value for key, value in arrays.items() if key not in ("numbers", "positions")}
-        return prepare_structure(
-            arrays["numbers"], arrays["positions"], atoms.cell.array, atoms.pbc, name=name, per_atom_arrays=others, settings=settings
-        )
+        return prepare_structure(arrays["numbers"], arrays["positions"], atoms.cell.array, atoms.pbc, name=name, per_atom_arrays=others, settings=settings)
 
     def _settings(self, allow_cluster: bool = False) -> PreparationSettings:
         config = self.model.config
@@ -510,9 +506,7 @@ class OneShotRelaxer:
             if own_bar:
                 bar.close()
         if isinstance(trajectory, (str, os.PathLike)) and not _per_structure(trajectory) and len(results) > 1:
-            logger.warning(
-                "one refinement trajectory file for %d structures keeps only the last; put {index} or {name} in its name", len(results)
-            )
+            logger.warning("one refinement trajectory file for %d structures keeps only the last; put {index} or {name} in its name", len(results))
         return [results[index] for index in sorted(results)]
 
     @property
@@ -589,9 +583,7 @@ class OneShotRelaxer:
         self._workers = (num_workers, pool, weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True))
         return pool
 
-    def _prepare(
-        self, index: int, name: str | None, structure, inplace: bool, keep_pristine: bool, settings: PreparationSettings
-    ) -> _Item:
+    def _prepare(self, index: int, name: str | None, structure, inplace: bool, keep_pristine: bool, settings: PreparationSettings) -> _Item:
         """Validate, canonicalise and search one structure here. ``name`` None: named only if
         a message needs it (a formula costs ~12 µs)."""
         atoms, kind = _input_atoms(structure, inplace)
@@ -740,9 +732,7 @@ class OneShotRelaxer:
             forward=[self._graphed, self._compiled],
         )
 
-    def _advance(
-        self, launched: _Chunk | None, earlier: _Chunk | None, options: _Options, errors: str, results: dict
-    ) -> _Chunk | None:
+    def _advance(self, launched: _Chunk | None, earlier: _Chunk | None, options: _Options, errors: str, results: dict) -> _Chunk | None:
         """Complete the ``launched`` chunk (wait for its predictions, send them to be judged),
         then finish the ``earlier`` one (its judging ran meanwhile).
 
@@ -925,17 +915,14 @@ class OneShotRelaxer:
             info[INFO_SPACEGROUP_INPUT] = spacegroup_input
             info[INFO_SPACEGROUP] = spacegroup_number(atoms, options.symprec)
             if info[INFO_SPACEGROUP] != spacegroup_input:
-                logger.warning(
-                    "%s: space group changed from %d to %d despite fix_symmetry", item.name, spacegroup_input, info[INFO_SPACEGROUP]
-                )
+                logger.warning("%s: space group changed from %d to %d despite fix_symmetry", item.name, spacegroup_input, info[INFO_SPACEGROUP])
         result = atoms if item.kind == "ase" else from_atoms(atoms, item.kind)
         return (result, frames) if options.return_trajectory else result
 
     def _warn_vacuum(self, item: _Item) -> None:
         if item.vacuum.cluster:
             logger.warning(
-                "%s: an isolated cluster in a periodic box (vacuum of %s): relaxed keeping its box (allow_cluster); "
-                "the network was trained on crystals",
+                "%s: an isolated cluster in a periodic box (vacuum of %s): relaxed keeping its box (allow_cluster); the network was trained on crystals",
                 item.name,
                 item.vacuum.describe(),
             )

@@ -102,9 +102,7 @@ def check_prediction(
     for axis in np.flatnonzero(~pbc):
         if not np.allclose(cell[axis], cell_input[axis], rtol=1e-9, atol=1e-9):
             problems.append(f"vacuum lattice vector {axis} changed")
-    if closest_input is not None and positions_input is not None and no_close_pairs(
-        positions, cell, positions_input, cell_input, closest_input, min_distance
-    ):
+    if closest_input is not None and positions_input is not None and no_close_pairs(positions, cell, positions_input, cell_input, closest_input, min_distance):
         return SanityReport(not problems, problems, math.inf, ratio)  # what an empty search gives
     return _searched_report(positions, cell, pbc, min_distance, problems, ratio)
 
@@ -262,10 +260,7 @@ def confidence(positions_layers, cell_layers, positions_input, cell_input) -> Co
 def refine_advised(d_last: float, s_last: float, d_total: float, s_total: float) -> bool:
     """The advice rule (module docstring): any signal above its calibrated threshold."""
     return (
-        d_last > REFINE_ADVISED_CORRECTION
-        or s_last > REFINE_ADVISED_STRAIN
-        or d_total > REFINE_ADVISED_DISPLACEMENT
-        or s_total > REFINE_ADVISED_TOTAL_STRAIN
+        d_last > REFINE_ADVISED_CORRECTION or s_last > REFINE_ADVISED_STRAIN or d_total > REFINE_ADVISED_DISPLACEMENT or s_total > REFINE_ADVISED_TOTAL_STRAIN
     )
 
 
@@ -284,9 +279,7 @@ def judge_prediction(
         final_positions, final_cell = positions, cell
     else:
         final_positions, final_cell = positions @ np.linalg.solve(cell, cell_input), cell_input
-    sanity = check_prediction(
-        final_positions, final_cell, pbc, cell_input, min_distance, positions_input=positions_input, closest_input=closest
-    )
+    sanity = check_prediction(final_positions, final_cell, pbc, cell_input, min_distance, positions_input=positions_input, closest_input=closest)
     return sanity, confidence(positions_layers, cell_layers, positions_input, cell_input)
 
 

@@ -33,9 +33,9 @@ import torch
 
 from e3relax_ase.geometry.canonical import CanonicalForm, reduce_cells
 from e3relax_ase.geometry.graph import capped_edges, capped_edges_many
-from e3relax_ase.relax.sanity import Confidence, SanityReport, judge_batch, judge_prediction  # noqa: F401 (judge_prediction: re-exported)
 from e3relax_ase.geometry.vacuum import ClusterError, find_vacuum
 from e3relax_ase.geometry.validation import InvalidStructureError, PreparedCrystal, StructureReport, prepare_arrays
+from e3relax_ase.relax.sanity import Confidence, SanityReport, judge_batch, judge_prediction  # noqa: F401 (judge_prediction: re-exported)
 
 PREFETCH_ITEMS = 4096  # most structures prepared ahead of the network by the background thread
 TASK_STRUCTURES = 32  # structures per task sent to a worker process
@@ -269,9 +269,7 @@ def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: i
                 task_atoms.append(_atoms_of(entries))
                 atoms_in_flight += task_atoms[-1]
                 entries, waiting = [], 0
-            while len(in_flight) > TASKS_IN_FLIGHT_PER_WORKER * num_workers or (
-                len(in_flight) > num_workers and atoms_in_flight > READ_AHEAD_ATOMS
-            ):
+            while len(in_flight) > TASKS_IN_FLIGHT_PER_WORKER * num_workers or (len(in_flight) > num_workers and atoms_in_flight > READ_AHEAD_ATOMS):
                 atoms_in_flight -= task_atoms.popleft()
                 yield from _collect(*in_flight.popleft())
         if entries:
@@ -319,7 +317,7 @@ def _collect(entries: list, task) -> Iterator:
         if isinstance(entry, tuple):
             entry = entry[0]
             outcome = next(outcomes)
-            outcome = named(outcome, lambda: entry.name)
+            outcome = named(outcome, lambda entry=entry: entry.name)
             if not isinstance(outcome, Exception):
                 outcome = (*outcome, layouts.get(k))
             k += 1
@@ -365,9 +363,7 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
     # that fail, each structure alone, so that a failure stays its structure's own.
     done = [k for k, o in enumerate(outcomes) if not isinstance(o, Exception)]
     try:
-        edges = capped_edges_many(
-            [outcomes[k].pairs for k in done], [len(outcomes[k].form.positions) for k in done], settings.checks["max_neighbors"]
-        )
+        edges = capped_edges_many([outcomes[k].pairs for k in done], [len(outcomes[k].form.positions) for k in done], settings.checks["max_neighbors"])
     except Exception:  # noqa: BLE001
         edges = [None] * len(done)
     for k, edge in zip(done, edges):

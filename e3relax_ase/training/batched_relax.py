@@ -209,9 +209,7 @@ def frechet_forces(
     return forces_ref, forces_cell
 
 
-def fresh_fmax(
-    forces: torch.Tensor, stress: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, n_atoms: torch.Tensor
-) -> torch.Tensor:
+def fresh_fmax(forces: torch.Tensor, stress: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, n_atoms: torch.Tensor) -> torch.Tensor:
     """fmax on a Frechet filter whose reference is the current cell (F = I), per crystal.
 
     Returns:
@@ -344,9 +342,7 @@ def _select(state: _FireState, keep: torch.Tensor, dropped: set[int] | None = No
     )
 
 
-def _fire_step(
-    state: _FireState, forces_ref: torch.Tensor, forces_cell: torch.Tensor, params: FireParams
-) -> None:
+def _fire_step(state: _FireState, forces_ref: torch.Tensor, forces_cell: torch.Tensor, params: FireParams) -> None:
     """One ASE FIRE step for every crystal in the batch, each with its own dt/alpha (in place)."""
     b, g = state.batch, state.n_graphs
     vf = _segment_sum(forces_ref * state.vel_atoms, b, g) + (forces_cell * state.vel_cell).sum((1, 2))
@@ -443,9 +439,7 @@ def relax_stream(
                     exhausted = True
                     break
             n = len(pending.numbers)
-            full = n_atoms_in + n > max_atoms or (
-                max_graphs is not None and state.n_graphs + len(new) >= max_graphs
-            )
+            full = n_atoms_in + n > max_atoms or (max_graphs is not None and state.n_graphs + len(new) >= max_graphs)
             if full and (state.n_graphs + len(new)) > 0:
                 break
             new.append(pending)
@@ -458,9 +452,7 @@ def relax_stream(
         positions, cell, deform, log_f = state.geometry()
         out = teacher(positions, cell, state.numbers, state.batch, state.n_atoms)
         energy = out.energy.to(dtype)
-        forces_ref, forces_cell = frechet_forces(
-            out.forces.to(dtype), out.stress.to(dtype), cell, log_f, deform, state.batch, state.n_atoms
-        )
+        forces_ref, forces_cell = frechet_forces(out.forces.to(dtype), out.stress.to(dtype), cell, log_f, deform, state.batch, state.n_atoms)
         g = state.n_graphs
         fmax_atoms = _segment_max(torch.linalg.norm(forces_ref, dim=1), state.batch, g)
         fmax = torch.maximum(fmax_atoms, torch.linalg.norm(forces_cell, dim=2).amax(dim=1))
@@ -471,9 +463,7 @@ def relax_stream(
 
         finite = torch.isfinite(energy) & torch.isfinite(fmax)
         volume_ratio = torch.linalg.det(cell) / torch.linalg.det(state.cell_init)
-        diverged = finite & (
-            (volume_ratio > params.volume_ratio_abort) | (volume_ratio < 1.0 / params.volume_ratio_abort)
-        )
+        diverged = finite & ((volume_ratio > params.volume_ratio_abort) | (volume_ratio < 1.0 / params.volume_ratio_abort))
         converged = finite & ~diverged & (fmax < params.fmax)
         if params.fresh_check:
             converged &= fmax_f < params.fmax
@@ -484,9 +474,7 @@ def relax_stream(
         # the old driver read done.any(), keep.all() and keep.tolist() separately.
         done_index = torch.nonzero(done).flatten().tolist()
         if done_index:
-            yield from _collect(
-                state, done_index, converged, finite, diverged, positions, cell, energy, fmax, fmax_f, stats
-            )
+            yield from _collect(state, done_index, converged, finite, diverged, positions, cell, energy, fmax, fmax_f, stats)
             keep = ~done
             forces_ref = forces_ref[keep[state.batch]]
             forces_cell = forces_cell[keep]
@@ -550,9 +538,7 @@ def _collect(state, done_index, converged, finite, diverged, positions, cell, en
         )
 
 
-def relax_all(
-    structures: Iterable[RelaxInput], teacher, params: FireParams = FireParams(), **kwargs
-) -> list[RelaxResult]:
+def relax_all(structures: Iterable[RelaxInput], teacher, params: FireParams = FireParams(), **kwargs) -> list[RelaxResult]:
     """Relax every crystal; results come back in input order with the inputs' keys."""
     inputs = list(structures)
     indexed = [dataclasses.replace(s, key=i) for i, s in enumerate(inputs)]
@@ -579,9 +565,7 @@ def min_interatomic_distance(positions: np.ndarray, cell: np.ndarray, cutoff: fl
     return float(distances.min()) if len(distances) else float("inf")
 
 
-def check_sane(
-    result: RelaxResult, *, min_distance: float = 0.5, volume_ratio: tuple[float, float] = (0.5, 2.0)
-) -> str | None:
+def check_sane(result: RelaxResult, *, min_distance: float = 0.5, volume_ratio: tuple[float, float] = (0.5, 2.0)) -> str | None:
     """Why a relaxed crystal should not be kept, or None if it is sane.
 
     Checks: finite geometry and energy, positive cell determinant, shortest interatomic

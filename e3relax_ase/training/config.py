@@ -86,9 +86,7 @@ class TrainConfig:
         if self.lr_reference_atoms and not self.batch_atoms:
             raise ValueError("lr_reference_atoms scales the rate by batch_atoms, which is not set")
         if self.model_config.architecture != "strain":
-            raise ValueError(
-                f"architecture {self.model_config.architecture!r} is kept to load old checkpoints only; train the 'strain' architecture"
-            )
+            raise ValueError(f"architecture {self.model_config.architecture!r} is kept to load old checkpoints only; train the 'strain' architecture")
         if self.layer_weights and len(self.layer_weights) != self.model_config.num_layers:
             raise ValueError(f"layer_weights has {len(self.layer_weights)} entries for {self.model_config.num_layers} layers")
 
@@ -110,11 +108,11 @@ class TrainConfig:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         return from_dict_strict(cls, values, "training config")
 
     @classmethod
-    def from_yaml(cls, path) -> "TrainConfig":
+    def from_yaml(cls, path) -> TrainConfig:
         import yaml
 
         with open(path) as handle:

@@ -221,11 +221,7 @@ def write_data_card(
             f"| {name} | {m['coord_mae_mean']:.3f} | {m['coord_mae_median']:.3f} | {m['volume_mae']:.1f} | "
             f"{m['volume_ratio_median']:.3f} | {m['match_rate']:.3f} ({m['match_n_matched']}/{m['match_n_tested']}) |"
         )
-    sample_note = (
-        "all pairs of each split"
-        if match_sample is None
-        else f"a random subsample of at most {match_sample} pairs per split (numpy seed {seed})"
-    )
+    sample_note = "all pairs of each split" if match_sample is None else f"a random subsample of at most {match_sample} pairs per split (numpy seed {seed})"
     lines += [
         "",
         "Coordinate MAE: per atom, the image of the relaxed cell (k in {-1,0,1}^3) nearest to the unrelaxed "

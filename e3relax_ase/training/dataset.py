@@ -19,7 +19,6 @@ import torch
 from e3relax_ase.geometry.canonical import canonicalize
 from e3relax_ase.geometry.graph import CrystalGraph, neighbor_edges
 
-
 # Changes whenever preparation gives other tensors for the same files (a stale cache must miss):
 # 2 = targets rotated back (strain_rotation) and in the fractional-centroid frame, + ``source``.
 PREPARATION_VERSION = 2
@@ -45,7 +44,7 @@ class PreparedPairs:
     def __len__(self) -> int:
         return self.cell.shape[0]
 
-    def to(self, device) -> "PreparedPairs":
+    def to(self, device) -> PreparedPairs:
         return PreparedPairs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def batch(self, indices: torch.Tensor) -> tuple[CrystalGraph, torch.Tensor, torch.Tensor]:
@@ -129,9 +128,7 @@ def align_target(positions_input, cell_input, positions_target, cell_target, tra
     return aligned, cell
 
 
-def prepare_pairs(
-    pairset, cutoff: float, max_neighbors: int, dtype=torch.float32, center_targets: bool = True, workers: int = 1
-) -> PreparedPairs:
+def prepare_pairs(pairset, cutoff: float, max_neighbors: int, dtype=torch.float32, center_targets: bool = True, workers: int = 1) -> PreparedPairs:
     """Canonicalise, align and build the edges of every pair of a ``PairSet`` (CPU, once).
 
     ``center_targets=False`` keeps the relaxed structure's own translation (for the paper's
@@ -160,9 +157,7 @@ def prepare_pairs(
         target_positions, target_cell = align_target(
             form.positions, form.cell, pairset.pos_relaxed[atoms], pairset.cell_relaxed[k], form.transform, pbc, center_targets
         )
-        src, dst, shift = neighbor_edges(
-            torch.as_tensor(form.positions), torch.as_tensor(form.cell), torch.as_tensor(pbc), cutoff, max_neighbors
-        )
+        src, dst, shift = neighbor_edges(torch.as_tensor(form.positions), torch.as_tensor(form.cell), torch.as_tensor(pbc), cutoff, max_neighbors)
         numbers.append(pairset.numbers[atoms])
         positions.append(form.positions)
         targets.append(target_positions)

@@ -28,9 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from e3relax_ase.relax.threads import single_threaded_blas
-
 from e3relax_ase.relax.calculators import resolve_calculator
+from e3relax_ase.relax.threads import single_threaded_blas
 from e3relax_ase.training.pairs import PairSet
 from e3relax_ase.training.perturb import make_user_like_inputs
 

@@ -11,18 +11,16 @@ import numpy as np
 import torch
 
 from e3relax_ase.io.checkpoint import load_checkpoint
-from e3relax_ase.training.metrics import MATCHER_SETTINGS, structure_errors, structures_match
 from e3relax_ase.training.dataset import prepare_pairs
 from e3relax_ase.training.families import FAMILIES, chemical_family
+from e3relax_ase.training.metrics import MATCHER_SETTINGS, structure_errors, structures_match
 from e3relax_ase.training.pairs import load_pairs
 
 METRIC_NAMES = ("coord_mae", "coord_mae_paper", "cell_shape", "volume_abs")
 
 
 @torch.no_grad()
-def evaluate_checkpoint(
-    checkpoint, data_path, out_dir=None, device="cpu", batch_size=64, match_sample: int = 500, seed: int = 0
-) -> dict:
+def evaluate_checkpoint(checkpoint, data_path, out_dir=None, device="cpu", batch_size=64, match_sample: int = 500, seed: int = 0) -> dict:
     """Metrics of a checkpoint and of Dummy on every pair of a file.
 
     Args:
@@ -60,12 +58,14 @@ def evaluate_checkpoint(
             row["volume_input"] = float(torch.linalg.det(graph.cell[local]).abs())
             rows.append(row)
             atoms = slice(bounds[local], bounds[local + 1])
-            predictions.append((
-                graph.numbers[atoms].cpu().numpy(),
-                (pred_pos[atoms].double().cpu().numpy(), pred_cell[local].double().cpu().numpy()),
-                (graph.positions[atoms].double().cpu().numpy(), graph.cell[local].double().cpu().numpy()),
-                (target[atoms].double().cpu().numpy(), cell_target[local].double().cpu().numpy()),
-            ))
+            predictions.append(
+                (
+                    graph.numbers[atoms].cpu().numpy(),
+                    (pred_pos[atoms].double().cpu().numpy(), pred_cell[local].double().cpu().numpy()),
+                    (graph.positions[atoms].double().cpu().numpy(), graph.cell[local].double().cpu().numpy()),
+                    (target[atoms].double().cpu().numpy(), cell_target[local].double().cpu().numpy()),
+                )
+            )
     rng = np.random.default_rng(seed)
     sample = np.arange(len(rows)) if not match_sample or match_sample >= len(rows) else np.sort(rng.choice(len(rows), match_sample, replace=False))
     model_hits = [structures_match(predictions[k][0], *predictions[k][1], *predictions[k][3]) for k in sample]
@@ -82,9 +82,7 @@ def evaluate_checkpoint(
     }
     summary["model"]["match_rate"] = float(np.mean(model_hits))
     summary["dummy"]["match_rate"] = float(np.mean(dummy_hits))
-    summary["ratio_to_dummy"] = {
-        name: summary["model"][name] / summary["dummy"][name] for name in METRIC_NAMES if summary["dummy"][name] > 0
-    }
+    summary["ratio_to_dummy"] = {name: summary["model"][name] / summary["dummy"][name] for name in METRIC_NAMES if summary["dummy"][name] > 0}
     summary["families"] = family_table(rows)
     if out_dir is not None:
         write_report(Path(out_dir), rows, summary)

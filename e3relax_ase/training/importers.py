@@ -63,9 +63,7 @@ def group_frames(frames: list, source: str = "input") -> list:
         for i, atoms in enumerate(frames):
             role = atoms.info.get(ROLE_KEY)
             if PAIR_ID_KEY not in atoms.info or role not in (ROLE_UNRELAXED, ROLE_RELAXED):
-                raise ValueError(
-                    f"{source}: frame {i} lacks pair_id or has role {role!r} (expected 'unrelaxed' or 'relaxed')"
-                )
+                raise ValueError(f"{source}: frame {i} lacks pair_id or has role {role!r} (expected 'unrelaxed' or 'relaxed')")
             pair_id = str(atoms.info[PAIR_ID_KEY])
             slot = groups.setdefault(pair_id, {})
             if role in slot:
@@ -189,9 +187,7 @@ def import_authors_layout(path: str | os.PathLike) -> dict:
 
 # --- VASP ---------------------------------------------------------------------------------
 def _is_vasp_dir(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("vasprun.xml", "XDATCAR")) or (
-        (path / "POSCAR").is_file() and (path / "CONTCAR").is_file()
-    )
+    return any((path / name).is_file() for name in ("vasprun.xml", "XDATCAR")) or ((path / "POSCAR").is_file() and (path / "CONTCAR").is_file())
 
 
 def read_vasp_relaxation(path: str | os.PathLike) -> tuple:

@@ -5,13 +5,13 @@ Dummy returns the input unchanged, so its metrics are those of the unrelaxed str
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from e3relax_ase.training.loss import align_to_target
 from e3relax_ase.nn.scatter import scatter_mean
+from e3relax_ase.training.loss import align_to_target
 
 # StructureMatcher settings of the paper.
 MATCHER_SETTINGS = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
@@ -51,9 +51,7 @@ def structure_errors(
     return {"coord_mae": coord, "coord_mae_paper": coord_paper, "cell_shape": shape, "volume_abs": volume}
 
 
-def structures_match(
-    numbers: np.ndarray, positions_a: np.ndarray, cell_a: np.ndarray, positions_b: np.ndarray, cell_b: np.ndarray
-) -> bool:
+def structures_match(numbers: np.ndarray, positions_a: np.ndarray, cell_a: np.ndarray, positions_b: np.ndarray, cell_b: np.ndarray) -> bool:
     """pymatgen StructureMatcher (ltol 0.2, stol 0.3, angle_tol 5) between two crystals."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
     from pymatgen.core import Lattice, Structure

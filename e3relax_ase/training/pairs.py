@@ -289,9 +289,7 @@ class PairSet:
         if len(self.info) != n:
             raise ValueError(f"pair set: info has {len(self.info)} entries for {n} pairs")
         if self.offsets[0] != 0 or self.offsets[-1] != n_total:
-            raise ValueError(
-                f"pair set: offsets must run from 0 to {n_total}, got {self.offsets[0]}..{self.offsets[-1]}"
-            )
+            raise ValueError(f"pair set: offsets must run from 0 to {n_total}, got {self.offsets[0]}..{self.offsets[-1]}")
         if np.any(self.n_atoms < 1):
             k = int(np.flatnonzero(self.n_atoms < 1)[0])
             raise ValueError(f"pair {self.ids[k]!r} (index {k}): has no atoms")
@@ -319,10 +317,7 @@ class PairSet:
             bad = np.flatnonzero(det <= 0)
             if bad.size:
                 k = int(bad[0])
-                raise ValueError(
-                    f"pair {self.ids[k]!r} (index {k}): det({name}) = {det[k]:.4g} <= 0 "
-                    "(cells must be right-handed, rows = lattice vectors)"
-                )
+                raise ValueError(f"pair {self.ids[k]!r} (index {k}): det({name}) = {det[k]:.4g} <= 0 (cells must be right-handed, rows = lattice vectors)")
         unique, counts = np.unique(self.ids, return_counts=True)
         if np.any(counts > 1):
             raise ValueError(f"pair set: id {unique[counts > 1][0]!r} occurs {counts.max()} times")

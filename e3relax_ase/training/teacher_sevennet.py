@@ -214,9 +214,7 @@ class SevenNetTeacher:
         forces = out[key.PRED_FORCE].detach().to(out_dtype)
         voigt = out[key.PRED_STRESS].detach().to(out_dtype)  # [n_graphs, 6] xx yy zz xy yz zx
         xx, yy, zz, xy, yz, zx = voigt.unbind(dim=1)
-        stress = -torch.stack(
-            [torch.stack([xx, xy, zx], 1), torch.stack([xy, yy, yz], 1), torch.stack([zx, yz, zz], 1)], dim=1
-        )
+        stress = -torch.stack([torch.stack([xx, xy, zx], 1), torch.stack([xy, yy, yz], 1), torch.stack([zx, yz, zz], 1)], dim=1)
         bad = too_large.clone()
         if bool(unknown.any()):
             bad |= torch.zeros_like(bad).index_put_((batch[unknown],), torch.tensor(True, device=bad.device))

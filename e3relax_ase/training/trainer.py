@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from e3relax_ase.nn.architectures import build_model
-from e3relax_ase.io.checkpoint import load_checkpoint, save_checkpoint
 from e3relax_ase.distributed import World
-from e3relax_ase.training.loss import relaxation_loss
-from e3relax_ase.training.metrics import structure_errors
+from e3relax_ase.io.checkpoint import load_checkpoint, save_checkpoint
+from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.training.batching import Budget, EpochBatches, pair_sizes, shard
 from e3relax_ase.training.config import TrainConfig
 from e3relax_ase.training.dataset import PreparedPairs, load_or_prepare
+from e3relax_ase.training.loss import relaxation_loss
+from e3relax_ase.training.metrics import structure_errors
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,18 @@ def _write_log(out_dir: Path, history: list[dict]) -> None:
 # move to another machine (out_dir, compile, prepare_workers), and its rate and clipping may be
 # lowered when it turns out unstable (the log records every epoch's rate).
 _RESUMABLE_CHANGES = (
-    "time_budget_minutes", "max_epochs", "early_stop_patience", "cache_dir", "out_dir", "compile", "prepare_workers", "train_data",
-    "lr", "grad_clip", "warmup_epochs", "lr_patience",
+    "time_budget_minutes",
+    "max_epochs",
+    "early_stop_patience",
+    "cache_dir",
+    "out_dir",
+    "compile",
+    "prepare_workers",
+    "train_data",
+    "lr",
+    "grad_clip",
+    "warmup_epochs",
+    "lr_patience",
 )
 
 
@@ -242,9 +252,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         cache = config.cache_dir or None
         workers = config.prepare_workers or os.cpu_count() or 1
         train_set = load_or_prepare(config.train_data, model_config.cutoff, model_config.max_neighbors, cache, workers=workers)
-        val_set = load_or_prepare(
-            config.val_data, model_config.cutoff, model_config.max_neighbors, cache, max_pairs=config.val_max_pairs, workers=workers
-        )
+        val_set = load_or_prepare(config.val_data, model_config.cutoff, model_config.max_neighbors, cache, max_pairs=config.val_max_pairs, workers=workers)
     else:
         train_set, val_set = prepared
     train_set, val_set = train_set.to(device), val_set.to(device)
@@ -258,9 +266,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         model.load_state_dict(initial.state_dict())
     model = model.to(device)
     ema_model = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
     atoms, edges = pair_sizes(train_set)
     steps_per_epoch = max(len(shard(np.arange(len(atoms)), atoms, edges, training_budget(config), 0, dist.world_size)[1]) - 1, 1)
     rate = LearningRate(config, steps_per_epoch)
@@ -284,9 +290,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
     if dist.world_size > 1:
         # static_graph: the set of parameters used is the same every step, so DDP learns it
         # once instead of searching every step.
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
-        )
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
     forward = None
     if config.compile:
         compiled = [torch.compile(layer.message_passing, dynamic=True) for layer in model.layers]
@@ -324,8 +328,15 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         epoch += 1
         epochs_this_call += 1
         epoch_seconds = time.monotonic() - tick
-        row = {"epoch": epoch, "step": step, "lr": rate.at(step), "seconds": round(epoch_seconds, 3),
-               "train_seconds": round(train_seconds, 3), **train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "lr": rate.at(step),
+            "seconds": round(epoch_seconds, 3),
+            "train_seconds": round(train_seconds, 3),
+            **train_metrics,
+            **{f"val_{k}": v for k, v in val_metrics.items()},
+        }
         history.append(row)
         if best is None or val_metrics["coord_mae"] < best["val_coord_mae"]:
             best, stale = dict(row), 0
@@ -336,17 +347,41 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         if dist.is_main:
             logger.info(
                 "epoch %d  loss %.4f  val coord %.4f (dummy %.4f)  val volume %.2f (dummy %.2f)  lr %.2e  %.1fs",
-                epoch, row.get("train_loss", float("nan")), val_metrics["coord_mae"], val_metrics["dummy_coord_mae"],
-                val_metrics["volume_abs"], val_metrics["dummy_volume_abs"], row["lr"], epoch_seconds,
+                epoch,
+                row.get("train_loss", float("nan")),
+                val_metrics["coord_mae"],
+                val_metrics["dummy_coord_mae"],
+                val_metrics["volume_abs"],
+                val_metrics["dummy_volume_abs"],
+                row["lr"],
+                epoch_seconds,
             )
-            _atomic_save({
-                "train_config": config.to_dict(), "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "rate": rate.state_dict(), "epoch": epoch, "step": step,
-                "history": history, "best": best, "stale": stale,
-            }, state_path)
+            _atomic_save(
+                {
+                    "train_config": config.to_dict(),
+                    "model": model.state_dict(),
+                    "ema": ema_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rate": rate.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "history": history,
+                    "best": best,
+                    "stale": stale,
+                },
+                state_path,
+            )
             _write_log(out_dir, history)
-    summary = {"status": status, "epochs": epoch, "steps": step, "best": best, "out_dir": str(out_dir),
-               "wall_seconds_this_call": round(time.monotonic() - started, 1), "device": str(device), "world_size": dist.world_size}
+    summary = {
+        "status": status,
+        "epochs": epoch,
+        "steps": step,
+        "best": best,
+        "out_dir": str(out_dir),
+        "wall_seconds_this_call": round(time.monotonic() - started, 1),
+        "device": str(device),
+        "world_size": dist.world_size,
+    }
     if dist.is_main:
         (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

@@ -91,9 +91,7 @@ def _draw(rng: np.random.Generator, pool, k: int, require: int | None) -> list[i
     return [int(z) for z in rng.choice(pool, size=k, replace=False)]
 
 
-def charge_balanced_composition(
-    rng: np.random.Generator, n_elements: int, max_count: int = 6, require: int | None = None
-) -> dict[int, int] | None:
+def charge_balanced_composition(rng: np.random.Generator, n_elements: int, max_count: int = 6, require: int | None = None) -> dict[int, int] | None:
     """A neutral formula of ``n_elements`` elements (1-2 anions, the rest cations).
 
     One common oxidation state is drawn per element; among all count vectors in
@@ -136,9 +134,7 @@ def charge_balanced_composition(
     return {z: int(c) for z, c in zip(elements, row)}
 
 
-def intermetallic_composition(
-    rng: np.random.Generator, n_elements: int, max_count: int = 6, require: int | None = None
-) -> dict[int, int] | None:
+def intermetallic_composition(rng: np.random.Generator, n_elements: int, max_count: int = 6, require: int | None = None) -> dict[int, int] | None:
     """A formula of ``n_elements`` metals/metalloids with counts 1..``max_count`` (gcd 1).
 
     Returns:

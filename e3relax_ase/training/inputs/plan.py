@@ -370,11 +370,7 @@ def assign_splits(results: list, existing_dir, fractions=(0.9, 0.05, 0.05), seed
     from e3relax_ase.training.splits import DEFAULT_NAMES, assign_systems_keeping, chemical_systems
 
     existing_dir = Path(existing_dir)
-    existing = {
-        name: chemical_systems(load_pairs(existing_dir / f"{name}.npz"))
-        for name in DEFAULT_NAMES
-        if (existing_dir / f"{name}.npz").exists()
-    }
+    existing = {name: chemical_systems(load_pairs(existing_dir / f"{name}.npz")) for name in DEFAULT_NAMES if (existing_dir / f"{name}.npz").exists()}
     if not existing:
         raise FileNotFoundError(f"no train/val/test.npz in {existing_dir}")
     index = assign_systems_keeping([r[4]["chemical_system"] for r in results], existing, fractions, seed)

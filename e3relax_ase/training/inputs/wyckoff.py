@@ -79,8 +79,7 @@ class SpaceGroupData:
 
 def crystal_system(number: int) -> str:
     """Crystal system of space group ``number`` (1-230)."""
-    for upper, name in ((2, "triclinic"), (15, "monoclinic"), (74, "orthorhombic"), (142, "tetragonal"),
-                        (167, "trigonal"), (194, "hexagonal"), (230, "cubic")):
+    for upper, name in ((2, "triclinic"), (15, "monoclinic"), (74, "orthorhombic"), (142, "tetragonal"), (167, "trigonal"), (194, "hexagonal"), (230, "cubic")):
         if number <= upper:
             return name
     raise ValueError(f"space group number must be 1-230, got {number}")
@@ -183,9 +182,7 @@ def space_group(number: int) -> SpaceGroupData:
         candidates += found
         if found and rank[k] < 3:
             has_fixed.append(k)
-    pairs_b = np.concatenate(
-        [np.broadcast_to(_SHIFTS[:, None, :], (27, 27, 3)), np.broadcast_to(_SHIFTS[None, :, :], (27, 27, 3))], axis=2
-    ).reshape(-1, 6)
+    pairs_b = np.concatenate([np.broadcast_to(_SHIFTS[:, None, :], (27, 27, 3)), np.broadcast_to(_SHIFTS[None, :, :], (27, 27, 3))], axis=2).reshape(-1, 6)
     for k1 in _conjugacy_representatives(rotations, translations):
         if k1 not in has_fixed:
             continue
@@ -249,8 +246,7 @@ def fill_orbits(group: SpaceGroupData, count: int, rng: np.random.Generator, use
     remaining = count
     used = set(used_fixed)
     while remaining > 0:
-        avail = [(k, kd) for k, kd in enumerate(group.kinds) if kd.multiplicity <= remaining
-                 and not (kd.n_free == 0 and k in used)]
+        avail = [(k, kd) for k, kd in enumerate(group.kinds) if kd.multiplicity <= remaining and not (kd.n_free == 0 and k in used)]
         reach_after = {}
         options, weights = [], []
         for k, kd in avail:
@@ -389,16 +385,14 @@ def random_symmetric_crystal(
         record = {
             "space_group": number,
             "symbol": group.symbol,
-            "sites": [[chemical_symbols[z], group.kinds[k].multiplicity // group.n_centering, group.kinds[k].n_free]
-                      for z, k in sites],
+            "sites": [[chemical_symbols[z], group.kinds[k].multiplicity // group.n_centering, group.kinds[k].n_free] for z, k in sites],
             "volume_scale": round(scale, 4),
         }
         return atoms, record
     return None, None
 
 
-def _place_orbits(group: SpaceGroupData, sites: list, cell: np.ndarray, rng: np.random.Generator,
-                  factor: float, attempts: int):
+def _place_orbits(group: SpaceGroupData, sites: list, cell: np.ndarray, rng: np.random.Generator, factor: float, attempts: int):
     """Draw a point for each site's orbit, one orbit at a time, redrawing an orbit that clashes.
 
     Clashes are checked in the conventional cell over the 27 nearest lattice images (the
