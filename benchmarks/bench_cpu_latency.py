@@ -99,7 +99,6 @@ def child(args) -> None:
     import logging
     import resource
 
-    import e3relax_ase.relax.relaxer as relaxer_module
     from e3relax_ase.relax import heap
     from e3relax_ase.relax.predict import CrystalArrays, predict
     from e3relax_ase.relax.relaxer import OneShotRelaxer
@@ -130,7 +129,7 @@ def child(args) -> None:
                 "relax_s": relax,
                 "predict_s": bare,
                 "minor_page_faults_per_relax": faults,
-                "stages_s": _stages(relaxer, relaxer_module, atoms, args.repeats),
+                "stages_s": _stages(relaxer, atoms, args.repeats),
             }
         start = time.perf_counter()
         relaxed = relaxer.relax_many(many)
@@ -144,7 +143,7 @@ def child(args) -> None:
     print(json.dumps(result))
 
 
-def _stages(relaxer, module, atoms, repeats: int) -> dict:
+def _stages(relaxer, atoms, repeats: int) -> dict:
     """Per-stage times of ``repeats`` more relax calls, from timers wrapped around each step."""
     import numpy as np
 
@@ -164,14 +163,19 @@ def _stages(relaxer, module, atoms, repeats: int) -> dict:
 
         setattr(owner, attribute, wrapper)
 
-    # The relaxer validates through workers.prepare_structure (which looks for vacuum first) since issue 18.
-    timed(module, "prepare_structure" if hasattr(module, "prepare_structure") else "prepare_atoms", "validate")
-    timed(module, "graph_edges", "edges")
-    timed(module, "graph_from_edges", "graph")
+    # Each step is wrapped where relax_many looks it up (e3relax_ase/relax/: prepare, runner,
+    # pipeline, finish).
+    import e3relax_ase.relax.pipeline as pipeline_module
+    import e3relax_ase.relax.prepare as prepare_module
+    import e3relax_ase.relax.runner as runner_module
+
+    timed(prepare_module, "prepare_structure", "validate")
+    timed(prepare_module, "graph_edges", "edges")
+    timed(runner_module, "graph_from_edges", "graph")
     timed(relaxer.model, "forward", "network")  # instance attribute: nn.Module.__call__ finds it
-    timed(module, "predict", "_predict_total")
-    timed(module, "judge_here", "judge")  # the relaxer judges a chunk before finishing its items
-    timed(type(relaxer), "_finish", "apply_provenance")
+    timed(runner_module, "predict", "_predict_total")
+    timed(pipeline_module, "judge_here", "judge")  # the relaxer judges a chunk before finishing its items
+    timed(relaxer.finisher, "finish", "apply_provenance")
     totals = []
     try:
         for _ in range(repeats):
@@ -180,8 +184,8 @@ def _stages(relaxer, module, atoms, repeats: int) -> dict:
             totals.append(time.perf_counter() - start)
     finally:
         for owner, attribute, function in reversed(originals):
-            if owner is relaxer.model:
-                del relaxer.model.forward
+            if owner is relaxer.model or owner is relaxer.finisher:
+                delattr(owner, attribute)
             else:
                 setattr(owner, attribute, function)
     per_call = {label: np.asarray(times) for label, times in spent.items()}

@@ -28,8 +28,8 @@ sys.path.append(str(ROOT))  # a package named on PYTHONPATH first is the one mea
 
 import torch  # noqa: E402
 
+import e3relax_ase.relax.pipeline as pipeline_module  # noqa: E402
 import e3relax_ase.relax.predict as predict_module  # noqa: E402
-import e3relax_ase.relax.relaxer as relaxer_module  # noqa: E402
 import e3relax_ase.relax.workers as workers_module  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -55,7 +55,7 @@ def _instrument() -> None:
             _add("wait_prepared", time.perf_counter() - start)
         return collect(entries, task)
 
-    verdicts = relaxer_module.collect_verdicts
+    verdicts = pipeline_module.collect_verdicts
 
     def timed_verdicts(tasks):
         start = time.perf_counter()
@@ -77,7 +77,7 @@ def _instrument() -> None:
         return out
 
     workers_module._collect = timed_collect
-    relaxer_module.collect_verdicts = timed_verdicts
+    pipeline_module.collect_verdicts = timed_verdicts
     predict_module.PendingPredictions.result = timed_result
     _WORKER_TASKS.update(prepare=workers_module._prepare_task, judge=workers_module._judge_task)
     workers_module._prepare_task = _timed_prepare_task

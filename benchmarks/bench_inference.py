@@ -75,17 +75,20 @@ def stages(checkpoint, crystals, device):
     from ase import Atoms
 
     from e3relax_ase.geometry.graph import graph_from_edges
+    from e3relax_ase.relax.items import RelaxOptions
     from e3relax_ase.relax.predict import to_device
-    from e3relax_ase.relax.relaxer import OneShotRelaxer, _Options
+    from e3relax_ase.relax.prepare import prepare_item
+    from e3relax_ase.relax.relaxer import OneShotRelaxer
 
     relaxer = OneShotRelaxer(checkpoint, device=device, dtype="float32")
     atoms = [Atoms(c.numbers, positions=c.positions, cell=c.cell, pbc=True) for c in crystals]
     out = {}
     start = time.perf_counter()
     items = []
+    settings = relaxer.preparation_settings()
     for index, a in enumerate(atoms):
         try:
-            items.append(relaxer._prepare(index, str(index), a, inplace=False))
+            items.append(prepare_item(index, str(index), a, False, False, settings))
         except ValueError:  # a refused input (overlapping atoms): counted in the time only
             pass
     out["graph_build"] = time.perf_counter() - start
@@ -105,13 +108,13 @@ def stages(checkpoint, crystals, device):
     out["host_to_device"] = time.perf_counter() - start
     with torch.no_grad():
         out["forward"] = timed(lambda: relaxer.model(graph_device), device)
-    predictions = relaxer._forward(items)
+    predictions = relaxer.runner.forward(items)
     if hasattr(predictions, "result"):  # launched without waiting (older revisions returned the list)
         predictions = predictions.result()
-    options = _Options(provenance=relaxer._provenance(relax_cell=True))  # as relax_many sets them up
+    options = RelaxOptions(provenance=relaxer.finisher.provenance(relax_cell=True))  # as relax_many sets them up
     start = time.perf_counter()
     for item, prediction in zip(items, predictions):
-        relaxer._finish(item, prediction, options)
+        relaxer.finisher.finish(item, prediction, options)
     out["write_back"] = time.perf_counter() - start
     out["n_structures"] = len(items)
     out["n_edges"] = int(graph.n_edges)

@@ -33,7 +33,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "f532430"  # the last revision before the pipeline work (validation + graph per structure)
-STAGES = ("_prepare", "_shell", "_finish", "_judge_in_pool", "_submit_judging")  # relaxer methods; absent ones are skipped
+# Stage label -> (module or object attribute path, name): where relax_many looks each step up.
+STAGES = {
+    "_prepare": ("prepare", "prepare_item"),
+    "_shell": ("prepare", "shell"),
+    "_finish": ("finisher", "finish"),
+    "_submit_judging": ("pipeline", "submit_judging"),
+}
 
 
 # --- child: one measured run -----------------------------------------------------------------
@@ -51,7 +57,9 @@ def child(args) -> None:
     from ase import Atoms
     from bench_inference import test_structures
 
-    import e3relax_ase.relax.relaxer as relaxer_module
+    import e3relax_ase.relax.pipeline as pipeline_module
+    import e3relax_ase.relax.prepare as prepare_module
+    import e3relax_ase.relax.runner as runner_module
     from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
 
     logging.disable(logging.WARNING)  # the sanity warnings of the untuned checkpoint
@@ -94,12 +102,11 @@ def child(args) -> None:
 
         setattr(owner, name, wrapper)
 
-    for name in STAGES:
-        if hasattr(relaxer, name):
-            timed(relaxer, name)
-    timed(relaxer_module, "predict")
-    if hasattr(relaxer_module, "collect_verdicts"):  # waiting for the workers' judging
-        timed(relaxer_module, "collect_verdicts")
+    owners = {"prepare": prepare_module, "finisher": relaxer.finisher, "pipeline": pipeline_module.ChunkPipeline}
+    for label, (owner, name) in STAGES.items():
+        timed(owners[owner], name, label)
+    timed(runner_module, "predict")
+    timed(pipeline_module, "collect_verdicts")  # waiting for the workers' judging
     timed(relaxer.model, "forward", "forward", synchronize=True, cpu_label="forward_cpu")
     load_before = os.getloadavg()[0]
     sync()

@@ -11,6 +11,7 @@ from ase import Atoms
 
 from e3relax_ase.nn.scatter import scatter_mean
 from e3relax_ase.nn.solve import solve_unchecked
+from e3relax_ase.relax.pipeline import ChunkPipeline
 from e3relax_ase.relax.predict import predict
 from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import random_crystal, tiny_model
@@ -67,18 +68,18 @@ def test_an_input_failing_later_does_not_hide_an_earlier_failure(monkeypatch, nu
     relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64", batch_size=2)
     structures = _structures(6)
     structures[4].positions[1] = structures[4].positions[0]  # refused: two atoms on one site
-    finish = relaxer._finish
+    finish = relaxer.finisher.finish
 
     def failing_finish(item, *args, **kwargs):
         if item.index == 1:
             raise RuntimeError("finishing structure 1 failed")
         return finish(item, *args, **kwargs)
 
-    monkeypatch.setattr(relaxer, "_finish", failing_finish)
+    monkeypatch.setattr(relaxer.finisher, "finish", failing_finish)
     try:
         with pytest.raises(RuntimeError, match="structure 1"):
             relaxer.relax_many(structures, num_workers=num_workers)
-        monkeypatch.setattr(relaxer, "_finish", finish)
+        monkeypatch.setattr(relaxer.finisher, "finish", finish)
         with pytest.raises(Exception, match="structure 4|atoms 0 and 1"):  # alone, the refusal is raised
             relaxer.relax_many(structures, num_workers=num_workers)
     finally:
@@ -140,7 +141,7 @@ def test_relax_many_with_workers_on_cuda_uses_one_host_thread_and_restores_it(mo
     """Checked without a GPU: the relaxer is told it runs on CUDA and its forward pass is the CPU's."""
     seen = []
     relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64", batch_size=2)
-    forward = relaxer._forward
+    forward = relaxer.runner.forward
 
     def forward_on_cpu(items):
         seen.append(torch.get_num_threads())
@@ -150,7 +151,7 @@ def test_relax_many_with_workers_on_cuda_uses_one_host_thread_and_restores_it(mo
         finally:
             relaxer.device = torch.device("cuda")
 
-    monkeypatch.setattr(relaxer, "_forward", forward_on_cpu)
+    monkeypatch.setattr(relaxer.runner, "forward", forward_on_cpu)
     relaxer.device = torch.device("cuda")
     before = torch.get_num_threads()
     try:
@@ -169,18 +170,18 @@ def test_each_chunk_is_queued_behind_the_running_one_before_that_one_is_complete
     """The order that keeps the GPU busy: chunk k+1 is launched before chunk k is waited for."""
     relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64", batch_size=2)
     events = []
-    launch, complete = relaxer._launch, relaxer._complete
+    launch, complete = ChunkPipeline.launch, ChunkPipeline.complete
 
-    def recording_launch(items):
+    def recording_launch(self, items):
         events.append(("launch", items[0].index // 2))
-        return launch(items)
+        return launch(self, items)
 
-    def recording_complete(chunk, *args):
+    def recording_complete(self, chunk, *args):
         events.append(("complete", chunk.items[0].index // 2))
-        return complete(chunk, *args)
+        return complete(self, chunk, *args)
 
-    monkeypatch.setattr(relaxer, "_launch", recording_launch)
-    monkeypatch.setattr(relaxer, "_complete", recording_complete)
+    monkeypatch.setattr(ChunkPipeline, "launch", recording_launch)
+    monkeypatch.setattr(ChunkPipeline, "complete", recording_complete)
     results = relaxer.relax_many(_structures(6))
     assert all(isinstance(r, Atoms) for r in results)
     assert events == [("launch", 0), ("launch", 1), ("complete", 0), ("launch", 2), ("complete", 1), ("complete", 2)]

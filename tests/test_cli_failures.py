@@ -9,12 +9,12 @@ import pytest
 from ase.build import bulk
 from click.testing import CliRunner
 
-import e3relax_ase.relax.relaxer as relaxer_module
+import e3relax_ase.relax.runner as runner_module
 from e3relax_ase.cli.main import cli, main
 from tests.cli_helpers import nacl, save_tiny_checkpoint
 from tests.cli_helpers import run_relax as relax
 
-REAL_PREDICT = relaxer_module.predict
+REAL_PREDICT = runner_module.predict
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_exception_mid_batch_keeps_good_results(tmp_path, checkpoint, monkeypatc
             raise RuntimeError("simulated kernel crash")
         return REAL_PREDICT(model, crystals, *args, **kwargs)
 
-    monkeypatch.setattr(relaxer_module, "predict", fragile)
+    monkeypatch.setattr(runner_module, "predict", fragile)
     paths = []
     for i, atoms in enumerate([nacl(0), bulk("Si", cubic=True), nacl(1), bulk("Cu", cubic=True)]):
         paths.append(tmp_path / f"s{i}.cif")

@@ -254,6 +254,7 @@ def test_relax_many_is_the_plain_reference(relax_cell):
 def test_shell_arrays_are_crystal_arrays():
     """``_shell`` builds the item's arrays from what it already read: those of crystal_arrays."""
     from e3relax_ase.io.structures import crystal_arrays
+    from e3relax_ase.relax import prepare
     from e3relax_ase.relax.relaxer import OneShotRelaxer
     from e3relax_ase.testing import tiny_model
 
@@ -261,7 +262,7 @@ def test_shell_arrays_are_crystal_arrays():
     transposed = bulk("Si", "diamond", a=5.43)
     transposed.arrays["positions"] = np.asfortranarray(transposed.arrays["positions"])
     for atoms in _atoms_variety()[:4] + [transposed]:
-        shell, spec = relaxer._shell(0, atoms, None, False, False, "return", relaxer._settings())
+        shell, spec = prepare.shell(0, atoms, None, False, False, "return", relaxer.preparation_settings())
         expected = crystal_arrays(atoms)
         for name in ("numbers", "positions", "cell", "pbc"):
             got, want = getattr(shell.arrays, name), getattr(expected, name)

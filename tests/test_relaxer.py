@@ -11,7 +11,8 @@ from ase.constraints import FixAtoms, FixCartesian
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-import e3relax_ase.relax.relaxer as relaxer_module
+import e3relax_ase
+import e3relax_ase.relax.runner as runner_module
 from e3relax_ase.geometry.validation import InvalidStructureError
 from e3relax_ase.io.structures import spacegroup_number
 from e3relax_ase.relax.predict import Prediction, ReadyPredictions
@@ -19,7 +20,7 @@ from e3relax_ase.relax.relaxer import OneShotRelaxer, PredictionError, RelaxFail
 from e3relax_ase.relax.sanity import REFINE_ADVISED_CORRECTION, check_prediction, confidence
 from e3relax_ase.testing import tiny_model
 
-REAL_PREDICT = relaxer_module.predict
+REAL_PREDICT = runner_module.predict
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def patch_predict(monkeypatch, change):
             change(prediction, crystal)
         return predictions if wait else ReadyPredictions(predictions)
 
-    monkeypatch.setattr(relaxer_module, "predict", fake)
+    monkeypatch.setattr(runner_module, "predict", fake)
 
 
 # --- what relax returns ---------------------------------------------------------------------
@@ -73,7 +74,7 @@ def test_relax_returns_new_atoms_with_provenance(relaxer):
     info = relaxed.info
     assert info["e3relax_model"] == "in-memory"
     assert len(info["e3relax_checkpoint_sha256"]) == 64
-    assert info["e3relax_version"] == relaxer_module.__version__
+    assert info["e3relax_version"] == e3relax_ase.__version__
     assert info["e3relax_sane"] is True and info["e3relax_problems"] == ""
     assert info["e3relax_max_displacement"] > 0
     assert "e3relax_converged" not in info  # no force test ran
@@ -264,15 +265,15 @@ def test_insane_prediction_flagged_and_logged(relaxer, monkeypatch, caplog):
 def test_insane_prediction_is_not_named_when_nobody_reads_the_message(relaxer, monkeypatch):
     """Naming a structure can mean building its formula: with warnings off and on_insane="warn"
     the message is not built, and the result (flags, problems) is the same."""
-    import e3relax_ase.relax.relaxer as relaxer_module
+    import e3relax_ase.relax.items as items_module
 
     def collapse(prediction, crystal):
         prediction.positions[-1][1] = prediction.positions[-1][0] + [0.1, 0.0, 0.0]
 
     patch_predict(monkeypatch, collapse)
     named = []
-    real_name_of = relaxer_module._name_of
-    monkeypatch.setattr(relaxer_module, "_name_of", lambda *args: named.append(args) or real_name_of(*args))
+    real_name_of = items_module.name_of
+    monkeypatch.setattr(items_module, "name_of", lambda *args: named.append(args) or real_name_of(*args))
     logger = logging.getLogger("e3relax_ase")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -371,7 +372,7 @@ def test_batched_passes_agree_with_single_passes(monkeypatch):
         calls.append(len(crystals))
         return REAL_PREDICT(model, crystals, *args, **kwargs)
 
-    monkeypatch.setattr(relaxer_module, "predict", counting)
+    monkeypatch.setattr(runner_module, "predict", counting)
     items = structures(6)
     reference = OneShotRelaxer(tiny_model(), device="cpu").relax_many(items)
     calls.clear()
@@ -395,17 +396,17 @@ def test_out_of_memory_splits_the_batch(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return REAL_PREDICT(model, crystals, *args, **kwargs)
 
-    monkeypatch.setattr(relaxer_module, "predict", small_memory)
+    monkeypatch.setattr(runner_module, "predict", small_memory)
     relaxer = OneShotRelaxer(tiny_model(), device="cpu", batch_size=4)
     results = relaxer.relax_many(structures(4))
     assert calls[:3] == [4, 2, 1] and calls.count(1) == 4
     assert all(r.info["e3relax_sane"] for r in results)
-    assert relaxer._batch_edges < relaxer.max_edges  # later batches start smaller
+    assert relaxer.runner.batch_edges < relaxer.max_edges  # later batches start smaller
 
     def no_memory(model, crystals, *args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
 
-    monkeypatch.setattr(relaxer_module, "predict", no_memory)
+    monkeypatch.setattr(runner_module, "predict", no_memory)
     with pytest.raises(InvalidStructureError, match="out of memory on cpu with 8 atoms"):
         relaxer.relax(nacl())
 
@@ -429,7 +430,7 @@ def test_exception_mid_batch_is_isolated(monkeypatch):
             raise RuntimeError("kernel failure")
         return REAL_PREDICT(model, crystals, *args, **kwargs)
 
-    monkeypatch.setattr(relaxer_module, "predict", fragile)
+    monkeypatch.setattr(runner_module, "predict", fragile)
     relaxer = OneShotRelaxer(tiny_model(), device="cpu", batch_size=8)
     results = relaxer.relax_many(structures(4), errors="return")
     assert [type(r).__name__ for r in results] == ["Atoms", "Atoms", "RelaxFailure", "Atoms"]
@@ -468,7 +469,7 @@ def test_prediction_layers_are_used(relaxer, monkeypatch):
         seen["cell"] = cells[-1]
         return [Prediction(layers, cells)] if wait else ReadyPredictions([Prediction(layers, cells)])
 
-    monkeypatch.setattr(relaxer_module, "predict", fake)
+    monkeypatch.setattr(runner_module, "predict", fake)
     atoms = nacl()
     relaxed = relaxer.relax(atoms)
     assert np.array_equal(relaxed.cell.array, seen["cell"])

@@ -190,7 +190,7 @@ def test_huge_cell_refused_before_searching():
 
 
 def test_relaxer_validates_before_the_network(relaxer, monkeypatch):
-    import e3relax_ase.relax.relaxer as module
+    import e3relax_ase.relax.runner as module  # where relax_many calls the network
 
     def fail(*args, **kwargs):
         raise AssertionError("the network ran on an invalid input")

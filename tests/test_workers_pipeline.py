@@ -47,7 +47,7 @@ def _specs(n_structures, n_atoms):
 
 
 def _run(specs, num_workers):
-    settings = OneShotRelaxer(tiny_model(), device="cpu")._settings()
+    settings = OneShotRelaxer(tiny_model(), device="cpu").preparation_settings()
     pool = _CountingPool()
     shell = lambda index, spec: (f"item{index}", spec)  # noqa: E731
     out = list(workers.prepared_in_pool(specs, shell, pool, num_workers, settings))
@@ -83,7 +83,7 @@ def test_errors_raise_still_raises_the_first_failing_structure(monkeypatch):
     structure of chunk k is the one reported."""
     relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64", batch_size=3)
     structures = _structures(9)
-    finish, predict = relaxer._finish, relaxer._predict
+    finish, predict = relaxer.finisher.finish, relaxer.runner.predict
 
     def failing_finish(item, *args, **kwargs):
         if item.index == 1:
@@ -95,8 +95,8 @@ def test_errors_raise_still_raises_the_first_failing_structure(monkeypatch):
             raise RuntimeError("the chunk of structure 4 failed")
         return predict(items)
 
-    monkeypatch.setattr(relaxer, "_finish", failing_finish)
-    monkeypatch.setattr(relaxer, "_predict", failing_predict)
+    monkeypatch.setattr(relaxer.finisher, "finish", failing_finish)
+    monkeypatch.setattr(relaxer.runner, "predict", failing_predict)
     try:
         with pytest.raises(RuntimeError, match="structure 1"):
             relaxer.relax_many(structures, num_workers=1)

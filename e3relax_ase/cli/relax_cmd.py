@@ -397,7 +397,7 @@ class _Extras:
         and was not written by this run, unless --overwrite; how many."""
         if self.overwrite or not isinstance(self.trajectory, str):
             return 0
-        from e3relax_ase.relax.relaxer import trajectory_path
+        from e3relax_ase.relax.finish import trajectory_path
 
         kept = []
         for entry in queue:

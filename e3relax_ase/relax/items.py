@@ -1,0 +1,101 @@
+"""What travels through ``relax_many``: one structure on its way (``Item``), the options of a
+call (``RelaxOptions``), and what stands in for a result that failed (``RelaxFailure``,
+``PredictionError``, ``RaiseLater``), with the names messages give a structure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from e3relax_ase.geometry.canonical import CanonicalForm
+from e3relax_ase.geometry.crystal import CrystalArrays
+from e3relax_ase.geometry.validation import StructureReport, structure_name
+from e3relax_ase.io.structures import as_atoms
+
+
+class PredictionError(RuntimeError):
+    """A prediction failed its sanity checks and ``on_insane="raise"`` was asked for."""
+
+
+@dataclass
+class RelaxFailure:
+    """Stands in the output of ``relax_many(errors="return")`` for a structure that failed."""
+
+    index: int
+    name: str
+    error: Exception
+
+    @property
+    def message(self) -> str:
+        return str(self.error)
+
+
+@dataclass
+class Item:
+    """One structure on its way through ``relax_many``."""
+
+    index: int
+    given_name: str | None  # None: named on demand from ``source`` (messages only)
+    kind: str  # "ase" | "pymatgen"
+    atoms: Any  # the Atoms that receives the prediction
+    pristine: Any  # an untouched copy of the input (trajectories only; None otherwise)
+    arrays: CrystalArrays
+    report: StructureReport
+    form: CanonicalForm | None = None  # the canonical form validation searched
+    edges: tuple | None = None  # the graph's (src, dst, shift), local atom indices
+    source: Any = None  # the input as given, to name it on demand
+    vacuum: Any = None  # its vacuum.VacuumLayout when a periodic axis holds vacuum (``arrays`` are then as the network sees it)
+
+    def seen_by_network(self, layout) -> None:
+        """Record a vacuum layout: a slab's vacuum axes become non-periodic and its atoms sit
+        together (an allowed cluster is relaxed as given, keeping its box)."""
+        self.vacuum = layout
+        if layout is not None and not layout.cluster:
+            self.arrays = CrystalArrays(self.arrays.numbers, layout.positions, self.arrays.cell, layout.pbc)
+
+    @property
+    def keeps_cell(self) -> bool:
+        """An allowed cluster keeps its box whatever ``relax_cell`` says."""
+        return self.vacuum is not None and self.vacuum.cluster
+
+    @property
+    def name(self) -> str:
+        if self.given_name is None:
+            self.given_name = name_of(self.source, self.index)
+        return self.given_name
+
+
+@dataclass
+class RelaxOptions:
+    """The options of one ``relax_many`` call that every structure shares."""
+
+    relax_cell: bool = True
+    fix_symmetry: bool = False
+    symprec: float = 0.01
+    return_trajectory: bool = False
+    on_insane: str = "warn"
+    refine: Any = None
+    refine_kwargs: dict = field(default_factory=dict)
+    pool: Any = None  # worker processes (num_workers > 0) that also judge predictions
+    settings: Any = None  # the call's PreparationSettings
+    provenance: dict = field(default_factory=dict)  # the info keys common to every structure (_provenance), once a call
+
+
+@dataclass
+class RaiseLater:
+    """An exception to raise in order (``errors="raise"``) when its structure's turn comes."""
+
+    error: Exception
+
+
+def given_name(names, structure, index: int) -> str:
+    """The caller's name for input ``index``, else one made from the structure."""
+    return names[index] if names is not None else name_of(structure, index)
+
+
+def name_of(structure, index: int | None) -> str:
+    try:
+        atoms, _ = as_atoms(structure)
+    except Exception:
+        return "structure" if index is None else f"structure {index}"
+    return structure_name(atoms, index)
