@@ -6,11 +6,13 @@ CLI's ``--help`` stay fast.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "OneShotRelaxer", "OneShotThenOptimize", "E3RelaxH2", "ModelConfig", "load_checkpoint"]
+__all__ = ["__version__", "OneShotRelaxer", "OneShotThenOptimize", "RefineOptions", "BatchBudget", "E3RelaxH2", "ModelConfig", "load_checkpoint"]
 
 _LAZY = {
     "OneShotRelaxer": "e3relax_ase.relax.relaxer",
     "OneShotThenOptimize": "e3relax_ase.relax.optimizer",
+    "RefineOptions": "e3relax_ase.relax.items",
+    "BatchBudget": "e3relax_ase.relax.items",
     "E3RelaxH2": "e3relax_ase.nn.model",
     "ModelConfig": "e3relax_ase.config",
     "load_checkpoint": "e3relax_ase.io.checkpoint",

@@ -474,3 +474,25 @@ def test_prediction_layers_are_used(relaxer, monkeypatch):
     relaxed = relaxer.relax(atoms)
     assert np.array_equal(relaxed.cell.array, seen["cell"])
     assert np.allclose(relaxed.positions, atoms.positions + 0.02, atol=1e-12)
+
+
+def test_grouped_options_give_what_the_flat_keywords_give(tmp_path):
+    """RefineOptions and BatchBudget (relax_many's grouped arguments) against the former flat
+    keywords, which stay accepted: the same structures, bitwise."""
+    from ase.calculators.emt import EMT
+
+    from e3relax_ase import BatchBudget, RefineOptions
+
+    relaxer = OneShotRelaxer(tiny_model(), device="cpu", dtype="float64")
+    structures = [bulk("Cu", "fcc", a=3.7), bulk("Al", "fcc", a=4.1, cubic=True)]
+    flat = relaxer.relax_many(structures, refine=EMT, fmax=0.2, steps=7, batch_size=1, max_edges=10_000)
+    grouped = relaxer.relax_many(structures, refine=RefineOptions(EMT, fmax=0.2, steps=7), budget=BatchBudget(batch_size=1, max_edges=10_000))
+    fewer = relaxer.relax_many(structures, refine=RefineOptions(EMT, fmax=0.2, steps=2))
+    for a, b in zip(flat, grouped):
+        assert np.array_equal(a.positions, b.positions) and np.array_equal(a.cell.array, b.cell.array)
+        assert a.info["e3relax_nsteps"] == b.info["e3relax_nsteps"] <= 7
+    assert all(c.info["e3relax_nsteps"] <= 2 for c in fewer) and any(a.info["e3relax_nsteps"] > 2 for a in flat)  # steps took effect
+    overridden = relaxer.relax_many(structures[:1], refine=RefineOptions(EMT, fmax=0.2, steps=50), steps=7)
+    assert overridden[0].info["e3relax_nsteps"] == flat[0].info["e3relax_nsteps"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'fmx'"):
+        relaxer.relax_many(structures, refine=EMT, fmx=0.1)

@@ -1,16 +1,59 @@
-"""What travels through ``relax_many``: one structure on its way (``Item``), the options of a
-call (``RelaxOptions``), and what stands in for a result that failed (``RelaxFailure``,
+"""What travels through ``relax_many``: the grouped options a caller may pass (``RefineOptions``,
+``BatchBudget``), one structure on its way (``Item``), the options of a call
+(``RelaxOptions``), and what stands in for a result that failed (``RelaxFailure``,
 ``PredictionError``, ``RaiseLater``), with the names messages give a structure."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from e3relax_ase.geometry.canonical import CanonicalForm
 from e3relax_ase.geometry.crystal import CrystalArrays
 from e3relax_ase.geometry.validation import StructureReport, structure_name
 from e3relax_ase.io.structures import as_atoms
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """Refinement with real forces after the prediction (``relax_many(refine=...)``).
+
+    Attributes:
+        calculator: an ASE calculator, a factory returning one, or a name ("emt", "sevennet",
+            "chgnet", "module:Class").
+        fmax: force target, eV/Å, for the atoms and the cell rows.
+        steps: optimizer step limit.
+        optimizer, cell_filter: ASE names or classes (``cell_filter=None``: positions only).
+        scalar_pressure: external pressure, eV/Å^3.
+        mask: the cell filter's strain mask (None: every component, vacuum axes excepted).
+        trajectory: a path ("{index}" and "{name}" are replaced per structure) or an open ASE
+            Trajectory that every refinement appends to.
+        logfile: the optimizer's log (a path or an open file).
+    """
+
+    calculator: Any
+    fmax: float = 0.05
+    steps: int = 500
+    optimizer: Any = "FIRE"
+    cell_filter: Any = "FrechetCellFilter"
+    scalar_pressure: float = 0.0
+    mask: Any = None
+    trajectory: Any = None
+    logfile: Any = None
+
+    def optimizer_kwargs(self) -> dict:
+        """Everything but the calculator, as ``refine.refine`` takes it."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "calculator"}
+
+
+@dataclass(frozen=True)
+class BatchBudget:
+    """The most one forward pass of a call may hold; None: the relaxer's own limit. A structure
+    over it still runs alone (validation keeps the relaxer's ``max_edges`` per structure)."""
+
+    batch_size: int | None = None
+    max_atoms: int | None = None
+    max_edges: int | None = None
 
 
 class PredictionError(RuntimeError):

@@ -20,6 +20,7 @@ import logging
 import os
 import weakref
 from collections.abc import Iterable
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -35,14 +36,14 @@ from e3relax_ase.nn.precision import check_precision
 from e3relax_ase.relax.device import CUDA_BATCH_STRUCTURES, default_edge_budget, resolve_device, resolve_dtype
 from e3relax_ase.relax.finish import Finisher, per_structure
 from e3relax_ase.relax.heap import keep_freed_heap
-from e3relax_ase.relax.items import PredictionError, RelaxFailure, RelaxOptions, name_of
+from e3relax_ase.relax.items import BatchBudget, PredictionError, RefineOptions, RelaxFailure, RelaxOptions, name_of
 from e3relax_ase.relax.pipeline import ChunkPipeline, Results, freeze_garbage_collection, progress_bar
 from e3relax_ase.relax.prepare import pooled, prepare_atoms, prepared
 from e3relax_ase.relax.runner import NetworkRunner
 from e3relax_ase.relax.threads import torch_threads
 from e3relax_ase.relax.workers import PREFETCH_ITEMS, PreparationSettings, pool_is_broken, prefetched, start_worker_pool
 
-__all__ = ["OneShotRelaxer", "PredictionError", "RelaxFailure"]
+__all__ = ["BatchBudget", "OneShotRelaxer", "PredictionError", "RefineOptions", "RelaxFailure", "grouped_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,22 +201,13 @@ class OneShotRelaxer:
         on_insane: str = "warn",
         errors: str = "raise",
         names: list[str] | None = None,
-        batch_size: int | None = None,
-        max_atoms: int | None = None,
-        max_edges: int | None = None,
         refine=None,
-        fmax: float = 0.05,
-        steps: int = 500,
-        optimizer="FIRE",
-        cell_filter="FrechetCellFilter",
-        scalar_pressure: float = 0.0,
-        mask=None,
-        trajectory=None,
-        logfile=None,
+        budget: BatchBudget | None = None,
         prefetch: bool = False,
         num_workers: int = 0,
         allow_cluster: bool = False,
         progress=False,
+        **keywords,
     ) -> list:
         """Relax many structures, batched on the device within the atom/edge budget.
 
@@ -235,14 +227,16 @@ class OneShotRelaxer:
             errors: "raise" stops at the first failing structure; "return" puts a
                 :class:`RelaxFailure` in its place and carries on.
             names: how messages name each structure (default: ``info["name"]`` or formula).
-            batch_size, max_atoms, max_edges: this call's budget per forward pass (default:
-                the relaxer's); a structure over it still runs alone, validation keeps the
-                relaxer's ``max_edges`` as the per-structure limit.
-            refine: an ASE calculator (or factory, or name) to continue from the prediction
-                with real forces; then fmax, steps, optimizer, cell_filter, scalar_pressure
-                (eV/Å^3), mask, trajectory (a path, where "{index}" and "{name}" are replaced
-                for each structure, or an open ASE Trajectory that every refinement appends
-                to) and logfile apply, as in :func:`e3relax_ase.relax.refine.refine`.
+            refine: continue from the prediction with real forces: a ``RefineOptions`` (the
+                calculator, fmax, steps, optimizer, cell filter, pressure, mask, trajectory,
+                logfile), or just the calculator (an ASE calculator, factory or name) with the
+                defaults, as in :func:`e3relax_ase.relax.refine.refine`.
+            budget: this call's ``BatchBudget`` per forward pass (default: the relaxer's).
+            **keywords: the former keywords, still accepted: ``batch_size``, ``max_atoms``,
+                ``max_edges`` (a ``BatchBudget``'s fields) and ``fmax``, ``steps``,
+                ``optimizer``, ``cell_filter``, ``scalar_pressure``, ``mask``,
+                ``trajectory``, ``logfile`` (a ``RefineOptions``'s fields); given with
+                ``budget`` or a ``RefineOptions``, they override its fields.
             prefetch: prepare (validate, canonicalise, search neighbours) the next
                 structures in a background thread while the network runs; results are the
                 same either way. The input is then read up to ``PREFETCH_ITEMS`` structures
@@ -271,23 +265,16 @@ class OneShotRelaxer:
             raise ValueError(f"on_insane must be 'warn', 'input' or 'raise', got {on_insane!r}")
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        refine_kwargs = {
-            "fmax": fmax,
-            "steps": steps,
-            "optimizer": optimizer,
-            "cell_filter": cell_filter,
-            "scalar_pressure": scalar_pressure,
-            "mask": mask,
-            "trajectory": trajectory,
-            "logfile": logfile,
-        }
-        options = RelaxOptions(relax_cell, fix_symmetry, symprec, return_trajectory, on_insane, refine, refine_kwargs)
+        refine, budget = grouped_options(refine, budget, keywords)
+        options = RelaxOptions(relax_cell, fix_symmetry, symprec, return_trajectory, on_insane)
+        if refine is not None:
+            options.refine, options.refine_kwargs = refine.calculator, refine.optimizer_kwargs()
         options.provenance = self.finisher.provenance(relax_cell)
         options.settings = self.preparation_settings(allow_cluster)
-        budget = (
-            batch_size if batch_size is not None else self.batch_size,
-            max_atoms if max_atoms is not None else self.max_atoms,
-            min(max_edges, self.runner.batch_edges) if max_edges is not None else self.runner.batch_edges,
+        limits = (
+            budget.batch_size if budget.batch_size is not None else self.batch_size,
+            budget.max_atoms if budget.max_atoms is not None else self.max_atoms,
+            min(budget.max_edges, self.runner.batch_edges) if budget.max_edges is not None else self.runner.batch_edges,
         )
         bar, own_bar = progress_bar(progress, structures)
         results: dict[int, Any] = Results(bar.update) if bar is not None else {}
@@ -301,11 +288,11 @@ class OneShotRelaxer:
                 source = prefetched(source, PREFETCH_ITEMS)
         frozen = freeze_garbage_collection()
         host_threads = contextlib.nullcontext()
-        if options.pool is not None and self.device.type == "cuda" and refine is None:
+        if options.pool is not None and self.device.type == "cuda" and options.refine is None:
             host_threads = torch_threads(1)  # the workers need the cores (e3relax_ase.relax.threads)
         try:
             with host_threads:
-                ChunkPipeline(self.runner, self.finisher).run(source, budget, options, errors, results)
+                ChunkPipeline(self.runner, self.finisher).run(source, limits, options, errors, results)
         finally:
             if frozen:
                 gc.unfreeze()
@@ -314,6 +301,7 @@ class OneShotRelaxer:
                 self.close()  # a worker died: start afresh next time
             if own_bar:
                 bar.close()
+        trajectory = refine.trajectory if refine is not None else None
         if isinstance(trajectory, (str, os.PathLike)) and not per_structure(trajectory) and len(results) > 1:
             logger.warning("one refinement trajectory file for %d structures keeps only the last; put {index} or {name} in its name", len(results))
         return [results[index] for index in sorted(results)]
@@ -340,3 +328,25 @@ class OneShotRelaxer:
         pool = start_worker_pool(num_workers)
         self._workers = (num_workers, pool, weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True))
         return pool
+
+
+_BUDGET_KEYWORDS = tuple(f.name for f in fields(BatchBudget))
+_REFINE_KEYWORDS = tuple(f.name for f in fields(RefineOptions) if f.name != "calculator")
+
+
+def grouped_options(refine, budget: BatchBudget | None, keywords: dict) -> tuple:
+    """(RefineOptions or None, BatchBudget) from ``relax_many``'s grouped arguments and the
+    former flat keywords (which override the grouped fields they name).
+
+    Raises:
+        TypeError: a keyword that is neither.
+    """
+    unknown = sorted(set(keywords) - set(_BUDGET_KEYWORDS) - set(_REFINE_KEYWORDS))
+    if unknown:
+        raise TypeError(f"relax_many() got an unexpected keyword argument {unknown[0]!r}")
+    budget = replace(budget or BatchBudget(), **{k: keywords[k] for k in _BUDGET_KEYWORDS if k in keywords})
+    if refine is None:
+        return None, budget  # refinement keywords without a calculator do nothing, as before
+    if not isinstance(refine, RefineOptions):
+        refine = RefineOptions(refine)
+    return replace(refine, **{k: keywords[k] for k in _REFINE_KEYWORDS if k in keywords}), budget
