@@ -42,11 +42,11 @@ def evaluate_checkpoint(checkpoint, data_path, out_dir=None, device="cpu", batch
     predictions = []
     for start in range(0, len(data), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(data)))
-        graph, target, cell_target = data.batch(indices)
+        graph, positions_target, cell_target = data.batch(indices)
         output = model(graph)
-        pred_cell, pred_pos = output.cell[-1], output.positions[-1]  # the input's fractional centroid kept
-        ours = structure_errors(pred_pos, pred_cell, target, cell_target, graph.batch)
-        dummy = structure_errors(graph.positions, graph.cell, target, cell_target, graph.batch)
+        positions_pred, cell_pred = output.positions[-1], output.cell[-1]  # the input's fractional centroid kept
+        ours = structure_errors(positions_pred, cell_pred, positions_target, cell_target, graph.batch)
+        dummy = structure_errors(graph.positions, graph.cell, positions_target, cell_target, graph.batch)
         bounds = np.concatenate([[0], np.cumsum(graph.n_atoms.cpu().numpy())])
         for local, k in enumerate(indices.tolist()):
             pair_atoms = slice(pairs.offsets[k], pairs.offsets[k + 1])
@@ -54,16 +54,16 @@ def evaluate_checkpoint(checkpoint, data_path, out_dir=None, device="cpu", batch
             row.update({name: float(ours[name][local]) for name in METRIC_NAMES})
             row.update({f"dummy_{name}": float(dummy[name][local]) for name in METRIC_NAMES})
             row["volume_true"] = float(torch.linalg.det(cell_target[local]).abs())
-            row["volume_pred"] = float(torch.linalg.det(pred_cell[local]).abs())
+            row["volume_pred"] = float(torch.linalg.det(cell_pred[local]).abs())
             row["volume_input"] = float(torch.linalg.det(graph.cell[local]).abs())
             rows.append(row)
             atoms = slice(bounds[local], bounds[local + 1])
             predictions.append(
                 (
                     graph.numbers[atoms].cpu().numpy(),
-                    (pred_pos[atoms].double().cpu().numpy(), pred_cell[local].double().cpu().numpy()),
+                    (positions_pred[atoms].double().cpu().numpy(), cell_pred[local].double().cpu().numpy()),
                     (graph.positions[atoms].double().cpu().numpy(), graph.cell[local].double().cpu().numpy()),
-                    (target[atoms].double().cpu().numpy(), cell_target[local].double().cpu().numpy()),
+                    (positions_target[atoms].double().cpu().numpy(), cell_target[local].double().cpu().numpy()),
                 )
             )
     rng = np.random.default_rng(seed)
