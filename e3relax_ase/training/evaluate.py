@@ -13,10 +13,16 @@ import torch
 from e3relax_ase.io.checkpoint import load_checkpoint
 from e3relax_ase.training.dataset import prepare_pairs
 from e3relax_ase.training.families import FAMILIES, chemical_family
-from e3relax_ase.training.metrics import MATCHER_SETTINGS, structure_errors, structures_match
+from e3relax_ase.training.metrics import (
+    COORD_MAE,
+    DUMMY_PREFIX,
+    MATCHER_SETTINGS,
+    METRIC_NAMES,
+    VOLUME_ABS,
+    structure_errors,
+    structures_match,
+)
 from e3relax_ase.training.pairs import load_pairs
-
-METRIC_NAMES = ("coord_mae", "coord_mae_paper", "cell_shape", "volume_abs")
 
 
 @torch.no_grad()
@@ -52,7 +58,7 @@ def evaluate_checkpoint(checkpoint, data_path, out_dir=None, device="cpu", batch
             pair_atoms = slice(pairs.offsets[k], pairs.offsets[k + 1])
             row = {"id": str(pairs.ids[k]), "n_atoms": int(pairs.n_atoms[k]), "family": chemical_family(pairs.numbers[pair_atoms])}
             row.update({name: float(ours[name][local]) for name in METRIC_NAMES})
-            row.update({f"dummy_{name}": float(dummy[name][local]) for name in METRIC_NAMES})
+            row.update({DUMMY_PREFIX + name: float(dummy[name][local]) for name in METRIC_NAMES})
             row["volume_true"] = float(torch.linalg.det(cell_target[local]).abs())
             row["volume_pred"] = float(torch.linalg.det(cell_pred[local]).abs())
             row["volume_input"] = float(torch.linalg.det(graph.cell[local]).abs())
@@ -78,7 +84,7 @@ def evaluate_checkpoint(checkpoint, data_path, out_dir=None, device="cpu", batch
         "match_sample": int(len(sample)),
         "matcher": MATCHER_SETTINGS,
         "model": {name: float(np.mean([r[name] for r in rows])) for name in METRIC_NAMES},
-        "dummy": {name: float(np.mean([r[f"dummy_{name}"] for r in rows])) for name in METRIC_NAMES},
+        "dummy": {name: float(np.mean([r[DUMMY_PREFIX + name] for r in rows])) for name in METRIC_NAMES},
     }
     summary["model"]["match_rate"] = float(np.mean(model_hits))
     summary["dummy"]["match_rate"] = float(np.mean(dummy_hits))
@@ -97,9 +103,9 @@ def family_table(rows: list[dict]) -> dict:
         if not members:
             continue
         entry = {"n_pairs": len(members)}
-        for name in ("coord_mae", "volume_abs"):
-            model, dummy = float(np.mean([r[name] for r in members])), float(np.mean([r[f"dummy_{name}"] for r in members]))
-            entry.update({name: model, f"dummy_{name}": dummy, f"{name}_ratio": model / dummy if dummy > 0 else float("nan")})
+        for name in (COORD_MAE, VOLUME_ABS):
+            model, dummy = float(np.mean([r[name] for r in members])), float(np.mean([r[DUMMY_PREFIX + name] for r in members]))
+            entry.update({name: model, DUMMY_PREFIX + name: dummy, f"{name}_ratio": model / dummy if dummy > 0 else float("nan")})
         table[family] = entry
     return table
 
@@ -119,8 +125,8 @@ def write_report(out_dir: Path, rows: list[dict], summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ours = [r["coord_mae"] for r in rows]
-    dummy = [r["dummy_coord_mae"] for r in rows]
+    ours = [r[COORD_MAE] for r in rows]
+    dummy = [r[DUMMY_PREFIX + COORD_MAE] for r in rows]
     bins = np.linspace(0, max(np.percentile(dummy, 99), 1e-3), 50)
     ax.hist(dummy, bins=bins, alpha=0.6, label=f"Dummy (mean {np.mean(dummy):.3f} Å)")
     ax.hist(ours, bins=bins, alpha=0.6, label=f"E3Relax-H2 (mean {np.mean(ours):.3f} Å)")
