@@ -50,6 +50,17 @@ PAIR_REQUIRED = (
     PAIR_CELL_RELAXED,
 )
 
+# --- sanity limits -----------------------------------------------------------------------
+# Å | no two atoms (nor an atom and its own periodic image) closer: the shortest real bond, H2's,
+# is 0.74 Å, so a closer pair is a broken input, a collapsed prediction or a failed teacher
+# relaxation. Inputs are refused (geometry.validation), predictions flagged (relax.sanity),
+# generated starts redrawn and distilled pairs dropped (training).
+MIN_DISTANCE = 0.5
+# relaxed (or predicted) / input volume: a relaxation that more than halves or doubles a
+# crystal's volume has broken it, not relaxed it. Predictions outside are flagged
+# (relax.sanity), teacher results outside dropped (training.distill, training.batched_relax).
+VOLUME_RATIO_RANGE = (0.5, 2.0)
+
 # Default graph and numerical constants (the model config holds the ones that are
 # hyperparameters; these are conventions shared by data and model code).
 SHELL_TOLERANCE = 1e-4  # Å | neighbours within this of the K-th distance count as the K-th shell
