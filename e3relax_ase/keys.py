@@ -14,27 +14,52 @@ image of atom j translated by k @ cell to atom i. Its vector is
 i.e. it points from the receiving atom i to the sending image of j. The true self pair
 (i == j, k == 0) never appears; an atom's own periodic images within the cutoff do.
 
-Field names of a batched crystal graph (see ``e3relax_ase.geometry.graph.CrystalGraph``):
+Field names: those of the batched crystal graph are the fields of
+``e3relax_ase.geometry.graph.CrystalGraph``, those of prepared training pairs (``positions_target``,
+``cell_target``, ...) the fields of ``e3relax_ase.training.dataset.PreparedPairs``: attributes,
+which Python checks. The names spelled as strings, the arrays of a pair file, are declared below.
 """
 
-# --- per atom ---------------------------------------------------------------------------
-NUMBERS = "numbers"  # [n_atoms] int64 | atomic numbers
-POSITIONS = "positions"  # [n_atoms, 3] float | Cartesian positions, Å
-BATCH = "batch"  # [n_atoms] int64 | index of the crystal each atom belongs to
+# --- the training-pair file (``e3relax_ase.training.pairs``, docs/data.md) -----------------
+# Array names of an e3relax-pairs npz (shapes and meaning in the pairs module's docstring).
+# Pair files exist under these names: never change a value. ``training.pairs.PairSet`` has a
+# field of the same name for each array but the two format tags.
+PAIR_IDS = "ids"  # [n] str
+PAIR_N_ATOMS = "n_atoms"  # [n] int64
+PAIR_OFFSETS = "offsets"  # [n + 1] int64
+PAIR_NUMBERS = "numbers"  # [N] int64
+PAIR_POS_UNRELAXED = "pos_unrelaxed"  # [N, 3] float64, Å
+PAIR_POS_RELAXED = "pos_relaxed"  # [N, 3] float64, Å
+PAIR_CELL_UNRELAXED = "cell_unrelaxed"  # [n, 3, 3] float64, Å
+PAIR_CELL_RELAXED = "cell_relaxed"  # [n, 3, 3] float64, Å
+PAIR_PBC = "pbc"  # [n, 3] bool, optional
+PAIR_ENERGY_PER_ATOM_RELAXED = "energy_per_atom_relaxed"  # [n] float64, optional
+PAIR_FORMAT = "format"  # [] str, optional
+PAIR_FORMAT_VERSION = "format_version"  # [] int64, optional
+PAIR_METADATA = "metadata"  # [] str (JSON), optional
+PAIR_INFO = "info"  # [] str (JSON), optional
+# A file without one of these is not a pair file.
+PAIR_REQUIRED = (
+    PAIR_IDS,
+    PAIR_N_ATOMS,
+    PAIR_OFFSETS,
+    PAIR_NUMBERS,
+    PAIR_POS_UNRELAXED,
+    PAIR_POS_RELAXED,
+    PAIR_CELL_UNRELAXED,
+    PAIR_CELL_RELAXED,
+)
 
-# --- per crystal ------------------------------------------------------------------------
-CELL = "cell"  # [n_graphs, 3, 3] float | rows are lattice vectors, Å
-PBC = "pbc"  # [n_graphs, 3] bool | periodic along each lattice vector
-N_ATOMS = "n_atoms"  # [n_graphs] int64 | atoms per crystal
-
-# --- per edge ---------------------------------------------------------------------------
-EDGE_SRC = "edge_src"  # [n_edges] int64 | sending atom j (global index)
-EDGE_DST = "edge_dst"  # [n_edges] int64 | receiving atom i (global index)
-EDGE_SHIFT = "edge_shift"  # [n_edges, 3] float | integer lattice translation k of the sender
-
-# --- training pairs ---------------------------------------------------------------------
-POSITIONS_TARGET = "positions_target"  # [n_atoms, 3] float | relaxed positions, Å
-CELL_TARGET = "cell_target"  # [n_graphs, 3, 3] float | relaxed cell, Å
+# --- sanity limits -----------------------------------------------------------------------
+# Å | no two atoms (nor an atom and its own periodic image) closer: the shortest real bond, H2's,
+# is 0.74 Å, so a closer pair is a broken input, a collapsed prediction or a failed teacher
+# relaxation. Inputs are refused (geometry.validation), predictions flagged (relax.sanity),
+# generated starts redrawn and distilled pairs dropped (training).
+MIN_DISTANCE = 0.5
+# relaxed (or predicted) / input volume: a relaxation that more than halves or doubles a
+# crystal's volume has broken it, not relaxed it. Predictions outside are flagged
+# (relax.sanity), teacher results outside dropped (training.distill, training.batched_relax).
+VOLUME_RATIO_RANGE = (0.5, 2.0)
 
 # Default graph and numerical constants (the model config holds the ones that are
 # hyperparameters; these are conventions shared by data and model code).

@@ -646,6 +646,7 @@ def relax(args) -> None:
 
 def finalize(args) -> None:
     """Raw GPU results -> pair file(s) of converged, sane pairs + RUNLOG.json."""
+    from e3relax_ase.keys import MIN_DISTANCE, VOLUME_RATIO_RANGE
     from e3relax_ase.training.batched_relax import (
         RelaxResult,
         check_sane,
@@ -688,7 +689,7 @@ def finalize(args) -> None:
                     status="converged",
                 )
                 problem = check_sane(result)
-                if problem is None and min_interatomic_distance(result.positions_init, result.cell_init, 1.0) <= 0.5:
+                if problem is None and min_interatomic_distance(result.positions_init, result.cell_init, 1.0) <= MIN_DISTANCE:
                     problem = "min_distance_input"
                 if problem is not None:
                     rejected[problem] = rejected.get(problem, 0) + 1
@@ -725,7 +726,8 @@ def finalize(args) -> None:
             if any("volume_guess" in sidecar[str(inp["ids"][p.key])]["perturbation"] for p in pairs)
             else "none: covalent-contact scaling and the random volume factor only"
         ),
-        "sanity": "finite, det(cell) > 0, min distance > 0.5 A (both structures), V_relaxed/V_unrelaxed in [0.5, 2]",
+        "sanity": f"finite, det(cell) > 0, min distance > {MIN_DISTANCE:g} A (both structures), "
+        f"V_relaxed/V_unrelaxed in [{VOLUME_RATIO_RANGE[0]:g}, {VOLUME_RATIO_RANGE[1]:g}]",
         "licence": "Teacher SevenNet-0 (sevenn, MIT; trained on MPtrj, Materials Project data, CC BY 4.0). "
         "Seeds: perov_5 and carbon_24 as distributed in the cdvae repository (MIT); AFLOW prototypes "
         "shipped in pymatgen (MIT; Mehl et al., AFLOW prototype encyclopedia); ASE dcdft collection "

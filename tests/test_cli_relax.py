@@ -13,8 +13,11 @@ from ase.constraints import FixAtoms
 from click.testing import CliRunner
 
 from e3relax_ase.cli.main import cli
+from e3relax_ase.cli.relax_files import SUMMARY_KEYS
+from e3relax_ase.io import structures
 from e3relax_ase.io.checkpoint import file_sha256, save_checkpoint
 from e3relax_ase.io.files import _KEEPS, format_losses
+from e3relax_ase.io.provenance import read_cif_provenance
 from e3relax_ase.io.structures import spacegroup_number
 from e3relax_ase.testing import tiny_model
 
@@ -123,6 +126,20 @@ def test_json_summary(tmp_path, checkpoint):
     entry = summary["results"][0]
     assert entry["status"] == "ok" and entry["output"] == str(tmp_path / "NaCl_relaxed.cif")
     assert entry["sane"] is True and entry["max_displacement"] > 0 and "converged" not in entry
+    # Each result field holds the value of the info key of its name in the structure written.
+    written = read_cif_provenance((tmp_path / "NaCl_relaxed.cif").read_text())
+    reported = {name: entry[name] for name in SUMMARY_KEYS if name in entry}
+    assert len(reported) >= 6 and reported == {name: written[f"e3relax_{name}"] for name in SUMMARY_KEYS if f"e3relax_{name}" in written}
+
+
+def test_json_summary_fields_are_the_declared_info_keys_less_their_prefix():
+    # Both names are public (docs/relaxer.md), and the CLI derives the field from the info key
+    # declared in io/structures.py: renaming a key there would rename a --json field.
+    fields = ("sane", "problems", "max_displacement", "max_strain", "correction_ratio", "refine_advised")
+    fields += ("spacegroup_input", "spacegroup", "vacuum_axes", "cluster", "converged", "nsteps", "fmax", "fmax_atoms", "fmax_cell")
+    assert SUMMARY_KEYS == {name: f"e3relax_{name}" for name in fields}
+    declared = {value for name, value in vars(structures).items() if name.startswith("INFO_")}
+    assert set(SUMMARY_KEYS.values()) <= declared
 
 
 def test_options_no_relax_cell_fix_symmetry_refine(tmp_path, checkpoint):

@@ -8,7 +8,7 @@ import pytest
 from ase.build import bulk, fcc111
 
 from e3relax_ase.geometry import validation
-from e3relax_ase.relax import sanity
+from e3relax_ase.keys import MIN_DISTANCE
 from e3relax_ase.relax.sanity import check_prediction, closest_pair, closest_pair_searched
 
 
@@ -113,11 +113,11 @@ def test_check_prediction_reports_as_before():
     """check_prediction's report with the wide search = with the search at min_distance."""
     for positions, cell, pbc in CASES:
         got = check_prediction(positions, cell, pbc, cell)
-        found = closest_pair_searched(positions, cell, pbc, sanity.SANE_MIN_DISTANCE)
+        found = closest_pair_searched(positions, cell, pbc, MIN_DISTANCE)
         expected_problems = []
         if found is not None:
             d, i, j = found
-            expected_problems.append(f"atoms {i} and {j} are {d:.3f} Å apart (< {sanity.SANE_MIN_DISTANCE} Å)")
+            expected_problems.append(f"atoms {i} and {j} are {d:.3f} Å apart (< {MIN_DISTANCE} Å)")
         assert got.problems == expected_problems
         assert got.ok == (found is None)
         assert got.min_distance == (found[0] if found is not None else np.inf)

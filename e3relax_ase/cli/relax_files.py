@@ -23,24 +23,50 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e3relax_ase.io.structures import (
+    INFO_CLUSTER,
+    INFO_CONVERGED,
+    INFO_CORRECTION_RATIO,
+    INFO_FMAX,
+    INFO_FMAX_ATOMS,
+    INFO_FMAX_CELL,
+    INFO_INDEX,
+    INFO_MAX_DISPLACEMENT,
+    INFO_MAX_STRAIN,
+    INFO_NSTEPS,
+    INFO_PREFIX,
+    INFO_PROBLEMS,
+    INFO_REFINE_ADVISED,
+    INFO_SANE,
+    INFO_SOURCE,
+    INFO_SPACEGROUP,
+    INFO_SPACEGROUP_INPUT,
+    INFO_VACUUM_AXES,
+)
+
 logger = logging.getLogger("e3relax_ase.cli.relax")
 
-SUMMARY_KEYS = {  # --json field <- atoms.info key
-    "sane": "e3relax_sane",
-    "problems": "e3relax_problems",
-    "max_displacement": "e3relax_max_displacement",
-    "max_strain": "e3relax_max_strain",
-    "correction_ratio": "e3relax_correction_ratio",
-    "refine_advised": "e3relax_refine_advised",
-    "spacegroup_input": "e3relax_spacegroup_input",
-    "spacegroup": "e3relax_spacegroup",
-    "vacuum_axes": "e3relax_vacuum_axes",
-    "cluster": "e3relax_cluster",
-    "converged": "e3relax_converged",
-    "nsteps": "e3relax_nsteps",
-    "fmax": "e3relax_fmax",
-    "fmax_atoms": "e3relax_fmax_atoms",
-    "fmax_cell": "e3relax_fmax_cell",
+# --json field <- atoms.info key: the results each summary entry reports, every one under its
+# info key less INFO_PREFIX (docs/relaxer.md lists them).
+SUMMARY_KEYS = {
+    key.removeprefix(INFO_PREFIX): key
+    for key in (
+        INFO_SANE,
+        INFO_PROBLEMS,
+        INFO_MAX_DISPLACEMENT,
+        INFO_MAX_STRAIN,
+        INFO_CORRECTION_RATIO,
+        INFO_REFINE_ADVISED,
+        INFO_SPACEGROUP_INPUT,
+        INFO_SPACEGROUP,
+        INFO_VACUUM_AXES,
+        INFO_CLUSTER,
+        INFO_CONVERGED,
+        INFO_NSTEPS,
+        INFO_FMAX,
+        INFO_FMAX_ATOMS,
+        INFO_FMAX_CELL,
+    )
 }
 
 
@@ -141,8 +167,6 @@ class FileJob:
             # saw a different answer would share a different list, hanging the job.
             done = {}
         work = []
-        from e3relax_ase.io.structures import INFO_INDEX, INFO_SOURCE
-
         for frame in frames:
             if frame.error is not None and frame.last_index < frame.index:  # damage that held no frame
                 logger.warning("%s: %s", self.path, frame.error)

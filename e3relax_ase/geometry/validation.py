@@ -39,9 +39,8 @@ from typing import Any
 import numpy as np
 
 from e3relax_ase.geometry.canonical import reduce_cell, wrap_into
-from e3relax_ase.keys import ISOLATION_MARGIN
+from e3relax_ase.keys import ISOLATION_MARGIN, MIN_DISTANCE
 
-MIN_DISTANCE = 0.5  # Å | closer atoms are a broken input (shortest real bond, H2, is 0.74 Å)
 MIN_CELL_ANGLE = 5.0  # degrees | lattice vectors closer than this to (anti)parallel are refused
 MIN_VOLUME_FRACTION = 1e-6  # |det| / (|a| |b| |c|) below this is a degenerate (flat) cell
 MAX_VACUUM_EXTENT = 1000.0  # Å | atoms spread wider than this along a vacuum axis are refused

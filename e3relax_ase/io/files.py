@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from e3relax_ase.io.structures import INFO_PREFIX
+
 logger = logging.getLogger(__name__)
 
 # Extensions (lower case) a folder given as input is scanned for; POSCAR*/CONTCAR* too.
@@ -169,7 +171,7 @@ def format_losses(atoms, fmt: str) -> list[str]:
         losses.append("tags")
     if "pbc" not in keeps and not np.all(atoms.pbc):
         losses.append("non-periodic axes (written as periodic)")
-    own = [key for key in atoms.info if not str(key).startswith("e3relax_") and key not in _READER_INFO]
+    own = [key for key in atoms.info if not str(key).startswith(INFO_PREFIX) and key not in _READER_INFO]
     if "info" not in keeps and own:
         losses.append(f"info ({', '.join(map(str, own[:3]))}{', ...' if len(own) > 3 else ''})")
     if "provenance" not in keeps and len(own) < len(atoms.info):

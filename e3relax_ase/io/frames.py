@@ -35,9 +35,6 @@ from typing import Any
 
 from e3relax_ase.io.files import InputFileError, input_format
 
-INFO_SOURCE = "e3relax_source"  # str | the file a structure was read from (as given)
-INFO_INDEX = "e3relax_index"  # int | its frame index in that file (0 for a single structure)
-
 _COUNT_LINE = re.compile(rb"^\s*(\d+)\s*$")
 # What marks an extxyz comment line: ASE (and QUIP, OVITO) write Properties= in every one.
 _HEADER_MARKS = (b"Properties=", b"Lattice=")

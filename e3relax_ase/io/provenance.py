@@ -20,10 +20,10 @@ import json
 
 import numpy as np
 
-from e3relax_ase.io.structures import INFO_PREFIX
+from e3relax_ase.io.structures import INFO_INDEX, INFO_MODEL, INFO_PREFIX, INFO_SHA256, INFO_SOURCE, INFO_VERSION
 
 CIF_MARK = "# e3relax-ase provenance"  # first line of the comment block
-POSCAR_KEYS = ("e3relax_model", "e3relax_checkpoint_sha256", "e3relax_version", "e3relax_source", "e3relax_index")
+POSCAR_KEYS = (INFO_MODEL, INFO_SHA256, INFO_VERSION, INFO_SOURCE, INFO_INDEX)  # what identifies a result
 
 
 def provenance(info: dict) -> dict:

@@ -47,6 +47,7 @@ INFO_FMAX_ATOMS = "e3relax_fmax_atoms"  # float | refinement only: largest atomi
 INFO_FMAX_CELL = "e3relax_fmax_cell"  # float | refinement with a cell filter only: its cell rows, filter built afresh, eV/Å
 INFO_VACUUM_AXES = "e3relax_vacuum_axes"  # str | lattice vectors holding vacuum, kept as given: "c", "a,b" (extxyz reads "0,2" as numbers)
 INFO_CLUSTER = "e3relax_cluster"  # bool | an isolated cluster relaxed in its box (allow_cluster)
+INFO_LAYER = "e3relax_layer"  # int | return_trajectory only: the network layer a frame shows, from 1
 # Where the CLI read a structure (set on the input, kept through relaxation: they describe the
 # input, not the result, so clear_provenance leaves them).
 INFO_SOURCE = "e3relax_source"  # str | the file, as given on the command line

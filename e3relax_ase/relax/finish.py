@@ -13,6 +13,7 @@ from e3relax_ase.io.structures import (
     INFO_CLUSTER,
     INFO_CORRECTION_RATIO,
     INFO_LAST_CORRECTION,
+    INFO_LAYER,
     INFO_MAX_DISPLACEMENT,
     INFO_MAX_STRAIN,
     INFO_MODEL,
@@ -195,7 +196,7 @@ class Finisher:
             apply_prediction(frame, positions, prediction.cell[layer], options.relax_cell and not item.keeps_cell)
             if symmetry is not None:
                 frame.set_constraint([c for c in frame.constraints if c is not symmetry])
-            frame.info["e3relax_layer"] = layer + 1
+            frame.info[INFO_LAYER] = layer + 1
             frames.append(frame)
         return [from_atoms(f, item.kind) for f in frames]
 

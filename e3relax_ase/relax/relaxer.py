@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from e3relax_ase.geometry.validation import MIN_DISTANCE, StructureReport, structure_name
+from e3relax_ase.geometry.validation import StructureReport, structure_name
 from e3relax_ase.io.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.io.structures import as_atoms
-from e3relax_ase.keys import ISOLATION_MARGIN
+from e3relax_ase.keys import ISOLATION_MARGIN, MIN_DISTANCE
 from e3relax_ase.nn.compiled import CompiledForward
 from e3relax_ase.nn.graphed import GraphedForward
 from e3relax_ase.nn.model import E3RelaxH2

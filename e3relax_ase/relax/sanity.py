@@ -1,8 +1,8 @@
 """Checks on every prediction, and a per-structure signal of when refinement is advisable.
 
 Sanity (``check_prediction``): a prediction is flagged when it holds NaN/inf, when two atoms
-come closer than ``SANE_MIN_DISTANCE``, when the volume changes by more than the factors in
-``SANE_VOLUME_RATIO``, when det(cell) vanishes or changes sign (the ASE rule "det > 0", written
+come closer than ``keys.MIN_DISTANCE``, when the volume changes by more than the factors in
+``keys.VOLUME_RATIO_RANGE``, when det(cell) vanishes or changes sign (the ASE rule "det > 0", written
 for left-handed inputs too), or when a vacuum lattice vector moved.
 
 Confidence (``confidence``): refinement is advised when any of four signals of a prediction
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SANE_MIN_DISTANCE = 0.5  # Å | same floor as input validation
-SANE_VOLUME_RATIO = (0.5, 2.0)  # predicted / input volume outside this is flagged
+from e3relax_ase.keys import MIN_DISTANCE, VOLUME_RATIO_RANGE
+
 # Refinement is advised when any signal exceeds its threshold (calibrated, see above).
 REFINE_ADVISED_CORRECTION = 0.24  # Å | the last layer's largest non-affine atom move
 REFINE_ADVISED_STRAIN = 0.11  # the last layer's largest principal stretch change
@@ -67,7 +67,7 @@ def check_prediction(
     cell,
     pbc,
     cell_input,
-    min_distance: float = SANE_MIN_DISTANCE,
+    min_distance: float = MIN_DISTANCE,
     *,
     positions_input=None,
     closest_input: float | None = None,
@@ -112,7 +112,7 @@ def _cell_problems(det: float, det_input: float, lengths_product: float) -> tupl
     if det * det_input <= 0 or abs(det) <= 1e-6 * lengths_product:
         return [f"det(cell) vanished or changed sign ({det_input:.4g} -> {det:.4g} Å^3)"], True
     ratio = det / det_input
-    low, high = SANE_VOLUME_RATIO
+    low, high = VOLUME_RATIO_RANGE
     if not low <= ratio <= high:
         return [f"volume changed by a factor {ratio:.3g} (outside [{low}, {high}])"], False
     return [], False

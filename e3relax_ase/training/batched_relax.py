@@ -31,6 +31,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from e3relax_ase.keys import MIN_DISTANCE, VOLUME_RATIO_RANGE
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -565,7 +567,7 @@ def min_interatomic_distance(positions: np.ndarray, cell: np.ndarray, cutoff: fl
     return float(distances.min()) if len(distances) else float("inf")
 
 
-def check_sane(result: RelaxResult, *, min_distance: float = 0.5, volume_ratio: tuple[float, float] = (0.5, 2.0)) -> str | None:
+def check_sane(result: RelaxResult, *, min_distance: float = MIN_DISTANCE, volume_ratio: tuple[float, float] = VOLUME_RATIO_RANGE) -> str | None:
     """Why a relaxed crystal should not be kept, or None if it is sane.
 
     Checks: finite geometry and energy, positive cell determinant, shortest interatomic

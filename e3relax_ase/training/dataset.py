@@ -198,9 +198,9 @@ def concatenate_prepared(parts) -> PreparedPairs:
     atom_base = np.cumsum([0] + [int(p.atom_offsets[-1]) for p in parts[:-1]])
     edge_base = np.cumsum([0] + [int(p.edge_offsets[-1]) for p in parts[:-1]])
     joined = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PreparedPairs) if not f.name.endswith("_offsets")}
-    joined["atom_offsets"] = torch.cat([parts[0].atom_offsets[:1]] + [p.atom_offsets[1:] + int(b) for p, b in zip(parts, atom_base)])
-    joined["edge_offsets"] = torch.cat([parts[0].edge_offsets[:1]] + [p.edge_offsets[1:] + int(b) for p, b in zip(parts, edge_base)])
-    return PreparedPairs(**joined)
+    atom_offsets = torch.cat([parts[0].atom_offsets[:1]] + [p.atom_offsets[1:] + int(b) for p, b in zip(parts, atom_base)])
+    edge_offsets = torch.cat([parts[0].edge_offsets[:1]] + [p.edge_offsets[1:] + int(b) for p, b in zip(parts, edge_base)])
+    return PreparedPairs(**joined, atom_offsets=atom_offsets, edge_offsets=edge_offsets)
 
 
 def load_or_prepare(

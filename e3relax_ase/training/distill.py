@@ -10,8 +10,8 @@ if that exceeds ``fmax`` FIRE continues from there (up to ``steps`` in total). A
 if every atomic force and every row of virial / n_atoms is <= ``fmax`` in eV/Å.
 
 Sanity rules for a kept pair: finite positions and cells, det(cell) > 0 for both structures, no
-interatomic distance (periodic images included) below ``MIN_DISTANCE`` in either structure, and
-V_relaxed / V_unrelaxed in ``VOLUME_RATIO_RANGE``.
+interatomic distance (periodic images included) below ``keys.MIN_DISTANCE`` in either structure,
+and V_relaxed / V_unrelaxed in ``keys.VOLUME_RATIO_RANGE``.
 
 Runs inline with ``n_workers=1``, else over ``n_workers`` spawned processes (CPU); each worker
 builds its calculator once from the picklable factory. Inputs are drawn in the parent before any
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from e3relax_ase.keys import MIN_DISTANCE, VOLUME_RATIO_RANGE
 from e3relax_ase.relax.calculators import resolve_calculator
 from e3relax_ase.relax.threads import single_threaded_blas
 from e3relax_ase.training.pairs import PairSet
@@ -35,8 +36,6 @@ from e3relax_ase.training.perturb import make_user_like_inputs
 
 logger = logging.getLogger(__name__)
 
-MIN_DISTANCE = 0.5  # Å | closer atoms mean a broken input or a collapsed relaxation
-VOLUME_RATIO_RANGE = (0.5, 2.0)  # V_relaxed / V_unrelaxed outside this is a teacher failure
 _MAX_ROUNDS = 10  # fresh-filter restarts of FIRE; each one makes at least one step
 
 _WORKER: dict = {}

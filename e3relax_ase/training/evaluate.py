@@ -13,10 +13,16 @@ import torch
 from e3relax_ase.io.checkpoint import load_checkpoint
 from e3relax_ase.training.dataset import prepare_pairs
 from e3relax_ase.training.families import FAMILIES, chemical_family
-from e3relax_ase.training.metrics import MATCHER_SETTINGS, structure_errors, structures_match
+from e3relax_ase.training.metrics import (
+    COORD_MAE,
+    DUMMY_PREFIX,
+    MATCHER_SETTINGS,
+    METRIC_NAMES,
+    VOLUME_ABS,
+    structure_errors,
+    structures_match,
+)
 from e3relax_ase.training.pairs import load_pairs
-
-METRIC_NAMES = ("coord_mae", "coord_mae_paper", "cell_shape", "volume_abs")
 
 
 @torch.no_grad()
@@ -42,28 +48,28 @@ def evaluate_checkpoint(checkpoint, data_path, out_dir=None, device="cpu", batch
     predictions = []
     for start in range(0, len(data), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(data)))
-        graph, target, cell_target = data.batch(indices)
+        graph, positions_target, cell_target = data.batch(indices)
         output = model(graph)
-        pred_cell, pred_pos = output.cell[-1], output.positions[-1]  # the input's fractional centroid kept
-        ours = structure_errors(pred_pos, pred_cell, target, cell_target, graph.batch)
-        dummy = structure_errors(graph.positions, graph.cell, target, cell_target, graph.batch)
+        positions_pred, cell_pred = output.positions[-1], output.cell[-1]  # the input's fractional centroid kept
+        ours = structure_errors(positions_pred, cell_pred, positions_target, cell_target, graph.batch)
+        dummy = structure_errors(graph.positions, graph.cell, positions_target, cell_target, graph.batch)
         bounds = np.concatenate([[0], np.cumsum(graph.n_atoms.cpu().numpy())])
         for local, k in enumerate(indices.tolist()):
             pair_atoms = slice(pairs.offsets[k], pairs.offsets[k + 1])
             row = {"id": str(pairs.ids[k]), "n_atoms": int(pairs.n_atoms[k]), "family": chemical_family(pairs.numbers[pair_atoms])}
             row.update({name: float(ours[name][local]) for name in METRIC_NAMES})
-            row.update({f"dummy_{name}": float(dummy[name][local]) for name in METRIC_NAMES})
+            row.update({DUMMY_PREFIX + name: float(dummy[name][local]) for name in METRIC_NAMES})
             row["volume_true"] = float(torch.linalg.det(cell_target[local]).abs())
-            row["volume_pred"] = float(torch.linalg.det(pred_cell[local]).abs())
+            row["volume_pred"] = float(torch.linalg.det(cell_pred[local]).abs())
             row["volume_input"] = float(torch.linalg.det(graph.cell[local]).abs())
             rows.append(row)
             atoms = slice(bounds[local], bounds[local + 1])
             predictions.append(
                 (
                     graph.numbers[atoms].cpu().numpy(),
-                    (pred_pos[atoms].double().cpu().numpy(), pred_cell[local].double().cpu().numpy()),
+                    (positions_pred[atoms].double().cpu().numpy(), cell_pred[local].double().cpu().numpy()),
                     (graph.positions[atoms].double().cpu().numpy(), graph.cell[local].double().cpu().numpy()),
-                    (target[atoms].double().cpu().numpy(), cell_target[local].double().cpu().numpy()),
+                    (positions_target[atoms].double().cpu().numpy(), cell_target[local].double().cpu().numpy()),
                 )
             )
     rng = np.random.default_rng(seed)
@@ -78,7 +84,7 @@ def evaluate_checkpoint(checkpoint, data_path, out_dir=None, device="cpu", batch
         "match_sample": int(len(sample)),
         "matcher": MATCHER_SETTINGS,
         "model": {name: float(np.mean([r[name] for r in rows])) for name in METRIC_NAMES},
-        "dummy": {name: float(np.mean([r[f"dummy_{name}"] for r in rows])) for name in METRIC_NAMES},
+        "dummy": {name: float(np.mean([r[DUMMY_PREFIX + name] for r in rows])) for name in METRIC_NAMES},
     }
     summary["model"]["match_rate"] = float(np.mean(model_hits))
     summary["dummy"]["match_rate"] = float(np.mean(dummy_hits))
@@ -97,9 +103,9 @@ def family_table(rows: list[dict]) -> dict:
         if not members:
             continue
         entry = {"n_pairs": len(members)}
-        for name in ("coord_mae", "volume_abs"):
-            model, dummy = float(np.mean([r[name] for r in members])), float(np.mean([r[f"dummy_{name}"] for r in members]))
-            entry.update({name: model, f"dummy_{name}": dummy, f"{name}_ratio": model / dummy if dummy > 0 else float("nan")})
+        for name in (COORD_MAE, VOLUME_ABS):
+            model, dummy = float(np.mean([r[name] for r in members])), float(np.mean([r[DUMMY_PREFIX + name] for r in members]))
+            entry.update({name: model, DUMMY_PREFIX + name: dummy, f"{name}_ratio": model / dummy if dummy > 0 else float("nan")})
         table[family] = entry
     return table
 
@@ -119,8 +125,8 @@ def write_report(out_dir: Path, rows: list[dict], summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ours = [r["coord_mae"] for r in rows]
-    dummy = [r["dummy_coord_mae"] for r in rows]
+    ours = [r[COORD_MAE] for r in rows]
+    dummy = [r[DUMMY_PREFIX + COORD_MAE] for r in rows]
     bins = np.linspace(0, max(np.percentile(dummy, 99), 1e-3), 50)
     ax.hist(dummy, bins=bins, alpha=0.6, label=f"Dummy (mean {np.mean(dummy):.3f} Å)")
     ax.hist(ours, bins=bins, alpha=0.6, label=f"E3Relax-H2 (mean {np.mean(ours):.3f} Å)")

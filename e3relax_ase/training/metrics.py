@@ -16,6 +16,15 @@ from e3relax_ase.training.loss import align_to_target
 # StructureMatcher settings of the paper.
 MATCHER_SETTINGS = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
 
+# Names of the per-structure errors (``structure_errors``), as metrics.json, log.csv, the
+# training state and the per-structure CSV carry them; the Dummy baseline's get DUMMY_PREFIX.
+COORD_MAE = "coord_mae"
+COORD_MAE_PAPER = "coord_mae_paper"
+CELL_SHAPE = "cell_shape"
+VOLUME_ABS = "volume_abs"
+METRIC_NAMES = (COORD_MAE, COORD_MAE_PAPER, CELL_SHAPE, VOLUME_ABS)
+DUMMY_PREFIX = "dummy_"
+
 
 def structure_errors(
     positions_pred: torch.Tensor,
@@ -48,7 +57,7 @@ def structure_errors(
     metric_true = cell_target @ cell_target.transpose(-1, -2)
     shape = torch.linalg.matrix_norm(metric_pred - metric_true)
     volume = (torch.linalg.det(cell_pred) - torch.linalg.det(cell_target)).abs()
-    return {"coord_mae": coord, "coord_mae_paper": coord_paper, "cell_shape": shape, "volume_abs": volume}
+    return {COORD_MAE: coord, COORD_MAE_PAPER: coord_paper, CELL_SHAPE: shape, VOLUME_ABS: volume}
 
 
 def structures_match(numbers: np.ndarray, positions_a: np.ndarray, cell_a: np.ndarray, positions_b: np.ndarray, cell_b: np.ndarray) -> bool:

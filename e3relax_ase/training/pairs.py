@@ -35,6 +35,23 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from e3relax_ase.io.files import atomic_write
+from e3relax_ase.keys import (
+    PAIR_CELL_RELAXED,
+    PAIR_CELL_UNRELAXED,
+    PAIR_ENERGY_PER_ATOM_RELAXED,
+    PAIR_FORMAT,
+    PAIR_FORMAT_VERSION,
+    PAIR_IDS,
+    PAIR_INFO,
+    PAIR_METADATA,
+    PAIR_N_ATOMS,
+    PAIR_NUMBERS,
+    PAIR_OFFSETS,
+    PAIR_PBC,
+    PAIR_POS_RELAXED,
+    PAIR_POS_UNRELAXED,
+    PAIR_REQUIRED,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +63,6 @@ PAIR_ID_KEY = "pair_id"
 ROLE_KEY = "role"
 ROLE_UNRELAXED = "unrelaxed"
 ROLE_RELAXED = "relaxed"
-
-_REQUIRED = (
-    "ids",
-    "n_atoms",
-    "offsets",
-    "numbers",
-    "pos_unrelaxed",
-    "pos_relaxed",
-    "cell_unrelaxed",
-    "cell_relaxed",
-)
 
 
 class Pair(NamedTuple):
@@ -100,7 +106,7 @@ def to_jsonable(value: Any) -> Any:
 class PairSet:
     """A set of (unrelaxed, relaxed) crystal pairs held as flat arrays (see module docstring).
 
-    The fields are named as the arrays of the file. ``positions_unrelaxed`` and
+    The fields are named as the arrays of the file (``keys.PAIR_*``). ``positions_unrelaxed`` and
     ``positions_relaxed`` are read-only aliases of ``pos_unrelaxed`` / ``pos_relaxed``.
     """
 
@@ -272,15 +278,15 @@ class PairSet:
         n = len(self.ids)
         n_total = len(self.numbers)
         expect = {
-            "n_atoms": (n,),
-            "offsets": (n + 1,),
-            "numbers": (n_total,),
-            "pos_unrelaxed": (n_total, 3),
-            "pos_relaxed": (n_total, 3),
-            "cell_unrelaxed": (n, 3, 3),
-            "cell_relaxed": (n, 3, 3),
-            "pbc": (n, 3),
-            "energy_per_atom_relaxed": (n,),
+            PAIR_N_ATOMS: (n,),
+            PAIR_OFFSETS: (n + 1,),
+            PAIR_NUMBERS: (n_total,),
+            PAIR_POS_UNRELAXED: (n_total, 3),
+            PAIR_POS_RELAXED: (n_total, 3),
+            PAIR_CELL_UNRELAXED: (n, 3, 3),
+            PAIR_CELL_RELAXED: (n, 3, 3),
+            PAIR_PBC: (n, 3),
+            PAIR_ENERGY_PER_ATOM_RELAXED: (n,),
         }
         for name, shape in expect.items():
             got = getattr(self, name).shape
@@ -302,12 +308,12 @@ class PairSet:
             k = int(np.searchsorted(self.offsets, bad_z[0], side="right") - 1)
             raise ValueError(f"pair {self.ids[k]!r} (index {k}): atomic number out of 1..118")
         owner = self.pair_index()
-        for name in ("pos_unrelaxed", "pos_relaxed"):
+        for name in (PAIR_POS_UNRELAXED, PAIR_POS_RELAXED):
             bad_atom = np.flatnonzero(~np.isfinite(getattr(self, name)).all(axis=1))
             if bad_atom.size:
                 k = int(owner[bad_atom[0]])
                 raise ValueError(f"pair {self.ids[k]!r} (index {k}): {name} is not finite")
-        for name in ("cell_unrelaxed", "cell_relaxed"):
+        for name in (PAIR_CELL_UNRELAXED, PAIR_CELL_RELAXED):
             cells = getattr(self, name)
             bad = np.flatnonzero(~np.isfinite(cells).reshape(n, 9).all(axis=1))
             if bad.size:
@@ -495,22 +501,22 @@ def save_pairs(path: str | os.PathLike, pairset: PairSet, inputs: Iterable = ())
     _refuse_input(path, inputs)
     pairset.validate()
     arrays = {
-        "ids": np.asarray(pairset.ids, dtype=str),
-        "n_atoms": pairset.n_atoms,
-        "offsets": pairset.offsets,
-        "numbers": pairset.numbers,
-        "pos_unrelaxed": pairset.pos_unrelaxed,
-        "pos_relaxed": pairset.pos_relaxed,
-        "cell_unrelaxed": pairset.cell_unrelaxed,
-        "cell_relaxed": pairset.cell_relaxed,
-        "pbc": pairset.pbc,
-        "energy_per_atom_relaxed": pairset.energy_per_atom_relaxed,
-        "format": np.array(FORMAT_NAME),
-        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
-        "metadata": np.array(json.dumps(to_jsonable(pairset.metadata), sort_keys=True)),
+        PAIR_IDS: np.asarray(pairset.ids, dtype=str),
+        PAIR_N_ATOMS: pairset.n_atoms,
+        PAIR_OFFSETS: pairset.offsets,
+        PAIR_NUMBERS: pairset.numbers,
+        PAIR_POS_UNRELAXED: pairset.pos_unrelaxed,
+        PAIR_POS_RELAXED: pairset.pos_relaxed,
+        PAIR_CELL_UNRELAXED: pairset.cell_unrelaxed,
+        PAIR_CELL_RELAXED: pairset.cell_relaxed,
+        PAIR_PBC: pairset.pbc,
+        PAIR_ENERGY_PER_ATOM_RELAXED: pairset.energy_per_atom_relaxed,
+        PAIR_FORMAT: np.array(FORMAT_NAME),
+        PAIR_FORMAT_VERSION: np.array(FORMAT_VERSION, dtype=np.int64),
+        PAIR_METADATA: np.array(json.dumps(to_jsonable(pairset.metadata), sort_keys=True)),
     }
     if any(pairset.info):
-        arrays["info"] = np.array(json.dumps([to_jsonable(d) for d in pairset.info]))
+        arrays[PAIR_INFO] = np.array(json.dumps([to_jsonable(d) for d in pairset.info]))
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True, suffix=".npz")
     logger.info("wrote %d pairs to %s", len(pairset), path)
     return path
@@ -531,18 +537,18 @@ def load_pairs(path: str | os.PathLike, validate: bool = True) -> PairSet:
     """
     with np.load(path, allow_pickle=False) as data:
         files = set(data.files)
-        missing = [name for name in _REQUIRED if name not in files]
+        missing = [name for name in PAIR_REQUIRED if name not in files]
         if missing:
             raise ValueError(f"{path}: not a pair file, missing arrays {', '.join(missing)}")
-        if "format" in files and str(data["format"]) != FORMAT_NAME:
-            raise ValueError(f"{path}: format is {str(data['format'])!r}, expected {FORMAT_NAME!r}")
-        if "format_version" in files and int(data["format_version"]) > FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {int(data['format_version'])} is newer than {FORMAT_VERSION}")
-        arrays = {name: data[name] for name in _REQUIRED}
-        pbc = data["pbc"] if "pbc" in files else None
-        energy = data["energy_per_atom_relaxed"] if "energy_per_atom_relaxed" in files else None
-        metadata = json.loads(str(data["metadata"])) if "metadata" in files else {}
-        info = json.loads(str(data["info"])) if "info" in files else None
+        if PAIR_FORMAT in files and str(data[PAIR_FORMAT]) != FORMAT_NAME:
+            raise ValueError(f"{path}: {PAIR_FORMAT} is {str(data[PAIR_FORMAT])!r}, expected {FORMAT_NAME!r}")
+        if PAIR_FORMAT_VERSION in files and int(data[PAIR_FORMAT_VERSION]) > FORMAT_VERSION:
+            raise ValueError(f"{path}: {PAIR_FORMAT_VERSION} {int(data[PAIR_FORMAT_VERSION])} is newer than {FORMAT_VERSION}")
+        arrays = {name: data[name] for name in PAIR_REQUIRED}  # PairSet's fields carry the arrays' names
+        pbc = data[PAIR_PBC] if PAIR_PBC in files else None
+        energy = data[PAIR_ENERGY_PER_ATOM_RELAXED] if PAIR_ENERGY_PER_ATOM_RELAXED in files else None
+        metadata = json.loads(str(data[PAIR_METADATA])) if PAIR_METADATA in files else {}
+        info = json.loads(str(data[PAIR_INFO])) if PAIR_INFO in files else None
     pairset = PairSet(**arrays, pbc=pbc, energy_per_atom_relaxed=energy, metadata=metadata, info=info)
     return pairset.validate() if validate else pairset
 

@@ -33,7 +33,7 @@ from e3relax_ase.training.batching import Budget, EpochBatches, pair_sizes, shar
 from e3relax_ase.training.config import TrainConfig
 from e3relax_ase.training.dataset import PreparedPairs, load_or_prepare
 from e3relax_ase.training.loss import relaxation_loss
-from e3relax_ase.training.metrics import structure_errors
+from e3relax_ase.training.metrics import COORD_MAE, DUMMY_PREFIX, VOLUME_ABS, structure_errors
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def evaluate(model, data: PreparedPairs, budget: Budget, device, source_names=()
         output = model(graph)
         errors = structure_errors(output.positions[-1], output.cell[-1], positions_target, cell_target, graph.batch)
         dummy = structure_errors(graph.positions, graph.cell, positions_target, cell_target, graph.batch)
-        for name, values in list(errors.items()) + [(f"dummy_{k}", v) for k, v in dummy.items()]:
+        for name, values in list(errors.items()) + [(DUMMY_PREFIX + k, v) for k, v in dummy.items()]:
             by_source = torch.zeros(n_sources, dtype=torch.float64, device=device).index_add_(0, source.clamp(max=n_sources - 1), values.double())
             sums[name] = sums.get(name, 0.0) + by_source
         counts.index_add_(0, source.clamp(max=n_sources - 1), torch.ones_like(source, dtype=torch.float64))
@@ -324,7 +324,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         # the LR scheduler, the best epoch and early stopping identical on all ranks (GPU
         # scatter-adds are not bitwise reproducible, so per-rank evaluations could disagree).
         val_metrics = dist.broadcast(evaluate(ema_model, val_set, val_budget, device, val_sources) if dist.is_main else None)
-        rate.end_epoch(val_metrics["coord_mae"])
+        rate.end_epoch(val_metrics[COORD_MAE])
         epoch += 1
         epochs_this_call += 1
         epoch_seconds = time.monotonic() - tick
@@ -338,7 +338,7 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
             **{f"val_{k}": v for k, v in val_metrics.items()},
         }
         history.append(row)
-        if best is None or val_metrics["coord_mae"] < best["val_coord_mae"]:
+        if best is None or val_metrics[COORD_MAE] < best[f"val_{COORD_MAE}"]:
             best, stale = dict(row), 0
             if dist.is_main:
                 _atomic_save({"ema": {k: v.cpu() for k, v in ema_model.state_dict().items()}, "epoch": epoch}, out_dir / "best_ema.pt")
@@ -349,10 +349,10 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
                 "epoch %d  loss %.4f  val coord %.4f (dummy %.4f)  val volume %.2f (dummy %.2f)  lr %.2e  %.1fs",
                 epoch,
                 row.get("train_loss", float("nan")),
-                val_metrics["coord_mae"],
-                val_metrics["dummy_coord_mae"],
-                val_metrics["volume_abs"],
-                val_metrics["dummy_volume_abs"],
+                val_metrics[COORD_MAE],
+                val_metrics[DUMMY_PREFIX + COORD_MAE],
+                val_metrics[VOLUME_ABS],
+                val_metrics[DUMMY_PREFIX + VOLUME_ABS],
                 row["lr"],
                 epoch_seconds,
             )

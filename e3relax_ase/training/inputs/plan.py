@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from e3relax_ase.keys import MIN_DISTANCE
 from e3relax_ase.training.inputs.chemistry import COVERED_NUMBERS, chemical_system, random_composition
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def read_element_volumes(path) -> dict[int, float] | None:
     return {atomic_numbers[symbol]: float(v) for symbol, v in table.items()}
 
 
-def acceptable_start(atoms, factor: float = 0.55, min_distance: float = 0.5) -> bool:
+def acceptable_start(atoms, factor: float = 0.55, min_distance: float = MIN_DISTANCE) -> bool:
     """No two atoms closer than ``factor`` x their covalent-radius sum nor than ``min_distance`` Å."""
     from ase.data import covalent_radii
 
