@@ -27,4 +27,4 @@ for round in 1 2; do
 done
 python3 -c "import json; r = json.load(open('$OUT/e2e_new_2.json')); print('SevenNet-0 + FIRE:', r.get('sevennet_fire'), 'ratio', r.get('speedup_vs_sevennet_fire'))"
 PYTHONPATH=/tmp/site:$PWD timeout "${TESTS_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_async_forward.py tests/test_graphed.py tests/test_determinism.py 2>&1 | tail -15
+    tests/relax/test_async_forward.py tests/nn/test_graphed.py tests/relax/test_determinism.py 2>&1 | tail -15

@@ -1,6 +1,6 @@
 """Hypothesis strategies for random crystals, and an independent oracle for refusals.
 
-Used by tests/test_fuzz.py. A drawn crystal is a :class:`Fuzzed`: an ASE ``Atoms`` plus the
+Used by tests/product/test_fuzz.py. A drawn crystal is a :class:`Fuzzed`: an ASE ``Atoms`` plus the
 defect that was planted in it (if any). The strategy covers
 
 * lattices: lengths 2-30 Å, angles 20-150 degrees (any valid triple; nearly coplanar cells

@@ -70,7 +70,7 @@ def reduce_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     """Integer matrix T with T @ cell Niggli-reduced; the identity unless periodic in 3D.
 
     T is the operation of ASE's ``niggli_reduce_cell`` (``e3relax_ase.geometry.niggli``, which
-    tests/test_niggli.py checks against it). ``reduce_cells`` does many cells at once.
+    tests/geometry/test_niggli.py checks against it). ``reduce_cells`` does many cells at once.
 
     Raises:
         ValueError: the reduction did not finish (a pathological cell).

@@ -215,7 +215,7 @@ def capped_edges(
     The rule of ``cap_neighbors`` (same comparisons in float64) and the order of
     ``neighbor_edges`` (by receiver, then distance, then search order: stable sorts give a
     unique permutation), so the edges are those of ``neighbor_edges`` for the same search,
-    bit for bit (tests/test_pipeline_speed_equivalence.py); about 10x faster on small cells,
+    bit for bit (tests/relax/test_pipeline_speed_equivalence.py); about 10x faster on small cells,
     where torch's per-op overhead dominates.
 
     Returns:
@@ -245,7 +245,7 @@ def capped_edges_many(pairs: Sequence[tuple], sizes: Sequence[int], max_neighbor
     stable sort by (receiver, distance) orders every crystal as ``capped_edges`` orders it
     alone (its pairs keep their search order among ties), and the cap's comparisons are the
     same float64 comparisons: the same edges in the same order, bit for bit
-    (tests/test_graph.py). A crystal costs ~70 µs alone, nearly all per-call overhead.
+    (tests/geometry/test_graph.py). A crystal costs ~70 µs alone, nearly all per-call overhead.
 
     Args:
         pairs: per crystal, ``periodic_pairs``'s (receiver, sender, shift, distance).

@@ -6,7 +6,7 @@ g = (a.a, b.b, c.c, 2 b.c, 2 c.a, 2 a.b) of the cell is tracked as g = D @ g0, w
 integer 6x6 matrix, and each step multiplies the integer change of basis C (columns) and D by
 a small integer matrix. Each cell takes the steps ASE takes, with the same tolerance
 (eps = 1e-5 * volume^(1/3)) and the same comparisons, so the result is ASE's matrix
-(tests/test_niggli.py compares them on thousands of cells).
+(tests/geometry/test_niggli.py compares them on thousands of cells).
 
 Why not ASE's function: it runs one cell at a time in Python, about 20 µs per step and 300 µs
 per crystal on MP-size inputs, the largest single cost of preparing a crystal for the network

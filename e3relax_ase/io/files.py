@@ -9,7 +9,7 @@ leaves a half-written output, and an existing output is replaced only by a compl
 ``replace=False`` it is never replaced (the file is linked into place, which fails if it exists).
 
 Format losses (measured by round-tripping a Ni slab with FixAtoms, magmoms, charges, tags,
-info and pbc [T, T, F] through ASE 3.29; tests/test_cli_relax.py re-checks the table):
+info and pbc [T, T, F] through ASE 3.29; tests/cli/test_cli_relax.py re-checks the table):
 
 | format | drops |
 |---|---|

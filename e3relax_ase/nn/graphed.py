@@ -10,7 +10,7 @@ rounded up to a power of two. The padding is one extra crystal that holds every 
 (and further empty crystals): a 50 Å cube whose atoms sit at its origin, each padding edge
 joining the first padding atom to its own image 50 Å away, beyond any cutoff. The network
 never mixes crystals (every sum runs over one crystal's atoms and edges), so the padding
-cannot change a real crystal's prediction; ``tests/test_graphed.py`` checks that on the eager
+cannot change a real crystal's prediction; ``tests/nn/test_graphed.py`` checks that on the eager
 network. Shapes differ from an unpadded pass, so float32 sums may run in another order: the
 outputs agree to float32 noise, as batches of different sizes already do on CUDA.
 

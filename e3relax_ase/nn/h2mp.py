@@ -26,7 +26,7 @@ class H2MessagePassing(nn.Module):
     the component-normalised real harmonics (e3nn's "component"), unnormalised,
     sum_m Y_lm(a) Y_lm(b) = (2l + 1) |a|^l |b|^l P_l(a.b / |a||b|), a polynomial in a.b and
     |a|^2 |b|^2 that Legendre's recurrence gives in a few elementwise operations per degree.
-    The same numbers to rounding (tests/test_model_symmetry.py checks it against e3nn's
+    The same numbers to rounding (tests/nn/test_model_symmetry.py checks it against e3nn's
     harmonics); in place of the two harmonics evaluations per layer, whose ~100 small kernels
     each were a large share of the time the host spent launching a forward pass.
     """

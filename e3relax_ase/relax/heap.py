@@ -14,7 +14,7 @@ float32 46 -> 40 ms and 33 -> 27 ms (medians).
 memory at its top. That is what glibc's own rule converges to for a steady workload, without
 its trimming; it only changes where memory comes from, never what is computed (torch aligns
 every CPU tensor to 64 bytes either way), so results are bitwise the same
-(tests/test_heap.py). The cost is memory the process keeps after a pass: at most
+(tests/relax/test_heap.py). The cost is memory the process keeps after a pass: at most
 ``TRIM_THRESHOLD`` at the heap's top, plus whatever fragmentation leaves.
 
 ``OneShotRelaxer`` on the CPU calls it once per process. Set ``E3RELAX_KEEP_HEAP=0`` to leave

@@ -142,7 +142,7 @@ def closest_pair(positions, cell, pbc, min_distance: float) -> tuple[float, int,
     instead: a distance within 1e-12 (relative) of ``min_distance`` (vesin compares squared
     distances, this sees their rounded roots), and a tie for the closest between different
     atom pairs (the search order, which depends on the radius, picks one of them).
-    tests/test_sanity_search.py checks both give the same answer on awkward cells.
+    tests/relax/test_sanity_search.py checks both give the same answer on awkward cells.
 
     Returns:
         (distance Å, i, j) with i <= j, or None when no pair is closer than ``min_distance``.
@@ -303,7 +303,7 @@ def judge_batch(
     (``_rows_times``), so a structure's verdict does not depend on the others in the batch.
     A fractional coordinate is the row times the inverse cell instead of a solve: the figures
     differ from ``judge_prediction``'s by rounding (1e-15 relative), the decisions do not
-    (tests/test_sanity_batch.py). The rest (slabs, non-finite values, singular cells) go
+    (tests/relax/test_sanity_batch.py). The rest (slabs, non-finite values, singular cells) go
     through ``judge_prediction``, and a prediction whose close pairs ``no_close_pairs`` cannot
     rule out gets the neighbour search, as there.
 

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,9 @@ from e3relax_ase.training.pairs import (
     save_pairs,
     save_pairs_extxyz,
 )
+from tests.paths import TEST_DATA
 
-DATA = Path(__file__).parent / "data"
+DATA = TEST_DATA
 SAMPLE = DATA / "nrel_sample_pairs.npz"
 DEMO = DATA / "sevennet0_demo_sample.extxyz"
 ARRAYS = ("n_atoms", "offsets", "numbers", "pos_unrelaxed", "pos_relaxed", "cell_unrelaxed", "cell_relaxed", "pbc")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "e3relax_ase"
+from tests.paths import ROOT
+
+PACKAGE = ROOT / "e3relax_ase"
 
 # Bottom to top; a module may import its own room and any room of a lower layer.
 LAYERS = (

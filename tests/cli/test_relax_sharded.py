@@ -12,7 +12,7 @@ from e3relax_ase.cli.main import cli
 from e3relax_ase.distributed import World, gather_ordered, launched_by_torchrun, shard
 from e3relax_ase.io.checkpoint import save_checkpoint
 from e3relax_ase.testing import tiny_model
-from tests.test_ddp import torchrun
+from tests.training.test_ddp import torchrun
 
 BAD_FRAME = 5  # an odd index: rank 1 meets the failure and rank 0 must report it
 

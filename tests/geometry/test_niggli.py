@@ -13,6 +13,7 @@ from ase.build import bulk
 
 from e3relax_ase.geometry.canonical import reduce_cell, reduce_cells
 from e3relax_ase.geometry.niggli import niggli_transforms
+from tests.paths import ROOT
 
 
 def ase_transform(cell):
@@ -111,11 +112,10 @@ def test_empty_batch():
 
 def _dft_input_cells():
     """Every unrelaxed cell of the NREL test split, and each in three scrambled bases."""
-    from pathlib import Path
 
     from e3relax_ase.training.pairs import load_pairs
 
-    pairs = load_pairs(Path(__file__).resolve().parents[1] / "data" / "nrel_zintl" / "test.npz")
+    pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
     cells = np.asarray(pairs.cell_unrelaxed, dtype=np.float64)
     rng = np.random.default_rng(21)
     return np.concatenate([cells, np.stack([scrambled(c, rng) for c in cells for _ in range(3)])])

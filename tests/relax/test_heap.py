@@ -8,11 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-PAIRS = Path(__file__).resolve().parent / "data" / "nrel_sample_pairs.npz"
+from tests.paths import TEST_DATA
+
+PAIRS = TEST_DATA / "nrel_sample_pairs.npz"
 
 CHILD = textwrap.dedent(
     """

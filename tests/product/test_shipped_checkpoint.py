@@ -6,15 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from e3relax_ase.io.checkpoint import CHECKPOINT_DIR, load_checkpoint, read_registry
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 
 def test_default_is_a_trained_registered_checkpoint():

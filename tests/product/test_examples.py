@@ -2,12 +2,13 @@
 
 import runpy
 import sys
-from pathlib import Path
 
 import ase.io
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tests.paths import ROOT
+
+EXAMPLES = ROOT / "examples"
 
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")

@@ -9,8 +9,9 @@ import torch
 from e3relax_ase.io.checkpoint import FORMAT_VERSION, CheckpointError, file_sha256, load_checkpoint, read_registry, save_checkpoint
 from e3relax_ase.relax.predict import CrystalArrays, predict
 from e3relax_ase.testing import tiny_model
+from tests.paths import TEST_DATA
 
-DATA = Path(__file__).parent / "data"
+DATA = TEST_DATA
 
 
 def test_round_trip_keeps_config_weights_metadata(tmp_path):

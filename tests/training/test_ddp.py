@@ -15,8 +15,9 @@ import yaml
 from e3relax_ase.training.config import TrainConfig
 from e3relax_ase.training.pairs import load_pairs, save_pairs
 from e3relax_ase.training.trainer import LOG_FILE, STATE_FILE, SUMMARY_FILE, train
+from tests.paths import TEST_DATA
 
-FIXTURE = Path(__file__).parent / "data" / "nrel_sample_pairs.npz"
+FIXTURE = TEST_DATA / "nrel_sample_pairs.npz"
 TINY = {"num_channels": 8, "num_layers": 2, "num_rbf": 8, "num_strain_channels": 2, "max_neighbors": 16}
 WORLD_SIZE = 2
 BATCH_PER_RANK = 2

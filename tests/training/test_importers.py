@@ -1,7 +1,6 @@
 """Importers on real data: NREL DFT pairs and SevenNet-0 demo pairs written into each layout."""
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from e3relax_ase.training.importers import (
     import_vasp,
 )
 from e3relax_ase.training.pairs import load_pairs
+from tests.paths import TEST_DATA
 
-DATA = Path(__file__).parent / "data"
+DATA = TEST_DATA
 SAMPLE = DATA / "nrel_sample_pairs.npz"
 DEMO = DATA / "sevennet0_demo_sample.extxyz"
 

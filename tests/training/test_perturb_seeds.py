@@ -1,7 +1,6 @@
 """Perturbations (user-like inputs) and seed sources."""
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,9 @@ from e3relax_ase.training.perturb import (
     substitution_candidates,
 )
 from e3relax_ase.training.seeds import aflow_prototypes_path, load_seed_structures
+from tests.paths import TEST_DATA
 
-DATA = Path(__file__).parent / "data"
+DATA = TEST_DATA
 
 
 @pytest.fixture

@@ -1,7 +1,5 @@
 """Training loop: exact resume, learning on a tiny real dataset, config strictness, export."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,8 +9,9 @@ from e3relax_ase.training.config import TrainConfig
 from e3relax_ase.training.dataset import prepare_pairs
 from e3relax_ase.training.pairs import load_pairs, save_pairs
 from e3relax_ase.training.trainer import STATE_FILE, export_checkpoint, train
+from tests.paths import ROOT, TEST_DATA
 
-FIXTURE = Path(__file__).parent / "data" / "nrel_sample_pairs.npz"
+FIXTURE = TEST_DATA / "nrel_sample_pairs.npz"
 TINY = {"num_channels": 8, "num_layers": 2, "num_rbf": 8, "num_strain_channels": 2, "max_neighbors": 16}
 
 
@@ -142,7 +141,7 @@ def test_finetune_from_a_checkpoint_starts_from_its_weights(pair_files, tmp_path
     torch.manual_seed(11)
     base = E3RelaxH2(ModelConfig(**TINY))
     save_checkpoint(tmp_path / "base.pt", base, {"name": "base"})
-    documented = yaml.safe_load((Path(__file__).parents[1] / "examples" / "finetune" / "finetune.yaml").read_text())
+    documented = yaml.safe_load((ROOT / "examples" / "finetune" / "finetune.yaml").read_text())
     assert documented["init_from"] == "default" and "model" in documented
     config = _config(pair_files, tmp_path / "ft", max_epochs=1, init_from=str(tmp_path / "base.pt"), lr=1e-9, ema_decay=0.0)
     train(config, device="cpu")

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -16,8 +15,8 @@ from e3relax_ase.io.checkpoint import file_sha256
 from e3relax_ase.io.provenance import read_cif_provenance
 from e3relax_ase.io.structures import spacegroup_number
 from tests.cli_helpers import nacl, run_relax, save_tiny_checkpoint
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 

@@ -2,7 +2,6 @@
 
 import importlib.util
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,10 @@ from e3relax_ase.relax.calculators import resolve_calculator
 from e3relax_ase.training.distill import make_pairs, min_distance, sanity_problem
 from e3relax_ase.training.importers import import_extxyz
 from e3relax_ase.training.pairs import load_pairs, save_pairs_extxyz
+from tests.paths import TEST_DATA
 
 FMAX = 0.02
-DATA = Path(__file__).parent / "data"
+DATA = TEST_DATA
 
 
 def fcc_seeds():

@@ -20,7 +20,6 @@ import logging
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +29,9 @@ from ase.build import bulk, fcc111
 
 from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
 from e3relax_ase.training.pairs import load_pairs
+from tests.paths import TEST_DATA
 
-PAIRS = Path(__file__).resolve().parent / "data" / "nrel_sample_pairs.npz"
+PAIRS = TEST_DATA / "nrel_sample_pairs.npz"
 FLOAT32_BOUND = 1e-4  # Å; measured on CPU, 50 structures, e3relax-h2-f128: 2.3e-5 (positions), 1.6e-5 (cell)
 CUDA_FLOAT32_BOUND = 1e-4  # Å; provisional (the CPU float32 bound), until a measured GPU figure replaces it
 

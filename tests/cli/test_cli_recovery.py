@@ -22,8 +22,8 @@ from e3relax_ase.io.files import write_atomic
 from e3relax_ase.io.streamed import parts_dir
 from tests.cli_helpers import nacl, save_tiny_checkpoint
 from tests.cli_helpers import run_relax as relax
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 

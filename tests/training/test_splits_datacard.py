@@ -2,7 +2,6 @@
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,9 @@ from e3relax_ase.training.datacard import (
 )
 from e3relax_ase.training.pairs import PairSet, load_pairs
 from e3relax_ase.training.splits import chemical_systems, split_by_chemical_system, split_keeping_systems, split_random
+from tests.paths import ROOT, TEST_DATA
 
-DATA = Path(__file__).parent / "data"
+DATA = TEST_DATA
 SAMPLE = DATA / "nrel_sample_pairs.npz"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -256,7 +256,7 @@ def test_data_cli_errors(tmp_path):
 def test_committed_distilled_v2_keeps_part_1_splits_and_unseen_test_systems():
     """data/sevennet0_distilled_v2 extends part 1 without moving a pair or leaking a chemical system:
     the shipped checkpoint's test split (part 1's) must stay unseen by any v2 training run."""
-    root = Path(__file__).resolve().parents[1] / "data"
+    root = ROOT / "data"
     part1 = {s: load_pairs(root / "sevennet0_distilled" / f"{s}.npz", validate=False) for s in ("train", "val", "test")}
     v2 = {s: load_pairs(root / "sevennet0_distilled_v2" / f"{s}.npz", validate=False) for s in ("train", "val", "test")}
     ids = {s: set(v2[s].ids.tolist()) for s in v2}

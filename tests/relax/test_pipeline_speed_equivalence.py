@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +31,8 @@ from e3relax_ase.relax.predict import CrystalArrays, graph_from_canonical, predi
 from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
 from e3relax_ase.relax.sanity import check_prediction
 from e3relax_ase.testing import random_crystal, tiny_model
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # The last revision before the pipeline work (benchmarks/bench_pipeline.py DEFAULT_BASELINE).
 # Move it forward when the results change on purpose (model, validation or sanity rules).
 BASELINE = "f532430"

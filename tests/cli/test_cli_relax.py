@@ -20,9 +20,7 @@ from e3relax_ase.io.files import _KEEPS, format_losses
 from e3relax_ase.io.provenance import read_cif_provenance
 from e3relax_ase.io.structures import spacegroup_number
 from e3relax_ase.testing import tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from tests.paths import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 

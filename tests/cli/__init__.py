@@ -1,0 +1,1 @@
+"""Tests of cli/: the e3relax-ase command, one process and under torchrun."""

@@ -1,0 +1,1 @@
+"""Tests of geometry/: Niggli, canonical form, graph, validation, vacuum."""

@@ -1,0 +1,1 @@
+"""Tests of io/: checkpoints (files and structures are exercised through the CLI tests)."""

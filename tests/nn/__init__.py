@@ -1,0 +1,1 @@
+"""Tests of nn/: the network's symmetry, compiled and graphed forwards, precision."""

@@ -1,0 +1,1 @@
+"""Tests of relax/: OneShotRelaxer, its pipeline, workers, sanity checks, refinement."""

@@ -1,0 +1,1 @@
+"""Tests of training/: pairs, importers, splits, input generators, distillation, the trainer."""
