@@ -54,8 +54,8 @@ class _DropUntrainedWarning(logging.Filter):
     "--compile",
     "compile_network",
     is_flag=True,
-    help="Compile the network's message passing (torch.compile): the first batch waits ~10 s, later ones run "
-    "faster (1.9x at the paper's size on a GPU). For long runs; see docs/relaxer.md.",
+    help="Compile the network's message passing (torch.compile): the first batch waits for the compilation, "
+    "later ones run faster. For long runs; see docs/relaxer.md.",
 )
 @click.option("--no-relax-cell", is_flag=True, help="Keep every input cell (positions only).")
 @click.option("--fix-symmetry", is_flag=True, help="Keep each input's space group (spglib at --symprec, default 0.01 Å).")

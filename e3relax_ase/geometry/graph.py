@@ -176,7 +176,7 @@ _NUMPY_TYPES = {torch.float64: np.float64, torch.bool: np.bool_}
 
 def _host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
     """``values`` as a CPU tensor of ``dtype``; a numpy array of that type is shared, not copied
-    (the torch conversions cost ~20 µs a crystal, a tenth of its search)."""
+    (per crystal, the torch conversions cost a noticeable share of its neighbour search)."""
     if isinstance(values, torch.Tensor):
         return values.detach().to("cpu", dtype)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=_NUMPY_TYPES[dtype]))
@@ -215,7 +215,7 @@ def capped_edges(
     The rule of ``cap_neighbors`` (same comparisons in float64) and the order of
     ``neighbor_edges`` (by receiver, then distance, then search order: stable sorts give a
     unique permutation), so the edges are those of ``neighbor_edges`` for the same search,
-    bit for bit (tests/relax/test_pipeline_speed_equivalence.py); about 10x faster on small cells,
+    bit for bit (tests/relax/test_pipeline_speed_equivalence.py); much faster on small cells,
     where torch's per-op overhead dominates.
 
     Returns:
@@ -245,7 +245,8 @@ def capped_edges_many(pairs: Sequence[tuple], sizes: Sequence[int], max_neighbor
     stable sort by (receiver, distance) orders every crystal as ``capped_edges`` orders it
     alone (its pairs keep their search order among ties), and the cap's comparisons are the
     same float64 comparisons: the same edges in the same order, bit for bit
-    (tests/geometry/test_graph.py). A crystal costs ~70 µs alone, nearly all per-call overhead.
+    (tests/geometry/test_graph.py). Capped alone, a crystal's time is nearly all per-call overhead,
+    which one pass shares.
 
     Args:
         pairs: per crystal, ``periodic_pairs``'s (receiver, sender, shift, distance).
@@ -335,8 +336,8 @@ def build_graph(
     of the given positions, as ``neighbor_edges``), and the edges reach the crystals' device
     in one transfer: per-crystal searches on CUDA cost a few ms of launches each. A crystal of
     ``GPU_SEARCH_ATOMS`` atoms or more on a CUDA device is searched there instead
-    (``neighbor_edges``): its CPU search and cap grow to ~150 ms at 10,000 atoms, the CUDA
-    search stays near 1 ms. Both give the same edges, sorted the same way (receiver, then
+    (``neighbor_edges``): its CPU search and cap grow with its atoms, while the CUDA search
+    barely grows. Both give the same edges, sorted the same way (receiver, then
     distance), up to the order of exact distance ties.
 
     Args:

@@ -8,10 +8,11 @@ a small integer matrix. Each cell takes the steps ASE takes, with the same toler
 (eps = 1e-5 * volume^(1/3)) and the same comparisons, so the result is ASE's matrix
 (tests/geometry/test_niggli.py compares them on thousands of cells).
 
-Why not ASE's function: it runs one cell at a time in Python, about 20 µs per step and 300 µs
-per crystal on MP-size inputs, the largest single cost of preparing a crystal for the network
-(benchmarks/README.md, fifth session). Here every step is a handful of numpy operations on
-all the cells still being reduced, so a batch of 32 costs about what one cell did.
+Why not ASE's function: it runs one cell at a time in Python, paying the interpreter's
+overhead at every step, which made it the largest single cost of preparing a crystal for the
+network. Here every step is a handful of numpy operations on all the cells still being reduced,
+so the per-step overhead is shared by the whole batch (ASE's against ours in tasks of 32:
+``bench_host_stages.py`` in benchmarks/README.md).
 """
 
 from __future__ import annotations

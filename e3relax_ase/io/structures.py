@@ -90,15 +90,14 @@ def from_atoms(atoms, kind: str):
 
 
 def copy_atoms(atoms):
-    """``atoms.copy()``, the same object built directly: about 4x faster for a plain ``ase.Atoms``.
+    """``atoms.copy()``, the same object built directly: much faster for a plain ``ase.Atoms``.
 
     ``Atoms.copy`` runs ``Atoms.__init__`` (a dozen setters, each validating and allocating
-    arrays it then throws away) before replacing every array; at ~14 µs a structure that was
-    the largest single cost of ``relax_many``'s main process. Here the attributes ``copy``
-    leaves behind are set directly: the cell, pbc, celldisp and arrays copied, ``info`` a
-    shallow copy, constraints deep-copied, no calculator. Subclasses of Atoms, and any ASE whose
-    ``copy`` leaves other attributes (checked once, ``_light_copy_matches``), get
-    ``atoms.copy()`` itself.
+    arrays it then throws away) before replacing every array; that was the largest single cost
+    of ``relax_many``'s main process. Here the attributes ``copy`` leaves behind are set
+    directly: the cell, pbc, celldisp and arrays copied, ``info`` a shallow copy, constraints
+    deep-copied, no calculator. Subclasses of Atoms, and any ASE whose ``copy`` leaves other
+    attributes (checked once, ``_light_copy_matches``), get ``atoms.copy()`` itself.
     """
     if type(atoms) is not _atoms_class() or not _light_copy_matches():
         return atoms.copy()

@@ -3,10 +3,9 @@
 The message passing is where the time of a large batch goes: a chain of per-edge elementwise
 operations, gathers and scatters between the matrix products, each reading and writing
 [n_edges, F] (or [n_edges, F, 3]) tensors. Eager PyTorch runs each as its own kernel through
-GPU memory; Inductor fuses the chain. Measured on an H200 at the paper's size (F = 512, T = 4,
-TF32, 1,024 NREL crystals): 12,164 structures/s eager, 23,184/s with the message passing compiled
-(12 s to compile on the first batch), 27,151/s with the whole network compiled (81 s); the
-message passing alone gives most of the gain for a seventh of the wait (benchmarks/README.md).
+GPU memory; Inductor fuses the chain. Compiling the message passing alone gives most of the
+speed of compiling the whole network for a small part of its compilation wait, which is why
+only the message passing is compiled (``probe_compile.py`` in benchmarks/README.md).
 
 Compiled with ``dynamic=True``: one compilation serves every batch size (a batch of a new size
 does not recompile). The compiled function is the same layer's code on the same parameters, so

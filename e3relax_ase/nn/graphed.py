@@ -1,9 +1,9 @@
 """The forward pass of small batches on CUDA, replayed from captured CUDA graphs.
 
 A small batch (one crystal of 20 atoms, say) costs the GPU little, but the forward pass is
-~400 kernels, each launched from Python: on an H200 host one 20-atom crystal took ~30-40 ms,
-no faster than a CPU (benchmarks/README.md). A CUDA graph records the launches once and
-replays them in one call.
+hundreds of kernels, each launched from Python, so one small crystal eagerly on a GPU is no
+faster than on a CPU (latency in benchmarks/README.md). A CUDA graph records the launches once
+and replays them in one call.
 
 A graph replays fixed shapes, so a batch is padded to a bucket: atoms, edges and crystals each
 rounded up to a power of two. The padding is one extra crystal that holds every padding atom
@@ -15,9 +15,9 @@ network. Shapes differ from an unpadded pass, so float32 sums may run in another
 outputs agree to float32 noise, as batches of different sizes already do on CUDA.
 
 Large batches stay eager. Replaying them too (finer buckets, a larger captured bucket reused)
-was measured on an H200 host: 5,209 and 5,778 structures/s end to end with 14 workers, against
-5,683 and 5,264 eager in the same calls, while the captures (two warm-up passes each) held
-about a fifth of the main thread's stack samples in a 16,384-structure run (benchmarks/README.md).
+showed no consistent gain end to end on a GPU host with workers (one call faster than eager,
+one slower), while the captures (two warm-up passes each) held a sizeable share of the main
+thread's stack samples (an older benchmarks/README.md, in git history).
 """
 
 from __future__ import annotations
@@ -104,10 +104,9 @@ class GraphedForward:
 
     Call it as the model: ``forward(graph, precision)`` returns the ``ModelOutput`` of the
     real crystals. The first batch of a bucket runs eagerly, as without graphs; the second
-    pays the capture (two warm-up passes and the recording, ~0.1 s on an H200 host); later
-    ones replay it. So relaxing one structure costs what it did, and a stream of them gains
-    from the third on. ``handles(graph)`` says whether a batch goes this way; others should
-    run the model itself.
+    pays the capture (two warm-up passes and the recording); later ones replay it. So
+    relaxing one structure costs what it did, and a stream of them gains from the third on.
+    ``handles(graph)`` says whether a batch goes this way; others should run the model itself.
     """
 
     def __init__(self, model: E3RelaxH2, max_atoms: int = GRAPHED_MAX_ATOMS):

@@ -85,7 +85,7 @@ class Finisher:
             raise verdict
         sanity, signal = verdict
         use_prediction = sanity.ok or (options.on_insane == "warn" and "NaN" not in " ".join(sanity.problems))
-        # The message names the structure, which may mean building its formula (~30 µs): only
+        # The message names the structure, which may mean building its formula (not free): only
         # when it is raised or logged.
         if not sanity.ok and (options.on_insane == "raise" or logger.isEnabledFor(logging.WARNING)):
             message = f"{item.name}: prediction failed sanity checks: {'; '.join(sanity.problems)}"

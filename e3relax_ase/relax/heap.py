@@ -3,11 +3,9 @@
 A forward pass on the CPU allocates and frees hundreds of tensors of 0.1 to a few MB. glibc's
 malloc, by default, serves the larger ones with fresh ``mmap`` pages and hands the top of the
 heap back to the kernel whenever more than twice its (self-adjusting) mmap threshold is free.
-So every forward pass re-faults and re-zeroes its working set: on a 20-atom cell with the
-shipped checkpoint (benchmarks/bench_cpu_latency.py --compare-heap, 2-core Xeon, torch 2.13),
-about 14,000 minor page faults (55 MB) per ``relax`` call in float64 and 4,400 in float32,
-and up to a quarter of the time: float64 73 -> 53 ms with one thread, 48 -> 34 ms with two;
-float32 46 -> 40 ms and 33 -> 27 ms (medians).
+So every forward pass re-faults and re-zeroes its working set: thousands of minor page
+faults per ``relax`` call on a small cell, a sizeable share of its time on a CPU
+(``python benchmarks/bench_cpu_latency.py --compare-heap`` measures both, with and without).
 
 :func:`keep_freed_heap` fixes glibc's two thresholds instead: allocations up to
 ``MMAP_THRESHOLD`` come from the heap, and the heap keeps up to ``TRIM_THRESHOLD`` of free

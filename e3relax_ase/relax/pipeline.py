@@ -239,12 +239,11 @@ def freeze_garbage_collection() -> bool:
     """Have the garbage collector skip every object that exists now, until ``gc.unfreeze()``.
 
     Why: the caller's structures (thousands of Atoms) and the model are long-lived, yet each
-    full collection during a long ``relax_many`` walks them all; on a first call with 2,000
-    small crystals that cost ~85 µs a structure of main-process CPU, against ~52 µs frozen
-    (benchmarks/README.md). Freezing changes no result: objects that become garbage are still
-    freed by reference counting, and cycles among the frozen ones are collected after the
-    call. Not done when the collector is off, or when the program froze objects itself (our
-    ``unfreeze`` would undo its freeze).
+    full collection during a long ``relax_many`` walks them all, a large share of the main
+    process's CPU per small crystal (``bench_pipeline.py`` in benchmarks/README.md). Freezing
+    changes no result: objects that become garbage are still freed by reference counting, and
+    cycles among the frozen ones are collected after the call. Not done when the collector is
+    off, or when the program froze objects itself (our ``unfreeze`` would undo its freeze).
     """
     if not gc.isenabled() or gc.get_freeze_count() > 0:
         return False

@@ -167,11 +167,11 @@ def restore_all(forms: Sequence[CanonicalForm], positions: np.ndarray, cells: np
         cells: [n_layers, n_graphs, 3, 3] float64, the predicted reduced cells.
         bounds: [n_graphs + 1] atom offsets of the crystals.
 
-    ``restore`` costs ~10 µs a crystal, mostly numpy's per-call overhead, and most crystals of
-    real inputs have some atom outside the reduced cell. Here one batched ``solve`` runs
-    LAPACK's gesv on each matrix as the per-crystal call does, and the image translations of
-    every moved atom are one elementwise expression (``canonical.image_translation``): the
-    same numbers as ``restore``, atom by atom.
+    ``restore``'s time is mostly numpy's per-call overhead, and most crystals of real inputs
+    have some atom outside the reduced cell. Here one batched ``solve`` runs LAPACK's gesv on
+    each matrix as the per-crystal call does, and the image translations of every moved atom
+    are one elementwise expression (``canonical.image_translation``): the same numbers as
+    ``restore``, atom by atom.
     """
     transforms = np.array([form.transform for form in forms], dtype=cells.dtype)  # [n_graphs, 3, 3]
     cells_input_basis = np.linalg.solve(transforms, cells)  # [n_layers, n_graphs, 3, 3]

@@ -33,7 +33,7 @@ def prepare_atoms(atoms, name: str, settings: PreparationSettings):
 
 def prepare_item(index: int, name: str | None, structure, inplace: bool, keep_pristine: bool, settings: PreparationSettings) -> Item:
     """Validate, canonicalise and search one structure here. ``name`` None: named only if
-    a message needs it (a formula costs ~12 µs)."""
+    a message needs it (building a formula is not free)."""
     atoms, kind = input_atoms(structure, inplace)
     try:
         prepared, layout = prepare_atoms(atoms, name if name is not None else UNNAMED, settings)

@@ -103,10 +103,9 @@ class OneShotRelaxer:
                 every batch eagerly.
             compile: run the network's message passing compiled by ``torch.compile``
                 (``e3relax_ase.nn.compiled``) for every batch that does not replay a CUDA graph.
-                The first batch waits for the compilation (about 12 s on an H200 host, 10 s
-                on a 2-core CPU), later ones run faster: at the paper's size with TF32, 1.9x
-                the forward pass. For long runs; outputs agree with the eager pass to
-                rounding. Needs Triton on CUDA, a C++ compiler on a CPU.
+                The first batch waits for the compilation, later ones run faster (how much
+                depends on the model's size and the precision: benchmarks/README.md). For long
+                runs; outputs agree with the eager pass to rounding. Needs Triton on CUDA, a C++ compiler on a CPU.
 
         Raises:
             CheckpointError: the checkpoint cannot be loaded.

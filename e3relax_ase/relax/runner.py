@@ -48,7 +48,7 @@ class NetworkRunner:
         """One forward pass, launched: its ``result()`` waits for the predictions. On out of
         memory the batch is split in two and each half retried (waiting for them)."""
         try:
-            with torch.inference_mode():  # not even no_grad's bookkeeping: ~3 % of a small CPU pass
+            with torch.inference_mode():  # not even no_grad's bookkeeping, which shows on a small CPU pass
                 return self.forward(items)
         except Exception as exc:
             if not is_out_of_memory(exc):

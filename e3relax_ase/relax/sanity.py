@@ -131,18 +131,18 @@ def _searched_report(positions, cell, pbc, min_distance: float, problems: list[s
 def closest_pair(positions, cell, pbc, min_distance: float) -> tuple[float, int, int] | None:
     """The closest pair under ``min_distance``, as the neighbour search at ``min_distance`` reports it.
 
-    That search (:func:`closest_pair_searched`) bins the cell into boxes ``min_distance``
-    wide, so it costs time in proportion to volume / min_distance^3: 29 ms for 20 atoms in a
-    4 x 4 x 60 Å slab box, 7 ms in a 3 x 3 x 3000 Å wire, against 0.2 ms for either here. This
-    searches at a radius where the boxes hold about one atom each, (volume / n_atoms)^(1/3)
-    clipped to [min_distance, ``SEARCH_RADIUS_MAX``], and keeps the pairs under
-    ``min_distance``. vesin computes a pair's distance from its two atoms and its lattice shift
-    alone, whatever the radius, so the kept pairs are the same pairs with the same distances,
-    in another order. Two cases could still differ, and they are searched at ``min_distance``
-    instead: a distance within 1e-12 (relative) of ``min_distance`` (vesin compares squared
-    distances, this sees their rounded roots), and a tie for the closest between different
-    atom pairs (the search order, which depends on the radius, picks one of them).
-    tests/relax/test_sanity_search.py checks both give the same answer on awkward cells.
+    That search (:func:`closest_pair_searched`) bins the cell into boxes ``min_distance`` wide,
+    so it costs time in proportion to volume / min_distance^3: slow for a few atoms in a large
+    box (a slab with vacuum, a wire), where the search here stays cheap. This searches at a
+    radius where the boxes hold about one atom each, (volume / n_atoms)^(1/3) clipped to
+    [min_distance, ``SEARCH_RADIUS_MAX``], and keeps the pairs under ``min_distance``. vesin
+    computes a pair's distance from its two atoms and its lattice shift alone, whatever the
+    radius, so the kept pairs are the same pairs with the same distances, in another order. Two
+    cases could still differ, and they are searched at ``min_distance`` instead: a distance
+    within 1e-12 (relative) of ``min_distance`` (vesin compares squared distances, this sees
+    their rounded roots), and a tie for the closest between different atom pairs (the search
+    order, which depends on the radius, picks one of them). tests/relax/test_sanity_search.py checks
+    both give the same answer on awkward cells.
 
     Returns:
         (distance Å, i, j) with i <= j, or None when no pair is closer than ``min_distance``.
@@ -296,16 +296,17 @@ def judge_batch(
 ) -> list:
     """:func:`judge_prediction` of many predictions, the common case in a few array operations.
 
-    ``judge_prediction`` costs ~130 µs a structure, nearly all numpy's per-call overhead on
-    3x3 matrices. Here the crystals periodic in 3D whose predicted layers are finite and whose
-    cells are invertible (nearly all) are judged together: batched LAPACK calls on the 3x3
-    matrices (the routine a single call runs, per matrix) and elementwise products per atom
-    (``_rows_times``), so a structure's verdict does not depend on the others in the batch.
-    A fractional coordinate is the row times the inverse cell instead of a solve: the figures
-    differ from ``judge_prediction``'s by rounding (1e-15 relative), the decisions do not
-    (tests/relax/test_sanity_batch.py). The rest (slabs, non-finite values, singular cells) go
-    through ``judge_prediction``, and a prediction whose close pairs ``no_close_pairs`` cannot
-    rule out gets the neighbour search, as there.
+    ``judge_prediction``'s time is nearly all numpy's per-call overhead on 3x3 matrices (a
+    worker's judging, old against new: ``bench_host_stages.py`` in benchmarks/README.md). Here
+    the crystals periodic in 3D whose predicted layers are finite and whose cells are invertible
+    (nearly all) are judged together: batched LAPACK calls on the 3x3 matrices (the routine a
+    single call runs, per matrix) and elementwise products per atom (``_rows_times``), so a
+    structure's verdict does not depend on the others in the batch. A fractional coordinate is
+    the row times the inverse cell instead of a solve: the figures differ from
+    ``judge_prediction``'s by rounding (1e-15 relative), the decisions do not
+    (tests/relax/test_sanity_batch.py). The rest (slabs, non-finite values, singular cells) go through
+    ``judge_prediction``, and a prediction whose close pairs ``no_close_pairs`` cannot rule out
+    gets the neighbour search, as there.
 
     Args:
         positions_layers: [T, n_atoms, 3] every layer's positions of all structures, Å.

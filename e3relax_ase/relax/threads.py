@@ -1,10 +1,10 @@
 """Thread limits where threads cost more than they give.
 
 ASE's cell filters do 3x3 linear algebra (expm, logm, solves) at every optimiser step. Waking
-a threaded BLAS for that costs far more than the arithmetic (measured in
-``training/distill.py``: 12 s vs 1.5 s for a 4-atom EMT relaxation on 2 cores), so code that
-runs such loops limits BLAS to one thread around them (``single_threaded_blas``); OpenMP
-threads of torch (a calculator's own) are left alone there.
+a threaded BLAS for that costs far more than the arithmetic (a small EMT relaxation in
+``training/distill.py`` ran several times slower with it on 2 cores), so code that runs such
+loops limits BLAS to one thread around them (``single_threaded_blas``); OpenMP threads of
+torch (a calculator's own) are left alone there.
 
 A relaxing process whose network runs on CUDA, beside worker processes, does only small
 torch work on the CPU (joining arrays, pinned copies), yet each of those ops wakes torch's
@@ -53,9 +53,9 @@ def torch_threads(count: int) -> Iterator[None]:
     """torch's intra-op threads set to ``count`` for the block, restored after it.
 
     Process-wide, as ``torch.set_num_threads`` is: torch code on other threads of the process
-    runs with ``count`` too while the block lasts. On an H200 host (16 cores, 12 workers),
-    one thread in the relaxing process took its CPU from 509 to 163 µs per structure and end
-    to end from about 5,010 to 5,300 structures/s (benchmarks/README.md).
+    runs with ``count`` too while the block lasts. With workers on a GPU host, one thread in
+    the relaxing process cut its CPU per structure several fold and raised the end-to-end
+    rate (an older benchmarks/README.md, in git history).
     """
     before = torch.get_num_threads()
     if before == count:

@@ -45,9 +45,9 @@ TASK_STRUCTURES = 32  # structures per task sent to a worker process
 # READ_AHEAD_ATOMS atoms, which bounds the memory for large crystals as the old limit of 4 did.
 TASKS_IN_FLIGHT_PER_WORKER = 16
 READ_AHEAD_ATOMS = 1_500_000
-# "auto" worker counts (CLI --workers): on an H200 host of 16 cores, 12 / 14 / 15 workers gave
-# 5,173 / 5,719 / 5,525 structures/s end to end (benchmarks/README.md, fourth session): two
-# cores stay for the relaxing process (its main thread, the pool's feeder and reader threads).
+# "auto" worker counts (CLI --workers): two cores stay for the relaxing process (its main
+# thread, the pool's feeder and reader threads); on a 16-core GPU host 14 workers were faster
+# end to end than 12 or 15 (an older benchmarks/README.md, in git history).
 AUTO_MAX_WORKERS = 14
 AUTO_RESERVED_CORES = 2  # on a share of 8 cores or more; 1 on smaller shares
 AUTO_MIN_STRUCTURES = 256  # fewer structures than this are not worth starting workers for
@@ -98,8 +98,7 @@ def graph_edges(prepared: PreparedCrystal, settings: PreparationSettings) -> tup
 
     Its neighbour search is the one validation already ran (float64 canonical positions, the
     network's cutoff), reused whatever the network's dtype: a float32 network used to cost a
-    second search of the float32-rounded positions, about 160 µs of a worker's 730 µs a
-    structure (benchmarks/README.md).
+    second search of the float32-rounded positions, a large share of a worker's time.
     """
     return capped_edges(*prepared.pairs, len(prepared.form.positions), settings.checks["max_neighbors"])
 
@@ -297,7 +296,7 @@ def _submit(pool, entries: list, settings: PreparationSettings):
     packed = (
         np.concatenate([s.numbers for s in specs]),
         np.concatenate([s.positions for s in specs]),
-        np.array([s.cell for s in specs]),  # np.array, not np.stack: the same array, ~3x faster for many small ones
+        np.array([s.cell for s in specs]),  # np.array, not np.stack: the same array, faster for many small ones
         np.array([s.pbc for s in specs]),
         np.array([len(s.numbers) for s in specs], dtype=np.int64),
         [s.name if s.name is not None else UNNAMED for s in specs],
@@ -377,9 +376,10 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
 
 def task_transforms(cells: np.ndarray, pbcs: np.ndarray) -> list:
     """The Niggli transform of each 3D-periodic cell of a task, from one vectorised reduction
-    (``canonical.reduce_cells``): about 20 µs a cell in a task of 32 instead of 200-300 µs one
-    at a time. None where ``prepare_arrays`` must reduce (and refuse) the cell itself: not
-    periodic in 3D, not finite, degenerate, or not reduced."""
+    (``canonical.reduce_cells``), much cheaper per cell than one at a time
+    (``bench_host_stages.py`` in benchmarks/README.md). None where ``prepare_arrays`` must
+    reduce (and refuse) the cell itself: not periodic in 3D, not finite, degenerate, or not
+    reduced."""
     transforms = [None] * len(cells)
     with np.errstate(all="ignore"):
         usable = pbcs.all(axis=1) & np.isfinite(cells).all(axis=(1, 2))

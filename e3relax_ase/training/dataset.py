@@ -133,8 +133,8 @@ def prepare_pairs(pairset, cutoff: float, max_neighbors: int, dtype=torch.float3
 
     ``center_targets=False`` keeps the relaxed structure's own translation (for the paper's
     coordinate metric, which counts it as error). ``workers`` > 1 prepares contiguous chunks
-    in that many processes (about 1 ms a pair: a minute for 60,000 pairs on one core); the
-    result is the same as with one.
+    in that many processes (the preparation is per-pair Python work, slow for large sets on one
+    core); the result is the same as with one.
     """
     if workers > 1 and len(pairset) > 256:
         import concurrent.futures
@@ -143,7 +143,8 @@ def prepare_pairs(pairset, cutoff: float, max_neighbors: int, dtype=torch.float3
         chunks = np.array_split(np.arange(len(pairset)), workers * 4)
         jobs = [(pairset.subset(chunk), cutoff, max_neighbors, dtype, center_targets) for chunk in chunks if len(chunk)]
         # spawn, not fork: a forked torch process can hang in its thread pools. One thread each:
-        # 16 workers of 16 threads each ran 20x slower than one process on a 16-core host.
+        # workers each running torch's full thread team oversubscribe the cores and ran far slower
+        # than one process.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             parts = list(pool.map(_prepare_as_arrays, jobs))

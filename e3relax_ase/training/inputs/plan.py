@@ -135,7 +135,7 @@ class InputFactory:
 
     @property
     def prototypes(self) -> list:
-        """The prototypes, loaded on first use (parsing the perov_5 CIFs takes ~15 s)."""
+        """The prototypes, loaded on first use (parsing the perov_5 CIFs is slow)."""
         if self._prototypes is None:
             from e3relax_ase.training.inputs.prototypes import load_prototypes
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Final training round (round 3: NREL + distilled pairs from the round-2 weights) then the GPU inference benchmarks with the
-# resulting weights, in one device call. Usage: scripts/gpu_final_round.sh BUDGET_MINUTES
+# resulting weights, in one device call. Usage: tools/gpu_final_round.sh BUDGET_MINUTES
 set -u
 bash scripts/gpu_train_round.sh "$1" checkpoints/configs/e3relax_h2_f128.yaml > "$OUT/round.txt" 2>&1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
