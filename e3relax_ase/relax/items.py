@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from e3relax_ase.geometry.canonical import CanonicalForm
 from e3relax_ase.geometry.crystal import CrystalArrays
 from e3relax_ase.geometry.validation import StructureReport, structure_name
@@ -85,7 +87,7 @@ class Item:
     arrays: CrystalArrays
     report: StructureReport
     form: CanonicalForm | None = None  # the canonical form validation searched
-    edges: tuple | None = None  # the graph's (src, dst, shift), local atom indices
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the graph's (src, dst, shift), local atom indices
     source: Any = None  # the input as given, to name it on demand
     vacuum: Any = None  # its vacuum.VacuumLayout when a periodic axis holds vacuum (``arrays`` are then as the network sees it)
 

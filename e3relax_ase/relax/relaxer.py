@@ -29,6 +29,7 @@ from e3relax_ase.geometry.validation import StructureReport, structure_name
 from e3relax_ase.io.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.io.structures import as_atoms
 from e3relax_ase.keys import ISOLATION_MARGIN, MIN_DISTANCE
+from e3relax_ase.nn.architectures import Network
 from e3relax_ase.nn.compiled import CompiledForward
 from e3relax_ase.nn.graphed import GraphedForward
 from e3relax_ase.nn.model import E3RelaxH2
@@ -115,6 +116,7 @@ class OneShotRelaxer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.precision = check_precision(precision, self.dtype)
+        model: Network
         if isinstance(checkpoint, E3RelaxH2):
             model, info = checkpoint, _model_info(checkpoint, "in-memory")
         else:
