@@ -85,7 +85,7 @@ class Item:
     atoms: Any  # the Atoms that receives the prediction
     pristine: Any  # an untouched copy of the input (trajectories only; None otherwise)
     arrays: CrystalArrays
-    report: StructureReport
+    report: StructureReport | None  # None on a shell item (prepare.shell) until its worker's outcome
     form: CanonicalForm | None = None  # the canonical form validation searched
     edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the graph's (src, dst, shift), local atom indices
     source: Any = None  # the input as given, to name it on demand
@@ -97,6 +97,12 @@ class Item:
         self.vacuum = layout
         if layout is not None and not layout.cluster:
             self.arrays = CrystalArrays(self.arrays.numbers, layout.positions, self.arrays.cell, layout.pbc)
+
+    @property
+    def validated(self) -> StructureReport:
+        """``report``, which every item has by the time it reaches the network."""
+        assert self.report is not None, f"item {self.index} was not validated"
+        return self.report
 
     @property
     def keeps_cell(self) -> bool:

@@ -56,10 +56,10 @@ class NetworkRunner:
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            edges = sum(i.report.n_edges for i in items)
+            edges = sum(i.validated.n_edges for i in items)
             if len(items) == 1:
                 raise InvalidStructureError(
-                    f"{items[0].name}: out of memory on {self.device} with {items[0].report.n_atoms} atoms and about {edges} edges"
+                    f"{items[0].name}: out of memory on {self.device} with {items[0].validated.n_atoms} atoms and about {edges} edges"
                 ) from None
             # Later batches start below the size that failed (a lone structure always runs).
             self.batch_edges = max(1, min(self.batch_edges, edges // 2))

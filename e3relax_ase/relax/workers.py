@@ -25,7 +25,7 @@ import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -108,7 +108,7 @@ def graph_edges(prepared: PreparedCrystal, settings: PreparationSettings) -> tup
 # --- a background thread (prefetch=True) -----------------------------------------------------------
 
 
-def prefetched(source: Iterator, depth: int) -> Iterator:
+def prefetched(source: Iterator, depth: int) -> Generator:
     """Run ``source`` in a background thread, up to ``depth`` entries ahead of the consumer.
 
     Entries come out in order; an exception in ``source`` is raised at its place. Closing the
@@ -235,7 +235,7 @@ class StructureSpec(NamedTuple):
     lengths: dict  # the length of every other per-atom array, by key
 
 
-def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: int, settings: PreparationSettings) -> Iterator:
+def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: int, settings: PreparationSettings) -> Generator:
     """(index, entry, outcome) for each of ``structures``, in order, prepared in ``pool``.
 
     ``shell(index, structure)`` runs here first: it returns ``(entry, StructureSpec)`` to have
