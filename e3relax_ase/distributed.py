@@ -157,9 +157,9 @@ def gather_ordered(local: dict[int, Any], n: int, world: World) -> list | None:
     """
     if not world.active:
         return [local[i] for i in range(n)]
-    parts = [None] * world.world_size if world.is_main else None
+    parts: list[Any] | None = [None] * world.world_size if world.is_main else None
     torch.distributed.gather_object((n, local), parts, dst=0)
-    if not world.is_main:
+    if parts is None:  # not rank 0
         return None
     merged: dict[int, Any] = {}
     for rank, (n_rank, part) in enumerate(parts):

@@ -30,7 +30,7 @@ import torch
 from e3relax_ase.config import ModelConfig
 from e3relax_ase.geometry.crystal import CrystalArrays
 from e3relax_ase.geometry.graph import CrystalGraph, build_graph
-from e3relax_ase.nn.architectures import build_model
+from e3relax_ase.nn.architectures import Network, build_model
 from e3relax_ase.relax.predict import predict
 
 # A small configuration for fast tests: every stage present, F and the bases shrunk.
@@ -66,7 +66,7 @@ def random_crystal(rng: np.random.Generator, n_atoms: int = 6, elements=(3, 8, 1
         cell = np.diag(rng.uniform(3.5, 5.5, size=3)) + rng.uniform(-skew, skew, size=(3, 3)) * 3.0
         if np.linalg.det(cell) < 20.0:
             continue
-        fractional = []
+        fractional: list[np.ndarray] = []
         for _ in range(200 * n_atoms):
             candidate = rng.uniform(0.02, 0.98, size=3)
             if not fractional or _min_periodic_distance(candidate, np.asarray(fractional), cell) >= min_distance:
@@ -91,7 +91,7 @@ def _min_periodic_distance(candidate, fractional, cell) -> float:
     return float(np.sqrt((vectors**2).sum(-1).min()))
 
 
-def tiny_model(seed: int = 0, config: ModelConfig = TINY_CONFIG, dtype=torch.float64) -> torch.nn.Module:
+def tiny_model(seed: int = 0, config: ModelConfig = TINY_CONFIG, dtype=torch.float64) -> Network:
     """A randomly initialised small model with non-zero output heads, in float64."""
     torch.manual_seed(seed)
     return build_model(config).to(dtype).eval()
@@ -112,7 +112,7 @@ def graph_of(crystals: list[CrystalArrays], config: ModelConfig, dtype=torch.flo
 # --- predictors -------------------------------------------------------------------------
 
 
-def network_predictor(model: torch.nn.Module) -> Predictor:
+def network_predictor(model: Network) -> Predictor:
     """The network alone, on the crystals exactly as written (no reduction, no wrapping), in
     the model's dtype: the invariances are the network's own."""
     dtype = next(model.parameters()).dtype
@@ -127,7 +127,7 @@ def network_predictor(model: torch.nn.Module) -> Predictor:
     return run
 
 
-def pipeline_predictor(model: torch.nn.Module, dtype: torch.dtype = torch.float64) -> Predictor:
+def pipeline_predictor(model: Network, dtype: torch.dtype = torch.float64) -> Predictor:
     """``predict``: the prediction path of the relaxer (canonical form, network, mapping back)."""
 
     def run(crystals: Sequence[CrystalArrays]) -> list[Relaxed]:
@@ -289,7 +289,8 @@ def space_group(numbers, positions, cell, symprec: float = 1e-3) -> str:
     """The international symbol and number spglib finds, e.g. 'Fm-3m (225)'."""
     import spglib
 
-    dataset = spglib.get_symmetry_dataset((np.asarray(cell), np.linalg.solve(np.asarray(cell).T, np.asarray(positions).T).T, numbers), symprec=symprec)
+    cell = np.asarray(cell)
+    dataset = spglib.get_symmetry_dataset((cell, np.linalg.solve(cell.T, np.asarray(positions).T).T, numbers), symprec=symprec)
     if dataset is None:
         return "none"
     number = dataset.number if hasattr(dataset, "number") else dataset["number"]
@@ -367,7 +368,7 @@ def prototypes() -> dict[str, CrystalArrays]:
     return {name: arrays_of(atoms) for name, atoms in built.items()}
 
 
-def assert_rotation_equivariant(model: torch.nn.Module, crystal: CrystalArrays, rotations, atol: float = 1e-9) -> None:
+def assert_rotation_equivariant(model: Network, crystal: CrystalArrays, rotations, atol: float = 1e-9) -> None:
     """Rotating the input rotates every layer's positions and lattice rows (model level).
 
     Raises:

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -115,7 +116,7 @@ class _DropUntrainedWarning(logging.Filter):
 @click.option("-q", "--quiet", count=True, help="Errors only (no closing line).")
 def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dtype, precision, compile_network, no_relax_cell,
           fix_symmetry, symprec, allow_cluster, refine_spec, optimizer, cell_filter, fmax, steps, pressure, trajectory, logfile,
-          batch_size, threads, chunk_size, workers, distributed, progress, as_json, verbose, quiet):  # fmt: skip
+          batch_size, threads, chunk_size, workers, distributed, progress, as_json, verbose, quiet) -> None:  # fmt: skip
     """Relax the structures in INPUTS (files or folders; CIF, POSCAR, extxyz, traj, db, ...).
 
     Each result goes next to its input as NAME_relaxed.EXT unless -o says otherwise. No input, and
@@ -296,11 +297,12 @@ def _refine_options(refine_spec, optimizer: str, cell_filter: str) -> dict:
 
     if optimizer not in OPTIMIZERS:
         raise click.BadParameter(f"{optimizer!r}: use one of {', '.join(OPTIMIZERS)}", param_hint="--optimizer")
+    chosen: str | None = cell_filter
     if cell_filter.lower() == "none":
-        cell_filter = None
+        chosen = None
     elif cell_filter not in CELL_FILTERS:
         raise click.BadParameter(f"{cell_filter!r}: use one of {', '.join(CELL_FILTERS)} or none", param_hint="--cell-filter")
-    return {"optimizer": optimizer, "cell_filter": cell_filter}
+    return {"optimizer": optimizer, "cell_filter": chosen}
 
 
 def _make_relaxer(OneShotRelaxer, CheckpointError, checkpoint, device, dtype, batch_size, precision, compile_network):
@@ -362,8 +364,8 @@ class _Extras:
         self.trajectory = None
         self.logfile = None
         self.overwrite = overwrite
-        self.written = set()  # per-structure trajectory files this run writes
-        self._opened = []
+        self.written: set[Path] = set()  # per-structure trajectory files this run writes
+        self._opened: list[Any] = []  # file objects and Trajectories, closed at the end
         if trajectory:
             self.trajectory = self._trajectory(trajectory, overwrite, world)
         if logfile == "-":

@@ -22,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from e3relax_ase.io.structures import (
     INFO_CLUSTER,
@@ -43,6 +44,10 @@ from e3relax_ase.io.structures import (
     INFO_SPACEGROUP_INPUT,
     INFO_VACUUM_AXES,
 )
+
+if TYPE_CHECKING:
+    from e3relax_ase.io.claims import OutputClaim
+    from e3relax_ase.io.streamed import StreamedOutput
 
 logger = logging.getLogger("e3relax_ase.cli.relax")
 
@@ -128,8 +133,8 @@ class FileJob:
         self.waiting: list = []  # (index, Atoms) relaxed, not yet written
         self.written: list = []  # outputs written
         self.dropped: list = []  # what the output format loses
-        self.stream = None
-        self.claim = None
+        self.stream: StreamedOutput | None = None  # mode "stream", once rank 0 checked the outputs
+        self.claim: OutputClaim | None = None
         self.accepted = False  # opened, and its outputs may be written
 
     # --- opening ---------------------------------------------------------------------------
@@ -225,11 +230,16 @@ class FileJob:
             self.fmt = input_format(path)
         self.mode = "single" if not self.multi else ("stream" if holds_many(self.fmt) else "per_frame")
 
+    def _planned(self) -> tuple[Path, str]:
+        """``output`` and ``fmt``, which ``_plan`` decided before anything asks for them."""
+        assert self.output is not None and self.fmt is not None, "FileJob._plan has not run"
+        return self.output, self.fmt
+
     def targets(self) -> list[Path]:
         """Every file this job may write."""
+        out, _ = self._planned()
         if self.mode != "per_frame":
-            return [self.output]
-        out = self.output
+            return [out]
         return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(self.n_frames)]
 
     def _check_outputs(self) -> str | None:
@@ -244,7 +254,7 @@ class FileJob:
         if other is not None:
             return f"{self.path}: output {targets[0]} would also be written for {other}; use distinct names"
         try:
-            self.claim = claim(self.output, self.rules.run, create=self.rules.writes)
+            self.claim = claim(self._planned()[0], self.rules.run, create=self.rules.writes)
         except OutputClaimedError as exc:
             return str(exc)
         self.rules.claimed.update({r: self.path for r in resolved})
@@ -256,6 +266,7 @@ class FileJob:
         from e3relax_ase.io.streamed import ResumeMismatchError, StreamedOutput
 
         rules = self.rules
+        output, fmt = self._planned()
         if self.mode == "per_frame":
             existing = {i: t for i, t in enumerate(self.targets()) if t.exists()}
             if existing and not (rules.resume or rules.overwrite):
@@ -263,17 +274,17 @@ class FileJob:
                 return None
             return existing if rules.resume else {}
         if self.mode == "stream":
-            self.stream = StreamedOutput(self.output, self.fmt, self._identity())
-        if self.output.exists():
+            self.stream = StreamedOutput(output, fmt, self._identity())
+        if output.exists():
             if rules.resume:
-                self.records = {None: FrameRecord(None, "skipped", output=self.output)}
+                self.records = {None: FrameRecord(None, "skipped", output=output)}
                 logger.info("%s: output exists, skipped (--resume)", self.path)
                 if self.stream is not None and rules.writes:
                     self.stream.discard()  # left by a run killed just after writing the output
                 self.release()
                 return None
             if not rules.overwrite:
-                self._fail_file(self._exists_message(self.output))
+                self._fail_file(self._exists_message(output))
                 return None
         if self.stream is None or not self.stream.started:
             return {}
@@ -293,7 +304,7 @@ class FileJob:
             return None
         if done:
             logger.info("%s: %d frames done by an earlier run (--resume)", self.path, len(done))
-        return {index: self.output for index in done}
+        return {index: output for index in done}
 
     def _exists_message(self, target: Path) -> str:
         return f"{self.path}: {target} exists (this run did not write it); --overwrite replaces it, --resume keeps it"
@@ -321,31 +332,35 @@ class FileJob:
         waiting, self.waiting = sorted(self.waiting, key=lambda pair: pair[0]), []
         if not self.rules.writes or not self.accepted:
             return  # another rank writes, or the input was refused or skipped whole
+        output, _ = self._planned()
         if waiting:
             self._warn_losses([atoms for _, atoms in waiting])
         try:
             if self.mode == "single":
                 for index, atoms in waiting:
-                    self._write(self.output, [atoms])
-                    self._ok(index, atoms, self.output)
+                    self._write(output, [atoms])
+                    self._ok(index, atoms, output)
             elif self.mode == "per_frame":
                 targets = self.targets()
                 for index, atoms in waiting:
                     self._write(targets[index], [atoms])
                     self._ok(index, atoms, targets[index])
-            elif self.finished and not self.stream.started:
-                if waiting:  # done within one chunk: straight to the output, no parts
-                    self._write(self.output, [atoms for _, atoms in waiting])
-                for index, atoms in waiting:
-                    self._ok(index, atoms, self.output)
             else:
-                if waiting:
-                    self.stream.commit(waiting)
-                for index, atoms in waiting:
-                    self._ok(index, atoms, self.output)
-                if self.finished:
-                    if self.stream.finish(replace=self.rules.overwrite):
-                        self.written.append(self.output)
+                stream = self.stream
+                assert stream is not None  # mode "stream", and this process writes: _earlier_results made it
+                if self.finished and not stream.started:
+                    if waiting:  # done within one chunk: straight to the output, no parts
+                        self._write(output, [atoms for _, atoms in waiting])
+                    for index, atoms in waiting:
+                        self._ok(index, atoms, output)
+                else:
+                    if waiting:
+                        stream.commit(waiting)
+                    for index, atoms in waiting:
+                        self._ok(index, atoms, output)
+                    if self.finished:
+                        if stream.finish(replace=self.rules.overwrite):
+                            self.written.append(output)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 (disk full, permissions, a file that appeared meanwhile: reported, never raised)
@@ -354,7 +369,8 @@ class FileJob:
     def _write(self, target: Path, frames: list) -> None:
         from e3relax_ase.io.files import write_atomic
 
-        write_atomic(target, frames, self.fmt, replace=self.rules.overwrite, symprec=self.rules.symprec if self.fmt == "cif" else None)
+        _, fmt = self._planned()
+        write_atomic(target, frames, fmt, replace=self.rules.overwrite, symprec=self.rules.symprec if fmt == "cif" else None)
         self.written.append(target)
 
     def _ok(self, index: int, atoms, target: Path) -> None:
@@ -382,7 +398,8 @@ class FileJob:
     def _warn_losses(self, frames: list) -> None:
         from e3relax_ase.io.files import format_losses
 
-        losses = sorted({loss for atoms in frames for loss in format_losses(atoms, self.fmt)})
+        _, fmt = self._planned()
+        losses = sorted({loss for atoms in frames for loss in format_losses(atoms, fmt)})
         new = [loss for loss in losses if loss not in self.dropped]
         if new:
             self.dropped += new

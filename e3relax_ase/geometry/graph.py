@@ -258,8 +258,7 @@ def capped_edges_many(pairs: Sequence[tuple], sizes: Sequence[int], max_neighbor
     """
     if not len(pairs):
         return []
-    sizes = np.asarray(sizes, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))])
     counts = np.array([len(p[0]) for p in pairs], dtype=np.int64)
     dst = np.concatenate([p[0] for p in pairs]).astype(np.int64) + np.repeat(offsets[:-1], counts)
     src = np.concatenate([p[1] for p in pairs]).astype(np.int64)
@@ -366,7 +365,9 @@ def build_graph(
     # Runs of consecutive crystals searched on the host, joined into one transfer each; the
     # large ones on CUDA go straight to the device.
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # ([2, n] edges, [n, 3] shifts)
-    srcs, dsts, shifts = [], [], []
+    srcs: list[np.ndarray] = []
+    dsts: list[np.ndarray] = []
+    shifts: list[np.ndarray] = []
 
     def flush_host():
         if srcs:
@@ -385,10 +386,10 @@ def build_graph(
             parts.append((torch.stack([src + offset, dst + offset]), shift.to(torch.float64)))
         else:
             pairs = periodic_pairs(host_positions[offset : offset + size], host_cells[index], host_pbcs[index], cutoff)
-            src, dst, shift = capped_edges(*pairs, size, max_neighbors)
-            srcs.append(src + offset)
-            dsts.append(dst + offset)
-            shifts.append(shift.reshape(-1, 3))
+            src_host, dst_host, shift_host = capped_edges(*pairs, size, max_neighbors)
+            srcs.append(src_host + offset)
+            dsts.append(dst_host + offset)
+            shifts.append(shift_host.reshape(-1, 3))
         offset += size
     flush_host()
     edges = torch.cat([e for e, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]

@@ -34,11 +34,10 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from e3relax_ase.geometry.canonical import reduce_cell, wrap_into
+from e3relax_ase.geometry.canonical import CanonicalForm, reduce_cell, wrap_into
 from e3relax_ase.keys import ISOLATION_MARGIN, MIN_DISTANCE
 
 MIN_CELL_ANGLE = 5.0  # degrees | lattice vectors closer than this to (anti)parallel are refused
@@ -70,8 +69,8 @@ class PreparedCrystal:
     """
 
     report: StructureReport
-    form: Any  # e3relax_ase.geometry.canonical.CanonicalForm the pairs were searched in
-    pairs: tuple  # (receiver, sender, shift, distance) numpy arrays: periodic_pairs(form, cutoff)
+    form: CanonicalForm  # the form the pairs were searched in
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (receiver, sender, shift, distance): periodic_pairs(form, cutoff)
 
 
 def neighbor_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
@@ -219,14 +218,16 @@ def prepare_arrays(
     # Along a vacuum axis nothing wraps: an atom written 1e6 Å out makes the neighbour search
     # build a huge grid (vesin-torch dies with SIGFPE), so refuse before searching.
     vacuum_axes = np.flatnonzero(~pbc)
-    fractional = np.linalg.solve(cell.T, positions.T).T if len(vacuum_axes) else None
-    for axis in vacuum_axes:
-        height = abs(det) / float(np.linalg.norm(np.cross(cell[(axis + 1) % 3], cell[(axis + 2) % 3])))
-        extent = float(fractional[:, axis].max() - fractional[:, axis].min()) * height
-        if extent > MAX_VACUUM_EXTENT:
-            _fail(
-                name, f"has atoms spread over {extent:.3g} Å along vacuum axis {axis} (> {MAX_VACUUM_EXTENT:g} Å); center them, e.g. atoms.center(axis={axis})"
-            )
+    if len(vacuum_axes):
+        fractional = np.linalg.solve(cell.T, positions.T).T
+        for axis in vacuum_axes:
+            height = abs(det) / float(np.linalg.norm(np.cross(cell[(axis + 1) % 3], cell[(axis + 2) % 3])))
+            extent = float(fractional[:, axis].max() - fractional[:, axis].min()) * height
+            if extent > MAX_VACUUM_EXTENT:
+                _fail(
+                    name,
+                    f"has atoms spread over {extent:.3g} Å along vacuum axis {axis} (> {MAX_VACUUM_EXTENT:g} Å); center them, e.g. atoms.center(axis={axis})",
+                )
 
     allowed = _allowed(elements, max_atomic_number)
     bad = sorted(z for z in {int(z) for z in np.unique(numbers).tolist()} if z not in allowed)

@@ -29,7 +29,7 @@ import torch
 
 from e3relax_ase import __version__
 from e3relax_ase.config import ModelConfig
-from e3relax_ase.nn.architectures import build_model, is_basis_free
+from e3relax_ase.nn.architectures import Network, build_model, is_basis_free
 
 FORMAT_NAME = "e3relax-ase-checkpoint"
 FORMAT_VERSION = 2
@@ -76,7 +76,7 @@ def _versions() -> dict:
     return {"e3relax_ase": __version__, "torch": str(torch.__version__), "e3nn": str(e3nn.__version__), "python": platform.python_version()}
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: dict | None = None) -> str:
+def save_checkpoint(path: str | os.PathLike, model: Network, metadata: dict | None = None) -> str:
     """Write a checkpoint atomically (temporary file, then rename); returns its sha256.
 
     Raises:
@@ -142,9 +142,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, str | None,
     raise CheckpointError(f"checkpoint {text!r} is neither a registered name ({known}) nor an existing file")
 
 
-def load_checkpoint(
-    checkpoint: str | os.PathLike = "default", map_location="cpu", expected_sha256: str | None = None
-) -> tuple[torch.nn.Module, CheckpointInfo]:
+def load_checkpoint(checkpoint: str | os.PathLike = "default", map_location="cpu", expected_sha256: str | None = None) -> tuple[Network, CheckpointInfo]:
     """Rebuild a model from a checkpoint (safe loading, strict weights, verified hash).
 
     Args:

@@ -42,7 +42,7 @@ _BY_INDEX = ("traj", "db", "json")  # formats whose frames can be read one index
 _TEXT_FORMATS = ("extxyz", "xyz")
 
 
-@dataclass
+@dataclass(init=False)
 class Frame:
     """One structure of a file, or why it could not be read.
 
@@ -56,13 +56,17 @@ class Frame:
     """
 
     index: int
-    atoms: Any = None
-    error: str | None = None
-    last_index: int | None = None
+    atoms: Any
+    error: str | None
+    last_index: int
 
-    def __post_init__(self):
-        if self.last_index is None:
-            self.last_index = self.index
+    # Written out rather than generated so that ``last_index`` is an int once built: the
+    # constructor takes None for "equal to index".
+    def __init__(self, index: int, atoms: Any = None, error: str | None = None, last_index: int | None = None):
+        self.index = index
+        self.atoms = atoms
+        self.error = error
+        self.last_index = index if last_index is None else last_index
 
 
 def read_frames(path: str | os.PathLike, fmt: str | None = None) -> Iterator[Frame]:
@@ -314,11 +318,11 @@ def _other_frames(path: Path, fmt: str) -> Iterator[Frame]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                atoms = ase.io.read(str(path), index=index, format=fmt)
+                one = ase.io.read(str(path), index=index, format=fmt)  # an int index reads one Atoms
         except Exception as exc:  # noqa: BLE001
             yield Frame(index, error=f"frame could not be read as {fmt}: {first_line(exc)}")
             continue
-        yield Frame(index, atoms)
+        yield Frame(index, one)
 
 
 def _count_frames(path: Path, fmt: str) -> int | None:

@@ -28,8 +28,12 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from e3relax_ase.io.files import write_atomic, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 PARTS_SUFFIX = ".e3relax-parts"
 DISCARDED = ".discarded-"  # a parts folder being deleted: PARTS_SUFFIX + DISCARDED + pid (and ".new-" + pid: being made)
@@ -137,7 +141,7 @@ class StreamedOutput:
             else:
                 import ase.io
 
-                frames = []
+                frames: list[tuple[int, Atoms]] = []
                 for manifest in parts:
                     frames += zip(manifest["frames"], ase.io.read(self.folder / manifest["data"], ":", format=self.fmt))
                 write_atomic(self.output, [atoms for _, atoms in sorted(frames, key=lambda pair: pair[0])], self.fmt, replace=replace)

@@ -261,7 +261,7 @@ def vacuum_cell_mask(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray | None:
         direction = cell[axis] / np.linalg.norm(cell[axis])
         k = int(np.argmax(np.abs(direction)))
         others = [cell[c] for c in range(3) if c != axis]
-        if abs(direction[k]) < 1 - 1e-6 or any(abs(v[k]) > 1e-6 * max(1.0, np.linalg.norm(v)) for v in others):
+        if abs(direction[k]) < 1 - 1e-6 or any(abs(v[k]) > 1e-6 * max(1.0, float(np.linalg.norm(v))) for v in others):
             raise ValueError(f"vacuum axis {axis} is not along a Cartesian axis; pass a cell-filter mask explicitly")
         mask[k, :] = 0.0
         mask[:, k] = 0.0

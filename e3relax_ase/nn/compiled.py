@@ -16,11 +16,27 @@ Inductor needs a C++ compiler on a CPU and Triton on CUDA (PyTorch's CUDA wheels
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch import nn
 
 from e3relax_ase.geometry.graph import CrystalGraph
-from e3relax_ase.nn.model import E3RelaxH2, ModelOutput
+from e3relax_ase.nn.model import ModelOutput
 from e3relax_ase.nn.precision import matmul_precision
+
+if TYPE_CHECKING:
+    from e3relax_ase.nn.architectures import Network
+
+
+def compile_message_passing(model: Network) -> list:
+    """Each layer's message passing, compiled by ``torch.compile`` with ``dynamic=True``."""
+    compiled = []
+    for layer in model.layers:
+        message_passing = layer.message_passing
+        assert isinstance(message_passing, nn.Module)  # an H2MessagePassing (a Module's attributes are typed Tensor | Module)
+        compiled.append(torch.compile(message_passing, dynamic=True))
+    return compiled
 
 
 class CompiledForward:
@@ -30,9 +46,9 @@ class CompiledForward:
     ``graphed.GraphedForward``: ``handles(graph)`` and ``forward(graph, precision)``.
     """
 
-    def __init__(self, model: E3RelaxH2):
+    def __init__(self, model: Network):
         self.model = model
-        self.message_passing = [torch.compile(layer.message_passing, dynamic=True) for layer in model.layers]
+        self.message_passing = compile_message_passing(model)
 
     def handles(self, graph: CrystalGraph) -> bool:
         return True

@@ -23,12 +23,18 @@ thread's stack samples (an older benchmarks/README.md, in git history).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 
 from e3relax_ase.geometry.graph import CrystalGraph
-from e3relax_ase.nn.model import E3RelaxH2, ModelOutput
+from e3relax_ase.nn.model import ModelOutput
 from e3relax_ase.nn.precision import matmul_precision
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
+
+    from e3relax_ase.nn.architectures import Network
 
 GRAPHED_MAX_ATOMS = 512  # batches up to this many atoms replay a graph; larger ones are not launch bound
 MAX_CAPTURED = 32  # graphs kept per relaxer (the oldest is dropped); each holds its padded shapes
@@ -109,11 +115,11 @@ class GraphedForward:
     ``handles(graph)`` says whether a batch goes this way; others should run the model itself.
     """
 
-    def __init__(self, model: E3RelaxH2, max_atoms: int = GRAPHED_MAX_ATOMS):
+    def __init__(self, model: Network, max_atoms: int = GRAPHED_MAX_ATOMS):
         self.model, self.max_atoms = model, max_atoms
         self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
         self._seen: set[tuple] = set()  # buckets run once eagerly, captured when seen again
-        self._pool = None  # one memory pool for every graph: they never run at the same time
+        self._pool: _POOL_HANDLE | None = None  # one memory pool for every graph: they never run at the same time
 
     def handles(self, graph: CrystalGraph) -> bool:
         return graph.positions.device.type == "cuda" and graph.positions.shape[0] <= self.max_atoms

@@ -116,9 +116,8 @@ class AxisLatticeE3RelaxH2(nn.Module):
             state = layer(graph, state, message_passing[k] if message_passing is not None else None)
             positions.append(state["positions"])
             cells.append(state["cell"])
-        cells = torch.stack(cells)
-        positions = keep_fractional_centroid(torch.stack(positions), cells, graph.positions, graph.cell, graph.batch)
-        return ModelOutput(positions, cells)
+        cell = torch.stack(cells)
+        return ModelOutput(keep_fractional_centroid(torch.stack(positions), cell, graph.positions, graph.cell, graph.batch), cell)
 
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

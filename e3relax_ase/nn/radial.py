@@ -9,6 +9,9 @@ from torch import nn
 class GaussianBasis(nn.Module):
     """Gaussians with centres evenly spaced on [start, stop] and width equal to the spacing."""
 
+    centers: torch.Tensor  # buffers (register_buffer)
+    inv_width: torch.Tensor
+
     def __init__(self, start: float, stop: float, num_basis: int):
         super().__init__()
         centers = torch.linspace(start, stop, num_basis)

@@ -57,7 +57,7 @@ class Finisher:
 
     def closest(self, item: Item) -> float:
         """A lower bound on every input pair distance: validation's closest pair, or the cutoff."""
-        return min(item.report.min_distance, self.cutoff)
+        return min(item.validated.min_distance, self.cutoff)
 
     def finish(self, item: Item, prediction: Prediction, options: RelaxOptions, verdict=None):
         """Sanity-check, apply, optionally refine, record provenance; return the caller's type.

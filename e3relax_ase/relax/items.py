@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from e3relax_ase.geometry.canonical import CanonicalForm
 from e3relax_ase.geometry.crystal import CrystalArrays
 from e3relax_ase.geometry.validation import StructureReport, structure_name
@@ -83,9 +85,9 @@ class Item:
     atoms: Any  # the Atoms that receives the prediction
     pristine: Any  # an untouched copy of the input (trajectories only; None otherwise)
     arrays: CrystalArrays
-    report: StructureReport
+    report: StructureReport | None  # None on a shell item (prepare.shell) until its worker's outcome
     form: CanonicalForm | None = None  # the canonical form validation searched
-    edges: tuple | None = None  # the graph's (src, dst, shift), local atom indices
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the graph's (src, dst, shift), local atom indices
     source: Any = None  # the input as given, to name it on demand
     vacuum: Any = None  # its vacuum.VacuumLayout when a periodic axis holds vacuum (``arrays`` are then as the network sees it)
 
@@ -95,6 +97,12 @@ class Item:
         self.vacuum = layout
         if layout is not None and not layout.cluster:
             self.arrays = CrystalArrays(self.arrays.numbers, layout.positions, self.arrays.cell, layout.pbc)
+
+    @property
+    def validated(self) -> StructureReport:
+        """``report``, which every item has by the time it reaches the network."""
+        assert self.report is not None, f"item {self.index} was not validated"
+        return self.report
 
     @property
     def keeps_cell(self) -> bool:

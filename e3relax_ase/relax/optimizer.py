@@ -111,14 +111,15 @@ class OneShotThenOptimize(Optimizer):
         if converged and not result.converged:
             logger.warning("the optimizer converged on its own filter, but evaluated afresh %s > %.3g eV/Å", shown_forces(fresh), fmax)
 
-    def irun(self, fmax: float = 0.05, steps: int = DEFAULT_MAX_STEPS):
+    # ASE's Optimizer itself puts fmax before Dynamics' steps; these keep Optimizer's signature.
+    def irun(self, fmax: float = 0.05, steps: int = DEFAULT_MAX_STEPS):  # type: ignore[override]
         self._jump()
         converged = False
         for converged in super().irun(fmax=fmax, steps=steps):
             yield converged
         self._record(converged, fmax)
 
-    def run(self, fmax: float = 0.05, steps: int = DEFAULT_MAX_STEPS) -> bool:
+    def run(self, fmax: float = 0.05, steps: int = DEFAULT_MAX_STEPS) -> bool:  # type: ignore[override]
         self._jump()
         converged = super().run(fmax=fmax, steps=steps)
         self._record(converged, fmax)

@@ -166,6 +166,8 @@ class ChunkPipeline:
         """Finish a started chunk: apply each judged prediction to its Atoms. {index: result}."""
         if chunk.done is not None:
             return chunk.done
+        predictions = chunk.predictions
+        assert predictions is not None  # complete() gives a chunk either its results or its predictions
         judged = None
         if chunk.judging is not None:
             try:
@@ -173,9 +175,9 @@ class ChunkPipeline:
             except Exception as exc:
                 logger.warning("judging predictions in worker processes failed (%s); judging them here", exc)
         if judged is None:
-            judged = self.judge_here(chunk.items, chunk.predictions, options)
+            judged = self.judge_here(chunk.items, predictions, options)
         out = {}
-        for item, prediction, verdict in zip(chunk.items, chunk.predictions, judged):
+        for item, prediction, verdict in zip(chunk.items, predictions, judged):
             try:
                 out[item.index] = self.finisher.finish(item, prediction, options, verdict)
             except Exception as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -15,9 +16,9 @@ import torch
 from e3relax_ase.geometry.canonical import CanonicalForm, canonicalize, image_translation
 from e3relax_ase.geometry.crystal import CrystalArrays
 from e3relax_ase.geometry.graph import CrystalGraph, build_graph
+from e3relax_ase.nn.architectures import Network
 from e3relax_ase.nn.compiled import CompiledForward
 from e3relax_ase.nn.graphed import GraphedForward
-from e3relax_ase.nn.model import E3RelaxH2
 from e3relax_ase.nn.precision import matmul_precision
 
 
@@ -47,9 +48,37 @@ def graph_from_canonical(crystals: Sequence[CrystalArrays], forms: Sequence[Cano
     )
 
 
+@overload
+def predict(
+    model: Network,
+    crystals: Sequence[CrystalArrays],
+    device: torch.device | str = ...,
+    dtype: torch.dtype = ...,
+    reduce_cell: bool = ...,
+    *,
+    forms: Sequence[CanonicalForm] | None = ...,
+    graph: CrystalGraph | None = ...,
+    precision: str = ...,
+    wait: Literal[True] = ...,
+    forward: GraphedForward | CompiledForward | Sequence | None = ...,
+) -> list[Prediction]: ...
+@overload
+def predict(
+    model: Network,
+    crystals: Sequence[CrystalArrays],
+    device: torch.device | str = ...,
+    dtype: torch.dtype = ...,
+    reduce_cell: bool = ...,
+    *,
+    forms: Sequence[CanonicalForm] | None = ...,
+    graph: CrystalGraph | None = ...,
+    precision: str = ...,
+    wait: Literal[False],
+    forward: GraphedForward | CompiledForward | Sequence | None = ...,
+) -> PendingPredictions: ...
 @torch.no_grad()
 def predict(
-    model: E3RelaxH2,
+    model: Network,
     crystals: Sequence[CrystalArrays],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,

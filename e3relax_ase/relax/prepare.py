@@ -4,7 +4,7 @@ canonicalised and its neighbours searched, here (``prepared``) or in the worker 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import numpy as np
 
@@ -50,11 +50,11 @@ def prepare_item(index: int, name: str | None, structure, inplace: bool, keep_pr
     return item
 
 
-def prepared(structures, names, inplace: bool, keep_pristine: bool, errors: str, settings: PreparationSettings) -> Iterator:
+def prepared(structures, names, inplace: bool, keep_pristine: bool, errors: str, settings: PreparationSettings) -> Generator:
     """(index, Item or RelaxFailure) for each input, in order, prepared here."""
     for index, structure in enumerate(structures):
         try:
-            item = prepare_item(index, names[index] if names is not None else None, structure, inplace, keep_pristine, settings)
+            item: Item | RelaxFailure = prepare_item(index, names[index] if names is not None else None, structure, inplace, keep_pristine, settings)
         except Exception as exc:
             if errors == "raise":
                 raise
@@ -62,7 +62,7 @@ def prepared(structures, names, inplace: bool, keep_pristine: bool, errors: str,
         yield index, item
 
 
-def pooled(structures, names, inplace: bool, keep_pristine: bool, errors: str, options: RelaxOptions, num_workers: int) -> Iterator:
+def pooled(structures, names, inplace: bool, keep_pristine: bool, errors: str, options: RelaxOptions, num_workers: int) -> Generator:
     """``prepared``, with validation, canonical form and neighbour search in worker processes.
 
     This process converts and copies each structure (``shell``) and sends its arrays; the

@@ -172,7 +172,7 @@ def refine(
         logger.warning("scalar_pressure is ignored when the cell is not relaxed")
     optimizer = optimizer_class(optimizer)
     shared = trajectory is not None and hasattr(trajectory, "write")  # an open Trajectory: our observer writes to it
-    nsteps, fresh = 0, (None, None)
+    nsteps = 0  # fresh (the forces afresh) is set by the first pass of the loop, which always runs
     with single_threaded_blas():  # the cell filter's 3x3 algebra (e3relax_ase/relax/threads.py)
         for start in range(MAX_FRESH_STARTS + 1):
             if start:  # the optimizer stopped on its own test, the fresh one disagrees: a fresh filter

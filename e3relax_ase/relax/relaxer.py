@@ -19,9 +19,9 @@ import hashlib
 import logging
 import os
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,7 @@ from e3relax_ase.geometry.validation import StructureReport, structure_name
 from e3relax_ase.io.checkpoint import CheckpointInfo, load_checkpoint
 from e3relax_ase.io.structures import as_atoms
 from e3relax_ase.keys import ISOLATION_MARGIN, MIN_DISTANCE
+from e3relax_ase.nn.architectures import Network
 from e3relax_ase.nn.compiled import CompiledForward
 from e3relax_ase.nn.graphed import GraphedForward
 from e3relax_ase.nn.model import E3RelaxH2
@@ -42,6 +43,9 @@ from e3relax_ase.relax.prepare import pooled, prepare_atoms, prepared
 from e3relax_ase.relax.runner import NetworkRunner
 from e3relax_ase.relax.threads import torch_threads
 from e3relax_ase.relax.workers import PREFETCH_ITEMS, PreparationSettings, pool_is_broken, prefetched, start_worker_pool
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["BatchBudget", "OneShotRelaxer", "PredictionError", "RefineOptions", "RelaxFailure", "grouped_options"]
 
@@ -65,6 +69,9 @@ class OneShotRelaxer:
         info: the checkpoint's ``CheckpointInfo`` (name, sha256, metadata, untrained).
         device, dtype: where and in which precision the network runs.
     """
+
+    # (num_workers, the pool, its finalizer): set by _worker_pool, absent until then
+    _workers: tuple[int, ProcessPoolExecutor, weakref.finalize] | None
 
     def __init__(
         self,
@@ -114,6 +121,7 @@ class OneShotRelaxer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.precision = check_precision(precision, self.dtype)
+        model: Network
         if isinstance(checkpoint, E3RelaxH2):
             model, info = checkpoint, _model_info(checkpoint, "in-memory")
         else:
@@ -283,10 +291,10 @@ class OneShotRelaxer:
             source = pooled(structures, names, inplace, keep_pristine, errors, options, int(num_workers))
         else:
             source = prepared(structures, names, inplace, keep_pristine, errors, options.settings)
-            if prefetch and not (hasattr(structures, "__len__") and len(structures) <= 1):
+            if prefetch and not (isinstance(structures, Sized) and len(structures) <= 1):
                 source = prefetched(source, PREFETCH_ITEMS)
         frozen = freeze_garbage_collection()
-        host_threads = contextlib.nullcontext()
+        host_threads: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if options.pool is not None and self.device.type == "cuda" and options.refine is None:
             host_threads = torch_threads(1)  # the workers need the cores (e3relax_ase.relax.threads)
         try:

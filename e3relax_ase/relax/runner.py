@@ -8,11 +8,12 @@ import logging
 
 import torch
 
-from e3relax_ase.geometry.graph import graph_from_edges
+from e3relax_ase.geometry.canonical import CanonicalForm
+from e3relax_ase.geometry.graph import CrystalGraph, graph_from_edges
 from e3relax_ase.geometry.validation import InvalidStructureError
+from e3relax_ase.nn.architectures import Network
 from e3relax_ase.nn.compiled import CompiledForward
 from e3relax_ase.nn.graphed import GraphedForward
-from e3relax_ase.nn.model import E3RelaxH2
 from e3relax_ase.relax.device import is_out_of_memory
 from e3relax_ase.relax.items import Item
 from e3relax_ase.relax.predict import ReadyPredictions, predict
@@ -30,7 +31,7 @@ class NetworkRunner:
 
     def __init__(
         self,
-        model: E3RelaxH2,
+        model: Network,
         device: torch.device,
         dtype: torch.dtype,
         reduce_cell: bool,
@@ -55,10 +56,10 @@ class NetworkRunner:
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            edges = sum(i.report.n_edges for i in items)
+            edges = sum(i.validated.n_edges for i in items)
             if len(items) == 1:
                 raise InvalidStructureError(
-                    f"{items[0].name}: out of memory on {self.device} with {items[0].report.n_atoms} atoms and about {edges} edges"
+                    f"{items[0].name}: out of memory on {self.device} with {items[0].validated.n_atoms} atoms and about {edges} edges"
                 ) from None
             # Later batches start below the size that failed (a lone structure always runs).
             self.batch_edges = max(1, min(self.batch_edges, edges // 2))
@@ -70,15 +71,17 @@ class NetworkRunner:
         """``predict`` on the items, with the canonical forms and edges prepared for them (when
         every item has them), not waiting for the device (``predict.PendingPredictions``)."""
         crystals = [i.arrays for i in items]
-        forms = graph = None  # predict computes them
-        if all(i.form is not None and i.edges is not None for i in items):
-            forms = [i.form for i in items]
+        forms: list[CanonicalForm] | None = None  # predict computes them
+        graph: CrystalGraph | None = None
+        prepared = [(i.form, i.edges) for i in items if i.form is not None and i.edges is not None]
+        if len(prepared) == len(items):
+            forms = [form for form, _ in prepared]
             graph = graph_from_edges(
                 [c.numbers for c in crystals],
                 [f.positions for f in forms],
                 [f.cell for f in forms],
                 [c.pbc for c in crystals],
-                [i.edges for i in items],
+                [edges for _, edges in prepared],
                 self.dtype,
             )
         return predict(

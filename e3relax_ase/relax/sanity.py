@@ -442,7 +442,7 @@ def _judge_regular(positions_layers, cell_layers, positions_input, cells_input, 
         d_last = _largest_norm(_rows_times(fractional - fractional_previous, cell[owner]), bounds)
         s_last = _stretch(np.linalg.solve(previous, cell))
 
-    verdicts = []
+    verdicts: list[tuple[SanityReport, Confidence] | _NeedsSearch] = []
     for k in range(n):
         if len(cell_layers) >= 2:
             dl, sl, dt, st = float(d_last[k]), float(s_last[k]), float(d_total[k]), float(s_total[k])

@@ -18,13 +18,14 @@ cheap to send, where a list of small objects is not.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -93,7 +94,7 @@ def prepare_structure(numbers, positions, cell, pbc, *, name: str, per_atom_arra
     return prepared, layout
 
 
-def graph_edges(prepared: PreparedCrystal, settings: PreparationSettings) -> tuple:
+def graph_edges(prepared: PreparedCrystal, settings: PreparationSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The graph edges ``graph_from_canonical`` would build for the prepared crystal.
 
     Its neighbour search is the one validation already ran (float64 canonical positions, the
@@ -106,7 +107,7 @@ def graph_edges(prepared: PreparedCrystal, settings: PreparationSettings) -> tup
 # --- a background thread (prefetch=True) -----------------------------------------------------------
 
 
-def prefetched(source: Iterator, depth: int) -> Iterator:
+def prefetched(source: Iterator, depth: int) -> Generator:
     """Run ``source`` in a background thread, up to ``depth`` entries ahead of the consumer.
 
     Entries come out in order; an exception in ``source`` is raised at its place. Closing the
@@ -233,7 +234,7 @@ class StructureSpec(NamedTuple):
     lengths: dict  # the length of every other per-atom array, by key
 
 
-def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: int, settings: PreparationSettings) -> Iterator:
+def prepared_in_pool(structures: Iterable, shell: Callable, pool, num_workers: int, settings: PreparationSettings) -> Generator:
     """(index, entry, outcome) for each of ``structures``, in order, prepared in ``pool``.
 
     ``shell(index, structure)`` runs here first: it returns ``(entry, StructureSpec)`` to have
@@ -316,7 +317,7 @@ def _collect(entries: list, task) -> Iterator:
         if isinstance(entry, tuple):
             entry = entry[0]
             outcome = next(outcomes)
-            outcome = named(outcome, lambda entry=entry: entry.name)
+            outcome = named(outcome, functools.partial(getattr, entry, "name"))  # entry.name, read only if needed
             if not isinstance(outcome, Exception):
                 outcome = (*outcome, layouts.get(k))
             k += 1
@@ -361,6 +362,7 @@ def _prepare_task(packed: tuple, settings: PreparationSettings) -> tuple:
     # The graph edges of every prepared structure in one pass (graph_edges, batched); should
     # that fail, each structure alone, so that a failure stays its structure's own.
     done = [k for k, o in enumerate(outcomes) if not isinstance(o, Exception)]
+    edges: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray] | None]
     try:
         edges = capped_edges_many([outcomes[k].pairs for k in done], [len(outcomes[k].form.positions) for k in done], settings.checks["max_neighbors"])
     except Exception:  # noqa: BLE001
@@ -503,7 +505,8 @@ def _judge_task(packed: tuple) -> tuple:
     positions, cells, positions_input, cells_input, pbcs, closest, sizes, relax_cell, min_distance = packed
     floats = np.full((len(sizes), 6), np.nan)
     flags = np.zeros((len(sizes), 2), dtype=bool)
-    problems, errors = [], {}
+    problems: list[list[str]] = []
+    errors: dict[int, Exception] = {}
     verdicts = judge_batch(positions, cells, positions_input, cells_input, pbcs, closest, sizes, relax_cell, min_distance)
     for k, verdict in enumerate(verdicts):
         if isinstance(verdict, Exception):

@@ -265,22 +265,20 @@ class _FireState:
 
 
 def _empty_state(device: torch.device, dtype: torch.dtype) -> _FireState:
-    f = {"device": device, "dtype": dtype}
-    i = {"device": device, "dtype": torch.int64}
     return _FireState(
-        numbers=torch.zeros(0, **i),
-        batch=torch.zeros(0, **i),
-        n_atoms=torch.zeros(0, **i),
-        positions_init=torch.zeros(0, 3, **f),
-        cell_init=torch.zeros(0, 3, 3, **f),
-        positions_ref=torch.zeros(0, 3, **f),
-        cell_dof=torch.zeros(0, 3, 3, **f),
-        vel_atoms=torch.zeros(0, 3, **f),
-        vel_cell=torch.zeros(0, 3, 3, **f),
-        dt=torch.zeros(0, **f),
-        alpha=torch.zeros(0, **f),
-        n_pos=torch.zeros(0, **i),
-        n_steps=torch.zeros(0, **i),
+        numbers=torch.zeros(0, device=device, dtype=torch.int64),
+        batch=torch.zeros(0, device=device, dtype=torch.int64),
+        n_atoms=torch.zeros(0, device=device, dtype=torch.int64),
+        positions_init=torch.zeros(0, 3, device=device, dtype=dtype),
+        cell_init=torch.zeros(0, 3, 3, device=device, dtype=dtype),
+        positions_ref=torch.zeros(0, 3, device=device, dtype=dtype),
+        cell_dof=torch.zeros(0, 3, 3, device=device, dtype=dtype),
+        vel_atoms=torch.zeros(0, 3, device=device, dtype=dtype),
+        vel_cell=torch.zeros(0, 3, 3, device=device, dtype=dtype),
+        dt=torch.zeros(0, device=device, dtype=dtype),
+        alpha=torch.zeros(0, device=device, dtype=dtype),
+        n_pos=torch.zeros(0, device=device, dtype=torch.int64),
+        n_steps=torch.zeros(0, device=device, dtype=torch.int64),
         started=torch.zeros(0, device=device, dtype=torch.bool),
         keys=[],
     )

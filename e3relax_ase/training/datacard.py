@@ -19,15 +19,19 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from e3relax_ase.training.pairs import PairSet
 from e3relax_ase.training.splits import chemical_systems
 
+if TYPE_CHECKING:
+    from e3relax_ase.training.metrics import MatcherSettings
+
 logger = logging.getLogger(__name__)
 
-MATCHER_SETTINGS = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5}
+MATCHER_SETTINGS: MatcherSettings = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5}
 _IMAGES = np.array(list(itertools.product((-1, 0, 1), repeat=3)), dtype=np.float64)  # [27, 3]
 
 
@@ -87,8 +91,9 @@ def match_rate(pairset: PairSet, indices: np.ndarray | None = None) -> tuple:
     matched = 0
     for k in indices:
         p = pairset.pair(int(k))
-        unrelaxed = Structure(Lattice(p.cell_unrelaxed), p.numbers, p.pos_unrelaxed, coords_are_cartesian=True)
-        relaxed = Structure(Lattice(p.cell_relaxed), p.numbers, p.pos_relaxed, coords_are_cartesian=True)
+        # pymatgen takes atomic numbers for species (documented), but its annotation lists species objects only.
+        unrelaxed = Structure(Lattice(p.cell_unrelaxed), p.numbers, p.pos_unrelaxed, coords_are_cartesian=True)  # type: ignore[arg-type]
+        relaxed = Structure(Lattice(p.cell_relaxed), p.numbers, p.pos_relaxed, coords_are_cartesian=True)  # type: ignore[arg-type]
         matched += bool(matcher.fit(unrelaxed, relaxed))
     return matched, len(indices)
 

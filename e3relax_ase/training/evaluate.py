@@ -6,6 +6,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ def evaluate_checkpoint(checkpoint, data_path, out_dir=None, device="cpu", batch
     sample = np.arange(len(rows)) if not match_sample or match_sample >= len(rows) else np.sort(rng.choice(len(rows), match_sample, replace=False))
     model_hits = [structures_match(predictions[k][0], *predictions[k][1], *predictions[k][3]) for k in sample]
     dummy_hits = [structures_match(predictions[k][0], *predictions[k][2], *predictions[k][3]) for k in sample]
-    summary = {
+    summary: dict[str, Any] = {
         "checkpoint": info.name or info.path,
         "checkpoint_sha256": info.sha256,
         "data": str(data_path),
@@ -102,7 +103,7 @@ def family_table(rows: list[dict]) -> dict:
         members = [r for r in rows if r["family"] == family]
         if not members:
             continue
-        entry = {"n_pairs": len(members)}
+        entry: dict[str, float] = {"n_pairs": len(members)}
         for name in (COORD_MAE, VOLUME_ABS):
             model, dummy = float(np.mean([r[name] for r in members])), float(np.mean([r[DUMMY_PREFIX + name] for r in members]))
             entry.update({name: model, DUMMY_PREFIX + name: dummy, f"{name}_ratio": model / dummy if dummy > 0 else float("nan")})
@@ -127,7 +128,7 @@ def write_report(out_dir: Path, rows: list[dict], summary: dict) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ours = [r[COORD_MAE] for r in rows]
     dummy = [r[DUMMY_PREFIX + COORD_MAE] for r in rows]
-    bins = np.linspace(0, max(np.percentile(dummy, 99), 1e-3), 50)
+    bins = np.linspace(0, max(np.percentile(dummy, 99), 1e-3), 50).tolist()  # a list: hist is typed for sequences
     ax.hist(dummy, bins=bins, alpha=0.6, label=f"Dummy (mean {np.mean(dummy):.3f} Å)")
     ax.hist(ours, bins=bins, alpha=0.6, label=f"E3Relax-H2 (mean {np.mean(ours):.3f} Å)")
     ax.set_xlabel("coordinate MAE per structure (Å)")

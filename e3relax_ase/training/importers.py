@@ -99,6 +99,7 @@ def import_extxyz(path: str | os.PathLike) -> PairSet:
 
     path = Path(path)
     frames = read(path, index=":", format="extxyz")
+    assert isinstance(frames, list)  # index=":": every frame of the file
     pairs = group_frames(frames, source=path.name)
     return PairSet.from_atoms_pairs(pairs, ids=_default_ids(pairs, path.stem))
 

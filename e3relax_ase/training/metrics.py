@@ -6,6 +6,7 @@ Dummy returns the input unchanged, so its metrics are those of the unrelaxed str
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -13,8 +14,17 @@ import torch
 from e3relax_ase.nn.scatter import scatter_mean
 from e3relax_ase.training.loss import align_to_target
 
+
+class MatcherSettings(TypedDict):
+    """Tolerances of pymatgen's StructureMatcher (its keyword arguments)."""
+
+    ltol: float
+    stol: float
+    angle_tol: float
+
+
 # StructureMatcher settings of the paper.
-MATCHER_SETTINGS = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
+MATCHER_SETTINGS: MatcherSettings = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
 
 # Names of the per-structure errors (``structure_errors``), as metrics.json, log.csv, the
 # training state and the per-structure CSV carry them; the Dummy baseline's get DUMMY_PREFIX.
@@ -66,8 +76,9 @@ def structures_match(numbers: np.ndarray, positions_a: np.ndarray, cell_a: np.nd
     from pymatgen.core import Lattice, Structure
 
     matcher = StructureMatcher(**MATCHER_SETTINGS)
-    a = Structure(Lattice(cell_a), numbers, positions_a, coords_are_cartesian=True)
-    b = Structure(Lattice(cell_b), numbers, positions_b, coords_are_cartesian=True)
+    # pymatgen takes atomic numbers for species (documented), but its annotation lists species objects only.
+    a = Structure(Lattice(cell_a), numbers, positions_a, coords_are_cartesian=True)  # type: ignore[arg-type]
+    b = Structure(Lattice(cell_b), numbers, positions_b, coords_are_cartesian=True)  # type: ignore[arg-type]
     return bool(matcher.fit(a, b))
 
 

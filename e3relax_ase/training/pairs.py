@@ -28,11 +28,12 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from e3relax_ase.io.files import atomic_write
 from e3relax_ase.keys import (
@@ -102,7 +103,7 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-@dataclass
+@dataclass(init=False)
 class PairSet:
     """A set of (unrelaxed, relaxed) crystal pairs held as flat arrays (see module docstring).
 
@@ -118,29 +119,42 @@ class PairSet:
     pos_relaxed: np.ndarray  # [N, 3] Å
     cell_unrelaxed: np.ndarray  # [n, 3, 3] Å, rows are lattice vectors
     cell_relaxed: np.ndarray  # [n, 3, 3] Å
-    pbc: np.ndarray | None = None  # [n, 3] bool
-    energy_per_atom_relaxed: np.ndarray | None = None  # [n] eV/atom, NaN = unknown
-    metadata: dict = field(default_factory=dict)
-    info: list | None = None  # n dicts
+    pbc: np.ndarray  # [n, 3] bool
+    energy_per_atom_relaxed: np.ndarray  # [n] eV/atom, NaN = unknown
+    metadata: dict
+    info: list[dict]  # n dicts
 
-    def __post_init__(self):
-        self.ids = np.asarray(self.ids, dtype=str).reshape(-1)
-        self.n_atoms = np.asarray(self.n_atoms, dtype=np.int64)
-        self.offsets = np.asarray(self.offsets, dtype=np.int64)
-        self.numbers = np.asarray(self.numbers, dtype=np.int64)
-        self.pos_unrelaxed = np.asarray(self.pos_unrelaxed, dtype=np.float64)
-        self.pos_relaxed = np.asarray(self.pos_relaxed, dtype=np.float64)
-        self.cell_unrelaxed = np.asarray(self.cell_unrelaxed, dtype=np.float64)
-        self.cell_relaxed = np.asarray(self.cell_relaxed, dtype=np.float64)
+    # Written out rather than generated so that the optional fields have their types once
+    # built: None (the default) means every axis periodic, unknown energies, no metadata, and
+    # an empty dict per pair.
+    def __init__(
+        self,
+        ids: ArrayLike,
+        n_atoms: ArrayLike,
+        offsets: ArrayLike,
+        numbers: ArrayLike,
+        pos_unrelaxed: ArrayLike,
+        pos_relaxed: ArrayLike,
+        cell_unrelaxed: ArrayLike,
+        cell_relaxed: ArrayLike,
+        pbc: ArrayLike | None = None,
+        energy_per_atom_relaxed: ArrayLike | None = None,
+        metadata: dict | None = None,
+        info: Iterable[dict] | None = None,
+    ):
+        self.ids = np.asarray(ids, dtype=str).reshape(-1)
+        self.n_atoms = np.asarray(n_atoms, dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.numbers = np.asarray(numbers, dtype=np.int64)
+        self.pos_unrelaxed = np.asarray(pos_unrelaxed, dtype=np.float64)
+        self.pos_relaxed = np.asarray(pos_relaxed, dtype=np.float64)
+        self.cell_unrelaxed = np.asarray(cell_unrelaxed, dtype=np.float64)
+        self.cell_relaxed = np.asarray(cell_relaxed, dtype=np.float64)
         n = len(self.ids)
-        if self.pbc is None:
-            self.pbc = np.ones((n, 3), dtype=bool)
-        self.pbc = np.asarray(self.pbc, dtype=bool)
-        if self.energy_per_atom_relaxed is None:
-            self.energy_per_atom_relaxed = np.full(n, np.nan)
-        self.energy_per_atom_relaxed = np.asarray(self.energy_per_atom_relaxed, dtype=np.float64)
-        self.metadata = dict(self.metadata or {})
-        self.info = [{} for _ in range(n)] if self.info is None else [dict(d) for d in self.info]
+        self.pbc = np.asarray(np.ones((n, 3), dtype=bool) if pbc is None else pbc, dtype=bool)
+        self.energy_per_atom_relaxed = np.asarray(np.full(n, np.nan) if energy_per_atom_relaxed is None else energy_per_atom_relaxed, dtype=np.float64)
+        self.metadata = dict(metadata or {})
+        self.info = [{} for _ in range(n)] if info is None else [dict(d) for d in info]
 
     # --- sizes and aliases ------------------------------------------------------------
     def __len__(self) -> int:
@@ -517,7 +531,8 @@ def save_pairs(path: str | os.PathLike, pairset: PairSet, inputs: Iterable = ())
     }
     if any(pairset.info):
         arrays[PAIR_INFO] = np.array(json.dumps([to_jsonable(d) for d in pairset.info]))
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True, suffix=".npz")
+    # allow_pickle=True is numpy's default, spelled out so that mypy does not match **arrays against it.
+    atomic_write(path, lambda f: np.savez_compressed(f, allow_pickle=True, **arrays), binary=True, suffix=".npz")
     logger.info("wrote %d pairs to %s", len(pairset), path)
     return path
 

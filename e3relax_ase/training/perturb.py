@@ -292,7 +292,8 @@ def fit_element_volumes(pairs) -> dict[int, float]:
     column = {int(z): k for k, z in enumerate(elements)}
     counts = np.zeros((len(pairs.ids), len(elements)))
     structure = np.repeat(np.arange(len(pairs.ids)), pairs.n_atoms)
-    np.add.at(counts, (structure, [column[int(z)] for z in pairs.numbers]), 1.0)
+    # A tuple of index arrays, as numpy documents for ufunc.at; its stubs accept one array only.
+    np.add.at(counts, (structure, [column[int(z)] for z in pairs.numbers]), 1.0)  # type: ignore[arg-type]
     v_relaxed = np.abs(np.linalg.det(pairs.cell_relaxed))
     volumes, _ = nnls(counts / v_relaxed[:, None], np.ones(len(v_relaxed)))
     return {int(z): float(v) for z, v in zip(elements, volumes)}

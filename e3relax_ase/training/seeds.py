@@ -25,8 +25,12 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +98,7 @@ def _atoms_from_cif_string(text: str):
 
 
 def _read_csv_rows(files: Sequence[Path]) -> list:
-    rows = []
+    rows: list[tuple[str, str]] = []  # (material id, CIF text)
     for f in files:
         opener = gzip.open if f.suffix == ".gz" else open
         with opener(f, "rt", newline="") as handle:
@@ -149,7 +153,7 @@ def _load_pyxtal(limit, rng) -> list:
     except ImportError as exc:
         raise ImportError("seed source 'pyxtal' needs the optional package pyxtal (pip install pyxtal)") from exc
     rng = rng if rng is not None else np.random.default_rng(0)
-    out = []
+    out: list[Atoms] = []
     attempts = 0
     target = 10 if limit is None else limit
     while len(out) < target and attempts < 20 * target:
@@ -172,6 +176,7 @@ def _load_pyxtal(limit, rng) -> list:
 
 
 def _load_path(path: Path, limit, rng) -> list:
+    from ase import Atoms
     from ase.io import read
 
     if path.is_dir():
@@ -181,15 +186,18 @@ def _load_path(path: Path, limit, rng) -> list:
         cifs = sorted(path.glob("*.cif"))
         if not cifs:
             raise FileNotFoundError(f"{path}: no csv or CIF files")
-        frames = []
+        frames: list[Atoms] = []
         for f in cifs:
             atoms = read(f, format="cif")
+            assert isinstance(atoms, Atoms)  # no index: the file's last structure
             atoms.info = {"seed_id": f"{path.name}:{f.stem}"}
             frames.append(atoms)
     elif path.name.endswith((".csv", ".csv.gz")):
         return _load_csv([path], f"{path.parent.name}/{path.name.split('.')[0]}", limit, rng)
     else:
-        frames = read(path, index=":")
+        every = read(path, index=":")
+        assert isinstance(every, list)  # index=":": every structure of the file
+        frames = every
         for i, atoms in enumerate(frames):
             atoms.info = {"seed_id": str(atoms.info.get("seed_id", f"{path.stem}:{i}"))}
     return [frames[i] for i in _choose(len(frames), limit, rng)]

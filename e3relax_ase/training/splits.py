@@ -19,12 +19,12 @@ DEFAULT_NAMES = ("train", "val", "test")
 
 
 def _check_fractions(fractions: Sequence[float], names: Sequence[str]) -> np.ndarray:
-    fractions = np.asarray(fractions, dtype=np.float64)
-    if len(fractions) != len(names):
-        raise ValueError(f"got {len(fractions)} fractions for {len(names)} split names")
-    if np.any(fractions < 0) or abs(fractions.sum() - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions.tolist()}")
-    return fractions
+    values = np.asarray(fractions, dtype=np.float64)
+    if len(values) != len(names):
+        raise ValueError(f"got {len(values)} fractions for {len(names)} split names")
+    if np.any(values < 0) or abs(values.sum() - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {values.tolist()}")
+    return values
 
 
 def chemical_systems(pairset: PairSet) -> list:
@@ -65,10 +65,10 @@ def split_random(
     Raises:
         ValueError: on bad fractions.
     """
-    fractions = _check_fractions(fractions, names)
+    shares = _check_fractions(fractions, names)
     n = len(pairset)
     order = np.random.default_rng(seed).permutation(n)
-    sizes = [int(round(f * n)) for f in fractions[:-1]]
+    sizes = [int(round(f * n)) for f in shares[:-1]]
     bounds = np.cumsum([0] + sizes)
     bounds = np.minimum(bounds, n)
     out = {}
@@ -105,16 +105,16 @@ def split_by_chemical_system(
     Raises:
         ValueError: on bad fractions.
     """
-    fractions = _check_fractions(fractions, names)
+    shares = _check_fractions(fractions, names)
     systems = np.asarray(chemical_systems(pairset))
     unique, inverse = np.unique(systems, return_inverse=True)
     order = np.random.default_rng(seed).permutation(len(unique))
     counts = np.bincount(inverse, minlength=len(unique))
-    target = fractions * len(pairset)
+    target = shares * len(pairset)
     filled = np.zeros(len(names))
     assignment = np.empty(len(unique), dtype=np.int64)
     for system in order:
-        deficit = np.where(fractions > 0, target - filled, -np.inf)
+        deficit = np.where(shares > 0, target - filled, -np.inf)
         choice = int(np.argmax(deficit))
         assignment[system] = choice
         filled[choice] += counts[system]
@@ -185,7 +185,7 @@ def assign_systems_keeping(
     Raises:
         ValueError: bad fractions, an unknown split name, or a system in two existing splits.
     """
-    fractions = _check_fractions(fractions, names)
+    shares = _check_fractions(fractions, names)
     unknown = set(existing_systems) - set(names)
     if unknown:
         raise ValueError(f"existing splits {sorted(unknown)} are not among {list(names)}")
@@ -205,11 +205,11 @@ def assign_systems_keeping(
         if system in home:
             assignment[s] = home[system]
             filled[home[system]] += counts[s]
-    target = fractions * (filled.sum() + counts[assignment < 0].sum())
+    target = shares * (filled.sum() + counts[assignment < 0].sum())
     for s in np.random.default_rng(seed).permutation(len(unique)):
         if assignment[s] >= 0:
             continue
-        deficit = np.where(fractions > 0, target - filled, -np.inf)
+        deficit = np.where(shares > 0, target - filled, -np.inf)
         assignment[s] = int(np.argmax(deficit))
         filled[assignment[s]] += counts[s]
     return assignment[inverse].astype(np.int64)

@@ -29,6 +29,7 @@ import torch
 from e3relax_ase.distributed import World
 from e3relax_ase.io.checkpoint import load_checkpoint, save_checkpoint
 from e3relax_ase.nn.architectures import build_model
+from e3relax_ase.nn.compiled import compile_message_passing
 from e3relax_ase.training.batching import Budget, EpochBatches, pair_sizes, shard
 from e3relax_ase.training.config import TrainConfig
 from e3relax_ase.training.dataset import PreparedPairs, load_or_prepare
@@ -139,12 +140,12 @@ def evaluate(model, data: PreparedPairs, budget: Budget, device, source_names=()
             sums[name] = sums.get(name, 0.0) + by_source
         counts.index_add_(0, source.clamp(max=n_sources - 1), torch.ones_like(source, dtype=torch.float64))
     totals = {name: value.cpu().numpy() for name, value in sums.items()}
-    counts = counts.cpu().numpy()
-    metrics = {name: float(value.sum() / max(counts.sum(), 1)) for name, value in totals.items()}
+    n_pairs = counts.cpu().numpy()
+    metrics = {name: float(value.sum() / max(n_pairs.sum(), 1)) for name, value in totals.items()}
     if len(source_names) > 1:
         for k, source_name in enumerate(source_names):
             for name, value in totals.items():
-                metrics[f"{source_name}_{name}"] = float(value[k] / max(counts[k], 1))
+                metrics[f"{source_name}_{name}"] = float(value[k] / max(n_pairs[k], 1))
     return metrics
 
 
@@ -286,14 +287,14 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
         else:  # a portable state (``write_portable_state``): Adam's moments rebuild during a new warm-up
             rate.warm_from = step
         logger.info("resumed %s at epoch %d", out_dir, epoch)
-    ddp_model = model
+    ddp_model: torch.nn.Module = model
     if dist.world_size > 1:
         # static_graph: the set of parameters used is the same every step, so DDP learns it
         # once instead of searching every step.
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
     forward = None
     if config.compile:
-        compiled = [torch.compile(layer.message_passing, dynamic=True) for layer in model.layers]
+        compiled = compile_message_passing(model)
 
         def forward(graph):
             return ddp_model(graph, message_passing=compiled)

@@ -308,7 +308,7 @@ def make_input_set(plan: InputPlan, n_workers: int = 1, max_top_up_rounds: int =
         missing, large_missing = quota_shortfall(results, plan)
         if not missing and not large_missing:
             break
-        tasks = []
+        tasks: list[Task] = []
         for z, m in sorted(missing.items()):
             for _ in range(int(np.ceil(m * 1.1)) + 1):  # a margin for top-ups that fail
                 tasks.append(Task(next_index, "symmetric", z, large_missing > 0 and len(tasks) % 2 == 0))
@@ -411,7 +411,8 @@ def write_input_set(path, results: list, plan: InputPlan, report: dict, extra: d
         "positions": np.concatenate([r[2] for r in results]).astype(np.float32),
         "cells": np.stack([r[3] for r in results]).astype(np.float32),
     }
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True, suffix=".npz")
+    # allow_pickle=True is numpy's default, spelled out so that mypy does not match **arrays against it.
+    atomic_write(path, lambda f: np.savez_compressed(f, allow_pickle=True, **arrays), binary=True, suffix=".npz")
     sidecar = {str(i): r[4] for i, r in zip(ids, results)}
     atomic_write(Path(f"{path}.info.json.gz"), lambda f: f.write(gzip.compress(json.dumps(sidecar).encode(), mtime=0)), binary=True)
     manifest = {

@@ -62,6 +62,7 @@ def _split_species(atoms, z: int, new_z: int, rng: np.random.Generator):
     out = atoms.copy()
     numbers = out.numbers.copy()
     if len(sites) >= 2:
+        assert dataset is not None  # without one, sites is [0]
         site = sites[int(rng.integers(len(sites)))]
         chosen = members[dataset.equivalent_atoms[members] == site]
         how = "site"

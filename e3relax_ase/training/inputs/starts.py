@@ -28,7 +28,7 @@ def hard_start(
     rng: np.random.Generator,
     volume_range: Sequence[float] = DEFAULT_VOLUME_RANGE,
     max_shear: float = DEFAULT_MAX_SHEAR,
-    rattle_range: Sequence[float] = DEFAULT_RATTLE_RANGE,
+    rattle_range: tuple[float, float] = DEFAULT_RATTLE_RANGE,
 ):
     """Perturb a crystal into a harder start (rule in the module docstring).
 

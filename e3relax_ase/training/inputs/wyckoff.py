@@ -91,7 +91,9 @@ def _first_hall_numbers() -> dict[int, int]:
 
     out: dict[int, int] = {}
     for hall in range(1, 531):
-        out.setdefault(int(spglib.get_spacegroup_type(hall).number), hall)
+        kind = spglib.get_spacegroup_type(hall)
+        assert kind is not None  # every Hall number 1-530 has one
+        out.setdefault(int(kind.number), hall)
     return out
 
 
@@ -166,6 +168,7 @@ def space_group(number: int) -> SpaceGroupData:
     hall = _first_hall_numbers()[number]
     kind_of = spglib.get_spacegroup_type(hall)
     ops = spglib.get_symmetry_from_database(hall)
+    assert kind_of is not None and ops is not None  # None only for a Hall number outside 1-530
     rotations = np.asarray(ops["rotations"], dtype=np.int64)
     translations = np.asarray(ops["translations"], dtype=np.float64)
     centering = kind_of.international_short[0]
