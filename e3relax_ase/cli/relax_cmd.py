@@ -344,7 +344,7 @@ def _cpu_threads(threads: str, relaxer):
 def _workers(workers: str, relaxer, world) -> tuple[int, int]:
     """(worker processes, structures a flush needs before they start) from --workers."""
     if workers == "auto":
-        from e3relax_ase.relax.workers import AUTO_MIN_STRUCTURES, auto_num_workers
+        from e3relax_ase.relax.pool import AUTO_MIN_STRUCTURES, auto_num_workers
 
         per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world.active else 1
         return auto_num_workers(relaxer.device, per_host), AUTO_MIN_STRUCTURES

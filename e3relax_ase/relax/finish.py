@@ -37,7 +37,7 @@ from e3relax_ase.io.structures import (
 )
 from e3relax_ase.relax.items import Item, PredictionError, RelaxOptions
 from e3relax_ase.relax.predict import Prediction
-from e3relax_ase.relax.workers import judge_prediction
+from e3relax_ase.relax.sanity import judge_prediction
 
 logger = logging.getLogger(__name__)
 

@@ -130,7 +130,7 @@ def test_narrowed_worker_outcomes_give_the_same_graph_and_restore():
     import torch
 
     from e3relax_ase.geometry.graph import graph_from_edges
-    from e3relax_ase.relax.workers import _narrowest
+    from e3relax_ase.relax.pool_prepare import _narrowest
 
     rng = np.random.default_rng(5)
     forms, bounds = _forms(rng, 12)
