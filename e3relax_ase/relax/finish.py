@@ -62,7 +62,7 @@ class Finisher:
     def finish(self, item: Item, prediction: Prediction, options: RelaxOptions, verdict=None):
         """Sanity-check, apply, optionally refine, record provenance; return the caller's type.
 
-        ``verdict``: the item's (SanityReport, Confidence) from ``sanity.judge_batch`` (here or in
+        ``verdict``: the item's (SanityReport, Confidence) from ``sanity_batch.judge_batch`` (here or in
         a worker), or its exception; None judges it here alone (``judge_prediction``).
         """
         positions, cell = prediction.positions[-1], prediction.cell[-1]

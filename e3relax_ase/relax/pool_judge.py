@@ -1,5 +1,5 @@
 """Judging predictions in the worker processes (``relax_many(num_workers=N)``):
-``submit_judging`` sends ``sanity.judge_batch`` for every prediction, packed
+``submit_judging`` sends ``sanity_batch.judge_batch`` for every prediction, packed
 ``TASK_STRUCTURES`` to a task, while the relaxer runs the next forward pass;
 ``collect_verdicts`` waits for them. ``judge_here`` gives the same verdicts in this process.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from e3relax_ase.relax.pool import TASK_STRUCTURES, picklable_error
-from e3relax_ase.relax.sanity import Confidence, SanityReport, judge_batch
+from e3relax_ase.relax.sanity import Confidence, SanityReport
+from e3relax_ase.relax.sanity_batch import judge_batch
 
 
 def submit_judging(pool, predictions: list, crystals: list, closest: list, relax_cell: bool, min_distance: float) -> list:
-    """Send the judging of every prediction (``sanity.judge_batch``) to the worker processes;
+    """Send the judging of every prediction (``sanity_batch.judge_batch``) to the worker processes;
     returns the tasks.
 
     ``crystals``: each prediction's input (``CrystalArrays``); ``closest``: a lower bound on
@@ -33,7 +34,7 @@ def judge_here(predictions: list, crystals: list, closest: list, relax_cell: boo
 
 
 def _judging_arrays(predictions: list, crystals: list, closest: list, group: range, relax_cell: bool, min_distance: float) -> tuple:
-    """The arguments of ``sanity.judge_batch`` for the structures ``group``, packed."""
+    """The arguments of ``sanity_batch.judge_batch`` for the structures ``group``, packed."""
     return (
         np.concatenate([predictions[k].positions for k in group], axis=1),
         np.array([predictions[k].cell for k in group]).swapaxes(0, 1),  # [T, n, 3, 3]
@@ -53,7 +54,7 @@ def collect_verdicts(tasks: list) -> list:
 
 
 def _judge_task(packed: tuple) -> tuple:
-    """In a worker: ``sanity.judge_batch`` for a packed group, as the relaxer runs it on a chunk
+    """In a worker: ``sanity_batch.judge_batch`` for a packed group, as the relaxer runs it on a chunk
     in its own process (a structure's verdict does not depend on its batch)."""
     positions, cells, positions_input, cells_input, pbcs, closest, sizes, relax_cell, min_distance = packed
     floats = np.full((len(sizes), 6), np.nan)

@@ -186,7 +186,7 @@ def test_predict_with_prepared_forms_and_graph_is_predict():
 
 def test_distance_bound_gives_the_searched_report():
     """check_prediction with the bound (no search when it proves no close pair) = without it."""
-    from e3relax_ase.relax.sanity import no_close_pairs
+    from e3relax_ase.relax.sanity_search import no_close_pairs
 
     rng = np.random.default_rng(3)
     searched = skipped = 0
