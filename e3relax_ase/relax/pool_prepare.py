@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from e3relax_ase.geometry.canonical import CanonicalForm, reduce_cells
-from e3relax_ase.geometry.graph import capped_edges_many
+from e3relax_ase.geometry.neighbors import capped_edges_many
 from e3relax_ase.geometry.validation import StructureReport
 from e3relax_ase.relax.pool import TASK_STRUCTURES, picklable_error
 from e3relax_ase.relax.preparation import UNNAMED, PreparationSettings, graph_edges, named, prepare_structure

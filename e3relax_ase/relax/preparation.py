@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e3relax_ase.geometry.graph import capped_edges
+from e3relax_ase.geometry.neighbors import capped_edges
 from e3relax_ase.geometry.vacuum import ClusterError, find_vacuum
 from e3relax_ase.geometry.validation import InvalidStructureError, PreparedCrystal, prepare_arrays
 
