@@ -6,9 +6,9 @@ of the way:
     ``niggli_reduce_cell``, and by ``canonical.reduce_cells`` over tasks of 32 cells (when the
     measured package has it);
   - ``worker_prepare``: a worker's task (validation, canonical form, neighbour search, graph
-    edges), ``workers._prepare_task`` on tasks of 32 structures;
+    edges), ``pool_prepare._prepare_task`` on tasks of 32 structures;
   - ``worker_judge``: a worker's judging task (sanity checks and confidence of 4-layer
-    predictions), ``workers._judge_task`` on tasks of 32;
+    predictions), ``pool_judge._judge_task`` on tasks of 32;
   - ``main_thread``: the relaxing process's main thread in ``relax_many`` with 2 workers and the
     network replaced by an identity (inputs in, Atoms out: everything but the forward pass).
 
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from bench_inference import test_structures  # noqa: E402
 from bench_pipeline import result_header, write_result  # noqa: E402
 
-TASK = 32  # structures per worker task (workers.TASK_STRUCTURES)
+TASK = 32  # structures per worker task (pool.TASK_STRUCTURES)
 
 
 def _per_structure(function, items, n_structures: int, repeats: int = 3) -> float:
@@ -131,10 +131,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     import e3relax_ase
     from e3relax_ase.geometry import canonical
-    from e3relax_ase.relax import workers
+    from e3relax_ase.relax import pool_judge, pool_prepare, preparation
 
     crystals = test_structures(args.n)
-    settings = workers.PreparationSettings(
+    settings = preparation.PreparationSettings(
         {"cutoff": 6.0, "max_neighbors": 50, "elements": None, "max_atomic_number": 118, "min_distance": 0.5, "max_edges": None, "reduce": True}
     )
     from ase.build.tools import niggli_reduce_cell
@@ -144,8 +144,8 @@ def main(argv=None) -> None:
     if hasattr(canonical, "reduce_cells"):
         groups = [np.stack(cells[k : k + TASK]) for k in range(0, len(cells), TASK)]
         stages["niggli_batched"] = _per_structure(canonical.reduce_cells, groups, len(cells))
-    stages["worker_prepare"] = _per_structure(lambda task: workers._prepare_task(task, settings), _prepare_tasks(crystals), len(crystals))
-    stages["worker_judge"] = _per_structure(workers._judge_task, _judge_tasks(crystals, np.random.default_rng(0)), len(crystals))
+    stages["worker_prepare"] = _per_structure(lambda task: pool_prepare._prepare_task(task, settings), _prepare_tasks(crystals), len(crystals))
+    stages["worker_judge"] = _per_structure(pool_judge._judge_task, _judge_tasks(crystals, np.random.default_rng(0)), len(crystals))
     stages["main_thread"] = _main_thread_us(crystals)
 
     results = {

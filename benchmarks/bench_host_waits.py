@@ -29,8 +29,9 @@ sys.path.append(str(ROOT))  # a package named on PYTHONPATH first is the one mea
 import torch  # noqa: E402
 
 import e3relax_ase.relax.pipeline as pipeline_module  # noqa: E402
+import e3relax_ase.relax.pool_judge as judge_module  # noqa: E402
+import e3relax_ase.relax.pool_prepare as prepare_module  # noqa: E402
 import e3relax_ase.relax.predict as predict_module  # noqa: E402
-import e3relax_ase.relax.workers as workers_module  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_inference import test_structures  # noqa: E402
@@ -46,7 +47,7 @@ def _add(key: str, seconds: float) -> None:
 
 def _instrument() -> None:
     """Wrap the waits of the main thread and the tasks of the workers (forked: they inherit it)."""
-    collect = workers_module._collect
+    collect = prepare_module._collect
 
     def timed_collect(entries, task):
         if task is not None:
@@ -76,12 +77,12 @@ def _instrument() -> None:
         _add("restore", time.perf_counter() - start)
         return out
 
-    workers_module._collect = timed_collect
+    prepare_module._collect = timed_collect
     pipeline_module.collect_verdicts = timed_verdicts
     predict_module.PendingPredictions.result = timed_result
-    _WORKER_TASKS.update(prepare=workers_module._prepare_task, judge=workers_module._judge_task)
-    workers_module._prepare_task = _timed_prepare_task
-    workers_module._judge_task = _timed_judge_task
+    _WORKER_TASKS.update(prepare=prepare_module._prepare_task, judge=judge_module._judge_task)
+    prepare_module._prepare_task = _timed_prepare_task
+    judge_module._judge_task = _timed_judge_task
 
 
 # The workers' tasks, timed where they run. Module-level functions: the pool sends a task's

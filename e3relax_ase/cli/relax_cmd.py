@@ -2,32 +2,28 @@
 
 Heavy imports (torch, ase) happen inside the command so that ``e3relax-ase --help`` stays fast.
 The files themselves (reading frame by frame, claiming and writing outputs) are handled by
-``relax_files``; what the user sees (progress, the closing line) by ``relax_report``.
+``relax_files``; what the user sees (progress, the closing line, the --json summary) by
+``relax_report``; the options' checks by ``relax_options`` and ``--trajectory``/``--logfile``
+by ``relax_extras``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
+
+from e3relax_ase.cli.relax_extras import _Extras
+from e3relax_ase.cli.relax_options import _cpu_threads, _make_relaxer, _refine_factory, _refine_options, _workers
 
 logger = logging.getLogger("e3relax_ase.cli.relax")
 
 CHUNK_SIZE = 64  # structures relaxed, then written, together (per process)
 DEFAULT_SYMPREC = 0.01  # Å | --fix-symmetry's tolerance when --symprec is not given
-
-
-class _DropUntrainedWarning(logging.Filter):
-    """The command prints its own, louder warning about untrained checkpoints."""
-
-    def filter(self, record):
-        return "UNTRAINED" not in record.getMessage()
 
 
 @click.command("relax")
@@ -132,7 +128,7 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
 
     from e3relax_ase import distributed as torchrun_job
     from e3relax_ase.cli.relax_files import FileJob, OutputRules
-    from e3relax_ase.cli.relax_report import Progress, closing_line
+    from e3relax_ase.cli.relax_report import Progress, _summary, closing_line
     from e3relax_ase.io.checkpoint import CheckpointError
     from e3relax_ase.io.claims import new_run_id
     from e3relax_ase.io.files import expand_inputs
@@ -274,175 +270,3 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
     if failed:
         # A ClickException (not Exit): cli.main's callers get its exit code in every mode.
         raise click.ClickException(f"{len(failed)} input(s) failed: {', '.join(failed)}")
-
-
-def _refine_factory(refine_spec):
-    if not refine_spec:
-        return None
-    from e3relax_ase.relax.calculators import resolve_calculator
-
-    try:
-        return resolve_calculator(refine_spec)
-    except (ImportError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--refine") from None
-
-
-def _refine_options(refine_spec, optimizer: str, cell_filter: str) -> dict:
-    """--optimizer and --cell-filter, checked (names only: the classes load when refining)."""
-    if not refine_spec:
-        if optimizer != "FIRE" or cell_filter != "FrechetCellFilter":
-            logger.warning("--optimizer and --cell-filter apply to --refine only")
-        return {}
-    from e3relax_ase.relax.refine import CELL_FILTERS, OPTIMIZERS
-
-    if optimizer not in OPTIMIZERS:
-        raise click.BadParameter(f"{optimizer!r}: use one of {', '.join(OPTIMIZERS)}", param_hint="--optimizer")
-    chosen: str | None = cell_filter
-    if cell_filter.lower() == "none":
-        chosen = None
-    elif cell_filter not in CELL_FILTERS:
-        raise click.BadParameter(f"{cell_filter!r}: use one of {', '.join(CELL_FILTERS)} or none", param_hint="--cell-filter")
-    return {"optimizer": optimizer, "cell_filter": chosen}
-
-
-def _make_relaxer(OneShotRelaxer, CheckpointError, checkpoint, device, dtype, batch_size, precision, compile_network):
-    relaxer_logger = logging.getLogger("e3relax_ase.relax.relaxer")
-    quiet_filter = _DropUntrainedWarning()
-    relaxer_logger.addFilter(quiet_filter)
-    try:
-        return OneShotRelaxer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, precision=precision, compile=compile_network)
-    except (CheckpointError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        relaxer_logger.removeFilter(quiet_filter)
-
-
-def _cpu_threads(threads: str, relaxer):
-    """A context setting torch's threads for the run from --threads (the network on a CPU only)."""
-    import contextlib
-
-    import torch
-
-    from e3relax_ase.relax.threads import threads_for_a_busy_cpu, torch_threads
-
-    if threads == "auto":
-        if relaxer.device.type != "cpu":
-            return contextlib.nullcontext()
-        count = threads_for_a_busy_cpu(torch.get_num_threads())
-        if count < torch.get_num_threads():
-            logger.info("other work keeps the CPU busy (load average %.1f): the network runs on one thread", os.getloadavg()[0])
-        return torch_threads(count)
-    try:
-        count = int(threads)
-    except ValueError:
-        raise click.BadParameter(f"{threads!r} is neither 'auto' nor a number", param_hint="--threads") from None
-    if count < 1:
-        raise click.BadParameter("must be 1 or more", param_hint="--threads")
-    return torch_threads(count)
-
-
-def _workers(workers: str, relaxer, world) -> tuple[int, int]:
-    """(worker processes, structures a flush needs before they start) from --workers."""
-    if workers == "auto":
-        from e3relax_ase.relax.workers import AUTO_MIN_STRUCTURES, auto_num_workers
-
-        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world.active else 1
-        return auto_num_workers(relaxer.device, per_host), AUTO_MIN_STRUCTURES
-    try:
-        num_workers = int(workers)
-    except ValueError:
-        raise click.BadParameter(f"{workers!r} is neither 'auto' nor a number", param_hint="--workers") from None
-    if num_workers < 0:
-        raise click.BadParameter("must be 0 or more", param_hint="--workers")
-    return num_workers, 0
-
-
-class _Extras:
-    """The refinement's --trajectory and --logfile: where they go, opened once for the run."""
-
-    def __init__(self, trajectory, logfile, overwrite: bool, world):
-        self.trajectory = None
-        self.logfile = None
-        self.overwrite = overwrite
-        self.written: set[Path] = set()  # per-structure trajectory files this run writes
-        self._opened: list[Any] = []  # file objects and Trajectories, closed at the end
-        if trajectory:
-            self.trajectory = self._trajectory(trajectory, overwrite, world)
-        if logfile == "-":
-            self.logfile = sys.stderr  # stdout is for --json
-        elif logfile:
-            self.logfile = self._open(Path(logfile), overwrite, "--logfile", lambda p: open(p, "w"))
-
-    def _trajectory(self, given: str, overwrite: bool, world):
-        if "{index}" in given:
-            raise click.BadParameter("use {name} (the structure's input file and frame), not {index}", param_hint="--trajectory")
-        if "{" in given:
-            return given  # one file per structure, named by relax_many
-        if given.endswith(("/", os.sep)) or Path(given).is_dir():
-            Path(given).mkdir(parents=True, exist_ok=True)
-            return str(Path(given) / "{name}.traj")
-        if world.active:
-            raise click.BadParameter("one file for several processes: use a DIR/ or a pattern with {name}", param_hint="--trajectory")
-        from ase.io.trajectory import Trajectory
-
-        return self._open(Path(given), overwrite, "--trajectory", lambda p: Trajectory(str(p), "w"))
-
-    def _open(self, path: Path, overwrite: bool, option: str, opener):
-        if path.exists() and not overwrite:
-            raise click.BadParameter(f"{path} exists (this run did not write it); --overwrite replaces it", param_hint=option)
-        handle = opener(path)
-        self._opened.append(handle)
-        return handle
-
-    def drop_existing_trajectories(self, queue: list) -> int:
-        """Fail (and take out of ``queue``) the structures whose own trajectory file exists
-        and was not written by this run, unless --overwrite; how many."""
-        if self.overwrite or not isinstance(self.trajectory, str):
-            return 0
-        from e3relax_ase.relax.finish import trajectory_path
-
-        kept = []
-        for entry in queue:
-            job, index, _ = entry
-            path = Path(trajectory_path(self.trajectory, index, job.label(index)))
-            if path.exists() and path not in self.written:
-                job.take(index, f"{job.label(index)}: trajectory {path} exists (this run did not write it); --overwrite replaces it")
-            else:
-                self.written.add(path)
-                kept.append(entry)
-        dropped = len(queue) - len(kept)
-        queue[:] = kept
-        return dropped
-
-    def options(self) -> dict:
-        extra = {}
-        if self.trajectory is not None:
-            extra["trajectory"] = self.trajectory
-        if self.logfile is not None:
-            extra["logfile"] = self.logfile
-        return extra
-
-    def close(self) -> None:
-        for handle in self._opened:
-            handle.close()
-
-
-def _summary(jobs: list, empty_folders: list, relaxer) -> dict:
-    """The --json summary: one entry per structure (or per input that could not be opened)."""
-    results = []
-    for message in empty_folders:
-        folder = message.split(": folder holds", 1)[0]
-        results.append({"input": folder, "source": folder, "index": None, "frame": None, "output": None,
-                        "status": "failed", "error": message})  # fmt: skip
-    for job in jobs:
-        results += job.summary_entries()
-    count = {status: sum(r["status"] == status for r in results) for status in ("ok", "failed", "skipped")}
-    info = relaxer.info
-    return {
-        "checkpoint": {"name": info.name, "sha256": info.sha256, "untrained": info.untrained},
-        "device": str(relaxer.device),
-        "n_ok": count["ok"],
-        "n_failed": count["failed"],
-        "n_skipped": count["skipped"],
-        "results": results,
-    }

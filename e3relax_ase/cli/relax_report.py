@@ -71,3 +71,24 @@ def closing_line(summary: dict, elapsed: float, relaxing: float) -> str:
     else:
         parts.append("wrote nothing")
     return "e3relax-ase: " + "; ".join(parts)
+
+
+def _summary(jobs: list, empty_folders: list, relaxer) -> dict:
+    """The --json summary: one entry per structure (or per input that could not be opened)."""
+    results = []
+    for message in empty_folders:
+        folder = message.split(": folder holds", 1)[0]
+        results.append({"input": folder, "source": folder, "index": None, "frame": None, "output": None,
+                        "status": "failed", "error": message})  # fmt: skip
+    for job in jobs:
+        results += job.summary_entries()
+    count = {status: sum(r["status"] == status for r in results) for status in ("ok", "failed", "skipped")}
+    info = relaxer.info
+    return {
+        "checkpoint": {"name": info.name, "sha256": info.sha256, "untrained": info.untrained},
+        "device": str(relaxer.device),
+        "n_ok": count["ok"],
+        "n_failed": count["failed"],
+        "n_skipped": count["skipped"],
+        "results": results,
+    }

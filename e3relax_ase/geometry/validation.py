@@ -79,7 +79,7 @@ def neighbor_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     Returns:
         (receiver i [n_pairs], sender j [n_pairs], distance [n_pairs] Å) as numpy arrays.
     """
-    from e3relax_ase.geometry.graph import periodic_pairs
+    from e3relax_ase.geometry.neighbors import periodic_pairs
 
     receivers, senders, _, distances = periodic_pairs(
         np.asarray(positions, dtype=np.float64), np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool), cutoff
@@ -264,7 +264,7 @@ def prepare_arrays(
         form = wrap_into(positions, seen, transform, pbc)
     else:
         form = wrap_into(positions, cell, np.eye(3, dtype=np.int64), pbc)
-    from e3relax_ase.geometry.graph import periodic_pairs
+    from e3relax_ase.geometry.neighbors import periodic_pairs
 
     pairs = periodic_pairs(form.positions, form.cell, pbc, cutoff)
     receivers, senders, _, distances = pairs
@@ -275,7 +275,7 @@ def prepare_arrays(
         what = f"atom {i} is {closest:.3f} Å from its own periodic image" if i == j else f"atoms {i} and {j} are {closest:.3f} Å apart"
         _fail(name, f"{what} (< {min_distance} Å); overlapping atoms")
     counts = np.bincount(receivers, minlength=n_atoms)
-    lonely = np.flatnonzero(counts == 0)  # the search stops at graph.graph_radius: cutoff - ISOLATION_MARGIN
+    lonely = np.flatnonzero(counts == 0)  # the search stops at neighbors.graph_radius: cutoff - ISOLATION_MARGIN
     if len(lonely):
         _fail(
             name,

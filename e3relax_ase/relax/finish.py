@@ -37,7 +37,7 @@ from e3relax_ase.io.structures import (
 )
 from e3relax_ase.relax.items import Item, PredictionError, RelaxOptions
 from e3relax_ase.relax.predict import Prediction
-from e3relax_ase.relax.workers import judge_prediction
+from e3relax_ase.relax.sanity import judge_prediction
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Finisher:
     def finish(self, item: Item, prediction: Prediction, options: RelaxOptions, verdict=None):
         """Sanity-check, apply, optionally refine, record provenance; return the caller's type.
 
-        ``verdict``: the item's (SanityReport, Confidence) from ``sanity.judge_batch`` (here or in
+        ``verdict``: the item's (SanityReport, Confidence) from ``sanity_batch.judge_batch`` (here or in
         a worker), or its exception; None judges it here alone (``judge_prediction``).
         """
         positions, cell = prediction.positions[-1], prediction.cell[-1]

@@ -13,9 +13,9 @@ from typing import Any
 
 from e3relax_ase.relax.finish import Finisher
 from e3relax_ase.relax.items import Item, RelaxFailure, RelaxOptions
+from e3relax_ase.relax.pool_judge import collect_verdicts, judge_here, submit_judging
 from e3relax_ase.relax.predict import Prediction
 from e3relax_ase.relax.runner import NetworkRunner
-from e3relax_ase.relax.workers import collect_verdicts, judge_here, submit_judging
 
 logger = logging.getLogger(__name__)
 

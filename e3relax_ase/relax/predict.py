@@ -34,7 +34,7 @@ def graph_from_canonical(crystals: Sequence[CrystalArrays], forms: Sequence[Cano
     """Build the batched graph of crystals already in canonical form.
 
     The edges are those of the float64 canonical crystal whatever ``dtype`` is (the search
-    validation runs, which ``workers.graph_edges`` reuses): the network's precision rounds
+    validation runs, which ``preparation.graph_edges`` reuses): the network's precision rounds
     the positions it computes with, not the choice of neighbours.
     """
     return build_graph(

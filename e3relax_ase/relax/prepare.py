@@ -13,19 +13,12 @@ from e3relax_ase.geometry.validation import InvalidStructureError
 from e3relax_ase.io.structures import as_atoms, copy_atoms, crystal_arrays
 from e3relax_ase.relax import items as naming
 from e3relax_ase.relax.items import Item, RaiseLater, RelaxFailure, RelaxOptions, given_name
-from e3relax_ase.relax.workers import (
-    UNNAMED,
-    PreparationSettings,
-    StructureSpec,
-    graph_edges,
-    named,
-    prepare_structure,
-    prepared_in_pool,
-)
+from e3relax_ase.relax.pool_prepare import StructureSpec, prepared_in_pool
+from e3relax_ase.relax.preparation import UNNAMED, PreparationSettings, graph_edges, named, prepare_structure
 
 
 def prepare_atoms(atoms, name: str, settings: PreparationSettings):
-    """``workers.prepare_structure`` on an Atoms: (PreparedCrystal, VacuumLayout or None)."""
+    """``preparation.prepare_structure`` on an Atoms: (PreparedCrystal, VacuumLayout or None)."""
     arrays = atoms.arrays
     others = {key: value for key, value in arrays.items() if key not in ("numbers", "positions")}
     return prepare_structure(arrays["numbers"], arrays["positions"], atoms.cell.array, atoms.pbc, name=name, per_atom_arrays=others, settings=settings)
@@ -67,7 +60,7 @@ def pooled(structures, names, inplace: bool, keep_pristine: bool, errors: str, o
 
     This process converts and copies each structure (``shell``) and sends its arrays; the
     workers run the same functions on the same numbers, so the items are the same
-    (e3relax_ase.relax.workers).
+    (e3relax_ase.relax.pool_prepare).
     """
 
     def shell_of(index: int, structure):

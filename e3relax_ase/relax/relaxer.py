@@ -39,10 +39,12 @@ from e3relax_ase.relax.finish import Finisher, per_structure
 from e3relax_ase.relax.heap import keep_freed_heap
 from e3relax_ase.relax.items import BatchBudget, PredictionError, RefineOptions, RelaxFailure, RelaxOptions, name_of
 from e3relax_ase.relax.pipeline import ChunkPipeline, Results, freeze_garbage_collection, progress_bar
+from e3relax_ase.relax.pool import pool_is_broken, start_worker_pool
+from e3relax_ase.relax.prefetch import PREFETCH_ITEMS, prefetched
+from e3relax_ase.relax.preparation import PreparationSettings
 from e3relax_ase.relax.prepare import pooled, prepare_atoms, prepared
 from e3relax_ase.relax.runner import NetworkRunner
 from e3relax_ase.relax.threads import torch_threads
-from e3relax_ase.relax.workers import PREFETCH_ITEMS, PreparationSettings, pool_is_broken, prefetched, start_worker_pool
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor

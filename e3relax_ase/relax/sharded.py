@@ -8,8 +8,8 @@ import logging
 from collections.abc import Sequence
 
 from e3relax_ase.distributed import World, map_sharded
+from e3relax_ase.relax.pool import picklable_error
 from e3relax_ase.relax.relaxer import RelaxFailure
-from e3relax_ase.relax.workers import picklable_error
 
 logger = logging.getLogger(__name__)
 

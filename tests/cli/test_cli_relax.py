@@ -301,12 +301,12 @@ def test_workers_option_gives_the_same_file_and_checks_its_value(tmp_path, check
 def test_auto_workers_follow_the_device_and_the_cores(monkeypatch):
     import torch
 
-    from e3relax_ase.relax import workers
+    from e3relax_ase.relax import pool
 
-    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
-    assert workers.auto_num_workers(torch.device("cpu")) == 0
-    assert workers.auto_num_workers(torch.device("cuda", 1)) == 14  # at most AUTO_MAX_WORKERS
-    assert workers.auto_num_workers(torch.device("cuda", 0), processes_per_host=2) == 14  # 32 // 2 - 2
-    assert workers.auto_num_workers(torch.device("cuda", 0), processes_per_host=8) == 3  # 32 // 8 - 1 (a small share)
-    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert workers.auto_num_workers(torch.device("cuda", 0)) == 0
+    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert pool.auto_num_workers(torch.device("cpu")) == 0
+    assert pool.auto_num_workers(torch.device("cuda", 1)) == 14  # at most AUTO_MAX_WORKERS
+    assert pool.auto_num_workers(torch.device("cuda", 0), processes_per_host=2) == 14  # 32 // 2 - 2
+    assert pool.auto_num_workers(torch.device("cuda", 0), processes_per_host=8) == 3  # 32 // 8 - 1 (a small share)
+    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert pool.auto_num_workers(torch.device("cuda", 0)) == 0

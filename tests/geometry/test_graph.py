@@ -3,7 +3,8 @@ import pytest
 import torch
 from ase.build import bulk, fcc111
 
-from e3relax_ase.geometry.graph import build_graph, cap_neighbors, edge_vectors, neighbor_edges
+from e3relax_ase.geometry.graph import build_graph, edge_vectors
+from e3relax_ase.geometry.neighbors import cap_neighbors, neighbor_edges
 from e3relax_ase.relax.predict import CrystalArrays
 from e3relax_ase.testing import random_crystal
 
@@ -137,7 +138,7 @@ def test_float32_graph_has_the_edges_of_the_float64_crystal():
     """A pair 1e-9 Å inside the graph radius is an edge of the exact crystal; rounding the
     positions to float32 first (the old float32 path) would put it outside and drop it."""
     from e3relax_ase.geometry.canonical import CanonicalForm
-    from e3relax_ase.geometry.graph import graph_radius
+    from e3relax_ase.geometry.neighbors import graph_radius
     from e3relax_ase.relax.predict import graph_from_canonical
 
     cutoff = 6.0

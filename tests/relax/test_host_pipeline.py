@@ -130,7 +130,7 @@ def test_narrowed_worker_outcomes_give_the_same_graph_and_restore():
     import torch
 
     from e3relax_ase.geometry.graph import graph_from_edges
-    from e3relax_ase.relax.workers import _narrowest
+    from e3relax_ase.relax.pool_prepare import _narrowest
 
     rng = np.random.default_rng(5)
     forms, bounds = _forms(rng, 12)
@@ -168,7 +168,7 @@ def _reference_relax_many(relaxer, structures, relax_cell, chunk):
     from e3relax_ase.geometry.vacuum import find_vacuum
     from e3relax_ase.io.structures import apply_prediction, clear_provenance, crystal_arrays
     from e3relax_ase.relax.predict import CrystalArrays, predict
-    from e3relax_ase.relax.sanity import judge_batch
+    from e3relax_ase.relax.sanity_batch import judge_batch
 
     out = []
     for start in range(0, len(structures), chunk):

@@ -24,7 +24,8 @@ from ase.build import bulk, fcc111
 from ase.constraints import FixAtoms
 
 from e3relax_ase.geometry.canonical import canonicalize, reduce_cell, wrap_into
-from e3relax_ase.geometry.graph import CrystalGraph, build_graph, capped_edges, capped_edges_many, graph_from_edges, neighbor_edges, periodic_pairs
+from e3relax_ase.geometry.graph import CrystalGraph, build_graph, graph_from_edges
+from e3relax_ase.geometry.neighbors import capped_edges, capped_edges_many, neighbor_edges, periodic_pairs
 from e3relax_ase.geometry.validation import InvalidStructureError, prepare_arrays, validate_atoms
 from e3relax_ase.io.structures import apply_prediction, crystal_arrays
 from e3relax_ase.relax.predict import CrystalArrays, graph_from_canonical, predict
@@ -186,7 +187,7 @@ def test_predict_with_prepared_forms_and_graph_is_predict():
 
 def test_distance_bound_gives_the_searched_report():
     """check_prediction with the bound (no search when it proves no close pair) = without it."""
-    from e3relax_ase.relax.sanity import no_close_pairs
+    from e3relax_ase.relax.sanity_search import no_close_pairs
 
     rng = np.random.default_rng(3)
     searched = skipped = 0

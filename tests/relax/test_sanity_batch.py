@@ -1,4 +1,4 @@
-"""``sanity.judge_batch``: the verdicts of ``judge_prediction``, many structures at once.
+"""``sanity_batch.judge_batch``: the verdicts of ``judge_prediction``, many structures at once.
 
 A structure's verdict must not depend on the other structures of its batch (the workers judge
 tasks of 32, the relaxer a whole chunk, ``relax`` one): bit for bit. Against the one-at-a-time
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111
 
-from e3relax_ase.relax.sanity import judge_batch, judge_prediction
+from e3relax_ase.relax.sanity import judge_prediction
+from e3relax_ase.relax.sanity_batch import judge_batch
 
 
 def _case(atoms, rng, kind):
@@ -118,6 +119,7 @@ def test_verdicts_are_those_of_judge_prediction(relax_cell):
 
 def test_a_failing_structure_fails_alone(monkeypatch):
     import e3relax_ase.relax.sanity as sanity
+    import e3relax_ase.relax.sanity_batch as sanity_batch
 
     original = sanity._searched_report
 
@@ -127,6 +129,7 @@ def test_a_failing_structure_fails_alone(monkeypatch):
         return original(positions, *args)
 
     monkeypatch.setattr(sanity, "_searched_report", broken)
+    monkeypatch.setattr(sanity_batch, "_searched_report", broken)
     verdicts = _batch(CASES, True)
     assert isinstance(verdicts[4], RuntimeError)  # the "close" case needs the search
     assert sum(isinstance(v, Exception) for v in verdicts) == sum(

@@ -1,5 +1,5 @@
 """The sanity check's close-pair search at a wider radius names the same pair, at the same
-distance, as the search at ``min_distance`` (sanity.closest_pair vs closest_pair_searched)."""
+distance, as the search at ``min_distance`` (sanity_search.closest_pair vs closest_pair_searched)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from ase.build import bulk, fcc111
 
 from e3relax_ase.geometry import validation
 from e3relax_ase.keys import MIN_DISTANCE
-from e3relax_ase.relax.sanity import check_prediction, closest_pair, closest_pair_searched
+from e3relax_ase.relax.sanity import check_prediction
+from e3relax_ase.relax.sanity_search import closest_pair, closest_pair_searched
 
 
 def _cells(rng):

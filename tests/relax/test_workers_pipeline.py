@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from e3relax_ase.relax import workers
+from e3relax_ase.relax import pool_prepare
 from e3relax_ase.relax.relaxer import OneShotRelaxer
 from e3relax_ase.testing import random_crystal, tiny_model
 
@@ -42,7 +42,7 @@ def _specs(n_structures, n_atoms):
     specs = []
     for _ in range(n_structures):
         crystal = random_crystal(rng, n_atoms=n_atoms)
-        specs.append(workers.StructureSpec(np.asarray(crystal.numbers, dtype=np.int64), crystal.positions, crystal.cell, np.ones(3, dtype=bool), None, {}))
+        specs.append(pool_prepare.StructureSpec(np.asarray(crystal.numbers, dtype=np.int64), crystal.positions, crystal.cell, np.ones(3, dtype=bool), None, {}))
     return specs
 
 
@@ -50,21 +50,21 @@ def _run(specs, num_workers):
     settings = OneShotRelaxer(tiny_model(), device="cpu").preparation_settings()
     pool = _CountingPool()
     shell = lambda index, spec: (f"item{index}", spec)  # noqa: E731
-    out = list(workers.prepared_in_pool(specs, shell, pool, num_workers, settings))
+    out = list(pool_prepare.prepared_in_pool(specs, shell, pool, num_workers, settings))
     return out, pool.most_pending
 
 
 def test_read_ahead_is_bounded_by_tasks_and_by_atoms(monkeypatch):
-    specs = _specs(40 * workers.TASK_STRUCTURES, 2)
+    specs = _specs(40 * pool_prepare.TASK_STRUCTURES, 2)
     out, most = _run(specs, num_workers=2)
     assert [index for index, _, _ in out] == list(range(len(specs)))
     assert all(not isinstance(outcome, Exception) for _, _, outcome in out)
-    assert most == workers.TASKS_IN_FLIGHT_PER_WORKER * 2 + 1  # the cap, then one collected per new task
+    assert most == pool_prepare.TASKS_IN_FLIGHT_PER_WORKER * 2 + 1  # the cap, then one collected per new task
     # Large crystals: the atom bound takes over, down to one task per worker (plus the new one).
-    monkeypatch.setattr(workers, "READ_AHEAD_ATOMS", 3 * workers.TASK_STRUCTURES * 2)
+    monkeypatch.setattr(pool_prepare, "READ_AHEAD_ATOMS", 3 * pool_prepare.TASK_STRUCTURES * 2)
     _, most = _run(specs, num_workers=2)
     assert most == 3 + 1
-    monkeypatch.setattr(workers, "READ_AHEAD_ATOMS", 0)
+    monkeypatch.setattr(pool_prepare, "READ_AHEAD_ATOMS", 0)
     _, most = _run(specs, num_workers=2)
     assert most == 2 + 1
 
