@@ -49,7 +49,7 @@ class ToyTeacher:
         self.seconds = 0.0
 
     def __call__(self, positions, cell, numbers, batch, n_atoms):
-        from e3relax_ase.training.batched_relax import TeacherOutput
+        from e3relax_ase.training.distill.batched_relax import TeacherOutput
 
         frac = torch.einsum("ni,nij->nj", positions, torch.linalg.inv(cell)[batch])
         wells = torch.einsum("ni,nij->nj", torch.round(frac * 4.0) / 4.0, cell[batch])
@@ -159,14 +159,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from e3relax_ase.training import batched_relax as new
+    from e3relax_ase.training.distill import batched_relax as new
 
     old = load_module(Path(args.old_module), "old_batched_relax")
     inputs = load_inputs(args)
     if args.teacher == "toy":
         teacher = ToyTeacher()
     else:
-        from e3relax_ase.training.teacher_sevennet import SevenNetTeacher
+        from e3relax_ase.training.distill.teacher_sevennet import SevenNetTeacher
 
         teacher = SevenNetTeacher("7net-0", device=args.device)
     runs = {"old": [], "new": []}

@@ -14,16 +14,16 @@ pytest.importorskip("spglib")
 
 from ase.build import bulk
 
-from e3relax_ase.training.inputs import chemistry, wyckoff
-from e3relax_ase.training.inputs.chemistry import (
+from e3relax_ase.training.distill.inputs import chemistry, wyckoff
+from e3relax_ase.training.distill.inputs.chemistry import (
     COVERED_NUMBERS,
     charge_balanced_composition,
     intermetallic_composition,
     mendeleev_number,
     oxidation_states,
 )
-from e3relax_ase.training.inputs.layered import cut_slab, mx2_sheet
-from e3relax_ase.training.inputs.plan import (
+from e3relax_ase.training.distill.inputs.layered import cut_slab, mx2_sheet
+from e3relax_ase.training.distill.inputs.plan import (
     LARGE_ATOMS,
     InputFactory,
     InputPlan,
@@ -31,9 +31,9 @@ from e3relax_ase.training.inputs.plan import (
     make_input_set,
     quota_shortfall,
 )
-from e3relax_ase.training.inputs.prototypes import substituted_prototype
-from e3relax_ase.training.inputs.starts import hard_start
-from e3relax_ase.training.inputs.supercells import random_supercell
+from e3relax_ase.training.distill.inputs.prototypes import substituted_prototype
+from e3relax_ase.training.distill.inputs.starts import hard_start
+from e3relax_ase.training.distill.inputs.supercells import random_supercell
 
 # Wyckoff positions per space group, International Tables for Crystallography vol. A
 # (the standard setting; letters a... counted, the general position included).
@@ -127,7 +127,7 @@ def test_similar_elements_are_close_on_the_mendeleev_scale():
 
 @pytest.fixture(scope="module")
 def small_prototypes():
-    from e3relax_ase.training.seeds import load_seed_structures
+    from e3relax_ase.training.data.seeds import load_seed_structures
 
     seeds = load_seed_structures("aflow")
     return [a for a in seeds if len(a) <= 16]
@@ -274,8 +274,8 @@ def test_make_inputs_cli_writes_the_distill_format(tmp_path):
 
 
 def test_inputs_get_the_split_rule_of_pairs():
-    from e3relax_ase.training.pairs import PairSet, load_pairs
-    from e3relax_ase.training.splits import DEFAULT_NAMES, assign_systems_keeping, chemical_systems, split_keeping_systems
+    from e3relax_ase.training.data.pairs import PairSet, load_pairs
+    from e3relax_ase.training.data.splits import DEFAULT_NAMES, assign_systems_keeping, chemical_systems, split_keeping_systems
 
     train, test = load_pairs("data/nrel_zintl/train.npz"), load_pairs("data/nrel_zintl/test.npz")
     existing = {"train": train.subset(np.arange(2000)), "test": test.subset(np.arange(300))}

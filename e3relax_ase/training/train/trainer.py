@@ -3,7 +3,7 @@ step the host never waits for.
 
 train() -> train_one_epoch() -> take_step(); evaluate() on the EMA weights after each epoch.
 Pairs, their graphs and targets are prepared once and live on the training device; an epoch's
-batches are packed by an atom/edge budget and indexed on the host (``training.batching``),
+batches are packed by an atom/edge budget and indexed on the host (``training.train.batching``),
 so within an epoch no value is read back from the device: the host queues steps ahead of
 the GPU, and the epoch's loss sums are read once at its end.
 
@@ -30,11 +30,11 @@ from e3relax_ase.distributed import World
 from e3relax_ase.io.checkpoint import load_checkpoint, save_checkpoint
 from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.nn.compiled import compile_message_passing
-from e3relax_ase.training.batching import Budget, EpochBatches, pair_sizes, shard
-from e3relax_ase.training.config import TrainConfig
-from e3relax_ase.training.dataset import PreparedPairs, load_or_prepare
-from e3relax_ase.training.loss import relaxation_loss
-from e3relax_ase.training.metrics import COORD_MAE, DUMMY_PREFIX, VOLUME_ABS, structure_errors
+from e3relax_ase.training.train.batching import Budget, EpochBatches, pair_sizes, shard
+from e3relax_ase.training.train.config import TrainConfig
+from e3relax_ase.training.train.dataset import PreparedPairs, load_or_prepare
+from e3relax_ase.training.train.loss import relaxation_loss
+from e3relax_ase.training.train.metrics import COORD_MAE, DUMMY_PREFIX, VOLUME_ABS, structure_errors
 
 logger = logging.getLogger(__name__)
 

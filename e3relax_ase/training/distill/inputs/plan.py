@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from e3relax_ase.keys import MIN_DISTANCE
-from e3relax_ase.training.inputs.chemistry import COVERED_NUMBERS, chemical_system, random_composition
+from e3relax_ase.training.distill.inputs.chemistry import COVERED_NUMBERS, chemical_system, random_composition
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class InputFactory:
     def prototypes(self) -> list:
         """The prototypes, loaded on first use (parsing the perov_5 CIFs is slow)."""
         if self._prototypes is None:
-            from e3relax_ase.training.inputs.prototypes import load_prototypes
+            from e3relax_ase.training.distill.inputs.prototypes import load_prototypes
 
             self._prototypes = load_prototypes(self.plan.seeds_dir)
         return self._prototypes
@@ -145,7 +145,7 @@ class InputFactory:
     # -- bases -------------------------------------------------------------------------------
 
     def _symmetric(self, rng, require, size_range):
-        from e3relax_ase.training.inputs.wyckoff import random_symmetric_crystal
+        from e3relax_ase.training.distill.inputs.wyckoff import random_symmetric_crystal
 
         n_elements = int(rng.choice([2, 3, 4], p=[0.4, 0.4, 0.2]))
         composition, kind = random_composition(rng, n_elements, require=require)
@@ -167,7 +167,7 @@ class InputFactory:
         return None, None
 
     def _substituted(self, rng, max_atoms):
-        from e3relax_ase.training.inputs.prototypes import substituted_prototype
+        from e3relax_ase.training.distill.inputs.prototypes import substituted_prototype
 
         if max_atoms not in self._pools:
             self._pools[max_atoms] = [a for a in self.prototypes if len(a) <= max_atoms]
@@ -186,8 +186,8 @@ class InputFactory:
     # -- generators --------------------------------------------------------------------------
 
     def _draw(self, name: str, rng, require, large: bool):
-        from e3relax_ase.training.inputs.layered import cut_slab, mx2_sheet
-        from e3relax_ase.training.inputs.supercells import random_supercell
+        from e3relax_ase.training.distill.inputs.layered import cut_slab, mx2_sheet
+        from e3relax_ase.training.distill.inputs.supercells import random_supercell
 
         plan = self.plan
         lo = LARGE_ATOMS + 1 if large else plan.min_atoms
@@ -216,7 +216,7 @@ class InputFactory:
 
     def make(self, task: Task):
         """Input ``task.index``: ``(atoms, info)``, or ``(None, reason)`` after ``_ATTEMPTS`` draws."""
-        from e3relax_ase.training.inputs.starts import hard_start
+        from e3relax_ase.training.distill.inputs.starts import hard_start
 
         plan = self.plan
         rng = np.random.default_rng([plan.seed, task.index])
@@ -367,8 +367,8 @@ def assign_splits(results: list, existing_dir, fractions=(0.9, 0.05, 0.05), seed
     shared out by ``fractions``, so a pair made from the input can join the split without
     ever putting a test chemistry into training.
     """
-    from e3relax_ase.training.pairs import load_pairs
-    from e3relax_ase.training.splits import DEFAULT_NAMES, assign_systems_keeping, chemical_systems
+    from e3relax_ase.training.data.pairs import load_pairs
+    from e3relax_ase.training.data.splits import DEFAULT_NAMES, assign_systems_keeping, chemical_systems
 
     existing_dir = Path(existing_dir)
     existing = {name: chemical_systems(load_pairs(existing_dir / f"{name}.npz")) for name in DEFAULT_NAMES if (existing_dir / f"{name}.npz").exists()}

@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from e3relax_ase.training.pairs import (
+from e3relax_ase.training.data.pairs import (
     PAIR_ID_KEY,
     ROLE_KEY,
     ROLE_RELAXED,

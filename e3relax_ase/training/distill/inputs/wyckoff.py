@@ -357,7 +357,7 @@ def random_symmetric_crystal(
     from ase.data import chemical_symbols
     from ase.geometry import cellpar_to_cell
 
-    from e3relax_ase.training.inputs.chemistry import atomic_volume
+    from e3relax_ase.training.distill.inputs.chemistry import atomic_volume
 
     group = space_group(number)
     used_fixed: set = set()

@@ -573,7 +573,7 @@ def save_pairs_extxyz(path: str | os.PathLike, pairset: PairSet, inputs: Iterabl
 
     Each frame's ``info`` carries ``pair_id`` and ``role``; the relaxed frame also carries the
     pair's free ``info`` (e.g. ``converged``, ``steps``, ``teacher``) and its energy, so that
-    :func:`e3relax_ase.training.importers.import_extxyz` reads the file back unchanged.
+    :func:`e3relax_ase.training.data.importers.import_extxyz` reads the file back unchanged.
 
     Args:
         path: destination ``.extxyz`` file.
