@@ -67,7 +67,7 @@ class CHGNetTeacher:
     def __call__(self, positions, cell, numbers, batch, n_atoms):
         from pymatgen.core import Lattice, Structure
 
-        from e3relax_ase.training.distill.batched_relax import TeacherOutput
+        from e3relax_ase.training.distill.batched_results import TeacherOutput
 
         pos, cells, z = positions.cpu().numpy(), cell.cpu().numpy(), numbers.cpu().numpy()
         offsets = np.concatenate([[0], np.cumsum(n_atoms.cpu().numpy())])
@@ -120,7 +120,7 @@ def select(n_pairs: int, n: int, seed: int) -> np.ndarray:
 
 
 def inputs_of(pairs, indices):
-    from e3relax_ase.training.distill.batched_relax import RelaxInput
+    from e3relax_ase.training.distill.batched_results import RelaxInput
 
     for k in indices:
         s = pairs.atom_slice(int(k))
@@ -139,7 +139,8 @@ def _sync(device: str) -> None:
 
 def relax_with(teacher, pairs, indices, args) -> dict:
     """Relax the selected inputs with one teacher; results by pair index and the loop's rates."""
-    from e3relax_ase.training.distill.batched_relax import FireParams, RelaxStats, relax_stream
+    from e3relax_ase.training.distill.batched_relax import relax_stream
+    from e3relax_ase.training.distill.batched_results import FireParams, RelaxStats
 
     params = FireParams(fmax=args.fmax, max_steps=args.max_steps, fresh_check=True)
     warm = RelaxStats()

@@ -306,7 +306,7 @@ def make_inputs(args) -> None:
             if element_volumes is not None:
                 # After the random volume factor, so the inputs' volumes still scatter around the guess.
                 atoms, volume_guess = blend_compound_volume(atoms, element_volumes)
-            from e3relax_ase.training.distill.batched_relax import min_interatomic_distance
+            from e3relax_ase.training.distill.batched_results import min_interatomic_distance
 
             if min_interatomic_distance(atoms.positions, atoms.cell.array, cutoff=1.0) <= 0.5:
                 continue
@@ -384,7 +384,7 @@ def _load_inputs(path: str):
 
 def _input_stream(inp, start: int, stop: int, feed_until: float | None = None):
     """RelaxInput per input index in [start, stop); stops early once time.time() > feed_until."""
-    from e3relax_ase.training.distill.batched_relax import RelaxInput
+    from e3relax_ase.training.distill.batched_results import RelaxInput
 
     off = inp["offsets"]
     for k in range(start, stop):
@@ -430,7 +430,8 @@ def bench(args) -> None:
     """Run the streaming relaxer for --seconds at each atom budget; report rates."""
     import torch
 
-    from e3relax_ase.training.distill.batched_relax import FireParams, RelaxStats, relax_stream
+    from e3relax_ase.training.distill.batched_relax import relax_stream
+    from e3relax_ase.training.distill.batched_results import FireParams, RelaxStats
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inp = _load_inputs(args.inputs)
@@ -557,7 +558,8 @@ def relax(args) -> None:
     """Production: stream inputs through the batched relaxer until the time budget."""
     import torch
 
-    from e3relax_ase.training.distill.batched_relax import FireParams, RelaxStats, relax_stream
+    from e3relax_ase.training.distill.batched_relax import relax_stream
+    from e3relax_ase.training.distill.batched_results import FireParams, RelaxStats
 
     t_start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -648,7 +650,7 @@ def finalize(args) -> None:
     """Raw GPU results -> pair file(s) of converged, sane pairs + RUNLOG.json."""
     from e3relax_ase.keys import MIN_DISTANCE, VOLUME_RATIO_RANGE
     from e3relax_ase.training.data.pairs import PairSet, save_pairs
-    from e3relax_ase.training.distill.batched_relax import (
+    from e3relax_ase.training.distill.batched_results import (
         RelaxResult,
         check_sane,
         min_interatomic_distance,

@@ -12,7 +12,7 @@ for run in "$@"; do
   [ -f ".gpu/carry/${name}_portable_state.pt" ] && cp ".gpu/carry/${name}_portable_state.pt" "$out_dir/training_state.pt"
   python3 -m e3relax_ase train "$config" --time-budget "$minutes" > "$OUT/${name}_summary.json" 2> "$OUT/${name}.log"
   tail -3 "$OUT/${name}.log"
-  python3 -c "from e3relax_ase.training.train.trainer import write_portable_state; write_portable_state('$out_dir', '$OUT/${name}_portable_state.pt')"
+  python3 -c "from e3relax_ase.training.train.export import write_portable_state; write_portable_state('$out_dir', '$OUT/${name}_portable_state.pt')"
   cp "$out_dir/best_ema.pt" "$OUT/${name}_best_ema.pt"
   cp "$out_dir/log.csv" "$OUT/${name}_log.csv"
 done

@@ -12,16 +12,9 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 
 from e3relax_ase.relax.threads import single_threaded_blas
-from e3relax_ase.training.distill.batched_relax import (
-    FireParams,
-    RelaxInput,
-    TeacherOutput,
-    check_sane,
-    expm_frechet_adjoint,
-    min_interatomic_distance,
-    relax_all,
-    relax_stream,
-)
+from e3relax_ase.training.distill.batched_relax import relax_all, relax_stream
+from e3relax_ase.training.distill.batched_results import FireParams, RelaxInput, TeacherOutput, check_sane, min_interatomic_distance
+from e3relax_ase.training.distill.frechet import expm_frechet_adjoint
 from e3relax_ase.training.distill.teacher_sevennet import periodic_edges
 
 
@@ -189,7 +182,7 @@ def test_periodic_edges_match_ase_neighbor_list():
 def test_sanity_checks():
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     assert min_interatomic_distance(atoms.positions, atoms.cell.array) == pytest.approx(3.6 / np.sqrt(2))
-    from e3relax_ase.training.distill.batched_relax import RelaxResult
+    from e3relax_ase.training.distill.batched_results import RelaxResult
 
     def result(positions, cell):
         return RelaxResult(None, atoms.numbers, atoms.positions, atoms.cell.array, positions, cell, -1.0, 0.0, 0.0, 1, True, "converged")

@@ -8,7 +8,8 @@ from e3relax_ase.io.checkpoint import load_checkpoint
 from e3relax_ase.training.data.pairs import load_pairs, save_pairs
 from e3relax_ase.training.train.config import TrainConfig
 from e3relax_ase.training.train.dataset import prepare_pairs
-from e3relax_ase.training.train.trainer import STATE_FILE, export_checkpoint, train
+from e3relax_ase.training.train.export import export_checkpoint
+from e3relax_ase.training.train.trainer import STATE_FILE, train
 from tests.paths import ROOT, TEST_DATA
 
 FIXTURE = TEST_DATA / "nrel_sample_pairs.npz"
@@ -157,7 +158,7 @@ def test_a_portable_state_resumes_on_another_machine(pair_files, tmp_path):
     the raw weights start at the EMA, the rate warms up again, and a lowered rate is allowed."""
     import shutil
 
-    from e3relax_ase.training.train.trainer import write_portable_state
+    from e3relax_ase.training.train.export import write_portable_state
 
     first = train(_config(pair_files, tmp_path / "here", max_epochs=2, batch_size=0, batch_atoms=64, warmup_epochs=1), device="cpu")
     assert first["epochs"] == 2
@@ -197,7 +198,7 @@ def test_batches_follow_the_atom_budget_and_cover_the_epoch(pair_files):
 def test_a_portable_state_may_name_its_weights_instead_of_holding_them(pair_files, tmp_path):
     import shutil
 
-    from e3relax_ase.training.train.trainer import export_checkpoint, write_portable_state
+    from e3relax_ase.training.train.export import export_checkpoint, write_portable_state
 
     train(_config(pair_files, tmp_path / "here", max_epochs=1, batch_size=0, batch_atoms=64), device="cpu")
     shipped = tmp_path / "shipped.pt"
