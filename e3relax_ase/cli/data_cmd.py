@@ -316,7 +316,8 @@ def make_inputs_cmd(
     prototypes, slabs and layered cells, supercells; all with hard starts (docs/data.md)."""
     import sys
 
-    from e3relax_ase.training.distill.inputs.plan import InputPlan, assign_splits, make_input_set, write_input_set
+    from e3relax_ase.training.distill.inputs.input_set import assign_splits, write_input_set
+    from e3relax_ase.training.distill.inputs.plan import InputPlan, make_input_set
 
     if output.exists() and extend_splits is not None and output.resolve().parent == extend_splits.resolve():
         raise click.ClickException(f"refusing to write into the split directory {extend_splits}")

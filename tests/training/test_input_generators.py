@@ -14,7 +14,7 @@ pytest.importorskip("spglib")
 
 from ase.build import bulk
 
-from e3relax_ase.training.distill.inputs import chemistry, wyckoff
+from e3relax_ase.training.distill.inputs import chemistry, spacegroups, wyckoff
 from e3relax_ase.training.distill.inputs.chemistry import (
     COVERED_NUMBERS,
     charge_balanced_composition,
@@ -52,17 +52,17 @@ def test_covered_elements_are_z_le_83_without_noble_gases_and_pm():
 
 @pytest.mark.parametrize("number", sorted(ITA_WYCKOFF_COUNTS))
 def test_wyckoff_kinds_match_international_tables(number):
-    group = wyckoff.space_group(number)
+    group = spacegroups.space_group(number)
     assert len(group.kinds) == ITA_WYCKOFF_COUNTS[number]
     # The general position first, with multiplicity = number of operations.
     assert group.kinds[0].n_free == 3 and group.kinds[0].multiplicity == group.n_ops
     for kind in group.kinds:
         point = kind.origin + kind.basis @ np.array([0.2113, 0.4271, 0.6637])[: kind.n_free]
-        assert len(wyckoff.orbit(group, point)) == kind.multiplicity
+        assert len(spacegroups.orbit(group, point)) == kind.multiplicity
 
 
 def test_wyckoff_total_over_all_groups():
-    assert sum(len(wyckoff.space_group(n).kinds) for n in range(1, 231)) == ITA_WYCKOFF_TOTAL
+    assert sum(len(spacegroups.space_group(n).kinds) for n in range(1, 231)) == ITA_WYCKOFF_TOTAL
 
 
 def test_random_symmetric_crystals_have_their_space_group():
@@ -84,7 +84,7 @@ def test_random_symmetric_crystals_have_their_space_group():
         # Every operation of the target group is a symmetry of the crystal: spglib finds the
         # group or a supergroup (when only special positions are occupied).
         dataset = spglib.get_symmetry_dataset((atoms.cell.array, atoms.get_scaled_positions(), atoms.numbers), symprec=1e-3)
-        group = wyckoff.space_group(number)
+        group = spacegroups.space_group(number)
         assert len(dataset.rotations) >= group.n_ops // group.n_centering
         exact += dataset.number == number
     assert exact >= 18
