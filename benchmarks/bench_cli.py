@@ -43,7 +43,7 @@ def nrel_inputs(n: int) -> list:
     """n unrelaxed NREL inputs (train, val and test splits in order, repeated to n)."""
     from ase import Atoms
 
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     frames = []
     for split in ("train", "val", "test"):

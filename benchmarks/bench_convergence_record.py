@@ -46,7 +46,7 @@ def _structures(calculator: str, n: int):
                     atoms.rattle(0.05, seed=seed)
                     yield f"{symbol} x{strain} seed {seed}", atoms
         return
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
     found = 0

@@ -58,7 +58,7 @@ def _structures() -> dict:
     from ase.build import fcc111
     from ase.spacegroup import crystal
 
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
     k = next(k for k in range(len(pairs)) if pairs.n_atoms[k] == 20)
@@ -75,7 +75,7 @@ def _many() -> list:
     """The first MANY crystals of the NREL test split (relax_many throughput)."""
     from ase import Atoms
 
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
     return [

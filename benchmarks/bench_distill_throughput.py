@@ -2,7 +2,8 @@
 
 Issue 17, deliverable 4, asks for twice today's kept pairs per GPU-hour, with the pairs
 unchanged. This runs the same inputs through two copies of the batched FIRE + Frechet driver
-(``--old-module``: a file, e.g. ``git show REV:e3relax_ase/training/batched_relax.py``; and
+(``--old-module``: a file, e.g. ``git show REV:e3relax_ase/training/distill/batched_relax.py``,
+``training/batched_relax.py`` in revisions before the training/ split; and
 the package's own) with the same teacher and atom budget, alternating old and new
 ``--repeats`` times, and reports for each: wall time, the teacher's share of it (timed around
 each call, synchronised on CUDA), the driver's own time per FIRE step (wall minus teacher,
@@ -49,7 +50,7 @@ class ToyTeacher:
         self.seconds = 0.0
 
     def __call__(self, positions, cell, numbers, batch, n_atoms):
-        from e3relax_ase.training.batched_relax import TeacherOutput
+        from e3relax_ase.training.distill.batched_results import TeacherOutput
 
         frac = torch.einsum("ni,nij->nj", positions, torch.linalg.inv(cell)[batch])
         wells = torch.einsum("ni,nij->nj", torch.round(frac * 4.0) / 4.0, cell[batch])
@@ -159,14 +160,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from e3relax_ase.training import batched_relax as new
+    from e3relax_ase.training.distill import batched_relax as new
 
     old = load_module(Path(args.old_module), "old_batched_relax")
     inputs = load_inputs(args)
     if args.teacher == "toy":
         teacher = ToyTeacher()
     else:
-        from e3relax_ase.training.teacher_sevennet import SevenNetTeacher
+        from e3relax_ase.training.distill.teacher_sevennet import SevenNetTeacher
 
         teacher = SevenNetTeacher("7net-0", device=args.device)
     runs = {"old": [], "new": []}

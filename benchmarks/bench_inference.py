@@ -31,7 +31,7 @@ from e3relax_ase.geometry.canonical import canonicalize  # noqa: E402
 from e3relax_ase.io.checkpoint import load_checkpoint  # noqa: E402
 from e3relax_ase.nn.model import E3RelaxH2  # noqa: E402
 from e3relax_ase.relax.predict import CrystalArrays, graph_from_canonical  # noqa: E402
-from e3relax_ase.training.pairs import load_pairs  # noqa: E402
+from e3relax_ase.training.data.pairs import load_pairs  # noqa: E402
 
 
 def synchronize(device):

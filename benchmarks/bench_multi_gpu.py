@@ -73,7 +73,7 @@ def config_copy(source: Path, out_dir: str, directory: Path, epochs: int, amp: b
 def prepare_cache(config: Path) -> None:
     """Fill the preparation cache from one process before several read it."""
     code = (
-        "import sys; from e3relax_ase.training.config import TrainConfig; from e3relax_ase.training.dataset import load_or_prepare\n"
+        "import sys; from e3relax_ase.training.train.config import TrainConfig; from e3relax_ase.training.train.dataset import load_or_prepare\n"
         "c = TrainConfig.from_yaml(sys.argv[1]); m = c.model_config\n"
         "load_or_prepare(c.train_data, m.cutoff, m.max_neighbors, c.cache_dir)\n"
         "load_or_prepare(c.val_data, m.cutoff, m.max_neighbors, c.cache_dir, max_pairs=c.val_max_pairs)\n"
@@ -99,7 +99,7 @@ def throughput(rows: list[dict], n_train: int) -> dict:
 
 
 def run_train(args) -> dict:
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,7 @@ def nrel_inputs(n: int) -> list:
     """n unrelaxed NREL inputs (train, val and test splits in order, repeated to n)."""
     from ase import Atoms
 
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     frames = []
     for split in ("train", "val", "test"):

@@ -42,7 +42,7 @@ def main():
 
     from e3relax_ase.relax.calculators import resolve_calculator
     from e3relax_ase.relax.relaxer import OneShotRelaxer
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     torch.set_num_threads(1)
     relaxer = OneShotRelaxer("default", device=args.device)

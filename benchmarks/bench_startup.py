@@ -57,7 +57,7 @@ def _input_cif(directory: Path) -> tuple[Path, str]:
     import ase.io
     from ase import Atoms
 
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
     k = next(k for k in range(len(pairs)) if pairs.n_atoms[k] == N_ATOMS)

@@ -2,7 +2,7 @@
 
 Issue 17, deliverable 1. Every teacher relaxes the same NREL real-DFT inputs (the train split
 only: data/nrel_zintl/train.npz, so the held-out splits stay unseen by any choice made here)
-with the project's batched FIRE + Frechet cell filter (training/batched_relax.py, the
+with the project's batched FIRE + Frechet cell filter (training/distill/batched_relax.py, the
 distillation's optimizer: ASE 3.29 FIRE defaults, fmax 0.02 eV/Å with the fresh-filter check,
 at most 500 steps). Each relaxed structure is compared with the DFT-relaxed one:
 
@@ -67,7 +67,7 @@ class CHGNetTeacher:
     def __call__(self, positions, cell, numbers, batch, n_atoms):
         from pymatgen.core import Lattice, Structure
 
-        from e3relax_ase.training.batched_relax import TeacherOutput
+        from e3relax_ase.training.distill.batched_results import TeacherOutput
 
         pos, cells, z = positions.cpu().numpy(), cell.cpu().numpy(), numbers.cpu().numpy()
         offsets = np.concatenate([[0], np.cumsum(n_atoms.cpu().numpy())])
@@ -106,7 +106,7 @@ def make_teacher(spec: str, device: str):
     """A batched teacher for a ``--teachers`` entry (see the module docstring)."""
     if spec.startswith("chgnet-"):
         return CHGNetTeacher(spec[len("chgnet-") :], device)
-    from e3relax_ase.training.teacher_sevennet import SevenNetTeacher
+    from e3relax_ase.training.distill.teacher_sevennet import SevenNetTeacher
 
     model, _, modal = spec.partition(":")
     return SevenNetTeacher(model, device=device, modal=modal or None)
@@ -120,7 +120,7 @@ def select(n_pairs: int, n: int, seed: int) -> np.ndarray:
 
 
 def inputs_of(pairs, indices):
-    from e3relax_ase.training.batched_relax import RelaxInput
+    from e3relax_ase.training.distill.batched_results import RelaxInput
 
     for k in indices:
         s = pairs.atom_slice(int(k))
@@ -139,7 +139,8 @@ def _sync(device: str) -> None:
 
 def relax_with(teacher, pairs, indices, args) -> dict:
     """Relax the selected inputs with one teacher; results by pair index and the loop's rates."""
-    from e3relax_ase.training.batched_relax import FireParams, RelaxStats, relax_stream
+    from e3relax_ase.training.distill.batched_relax import relax_stream
+    from e3relax_ase.training.distill.batched_results import FireParams, RelaxStats
 
     params = FireParams(fmax=args.fmax, max_steps=args.max_steps, fresh_check=True)
     warm = RelaxStats()
@@ -187,7 +188,7 @@ def errors_against_dft(pairs, indices, positions, cells) -> dict:
         indices: pair indices.
         positions: per index, [n_atoms, 3] Å; cells: per index, [3, 3].
     """
-    from e3relax_ase.training.metrics import structure_errors
+    from e3relax_ase.training.train.metrics import structure_errors
 
     if len(indices) == 0:
         return {"volume_rel": np.zeros(0), "coord_mae": np.zeros(0)}
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     if Path(args.pairs).name != "train.npz":
         print(f"warning: {args.pairs} is not a train split; the choice of teacher should see training data only", file=sys.stderr)
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
             "pair_ids_first": [str(i) for i in pairs.ids[indices[:5]]],
         },
         "relaxation": {
-            "optimizer": "batched FIRE + Frechet cell filter (e3relax_ase.training.batched_relax)",
+            "optimizer": "batched FIRE + Frechet cell filter (e3relax_ase.training.distill.batched_relax)",
             "fmax": args.fmax,
             "max_steps": args.max_steps,
             "fresh_check": True,

@@ -49,9 +49,9 @@ def measure_new(prepared, device, width: int, variant: str, seconds: float, warm
 
     from e3relax_ase.config import ModelConfig
     from e3relax_ase.nn.architectures import build_model
-    from e3relax_ase.training.batching import Budget, EpochBatches
-    from e3relax_ase.training.config import TrainConfig
-    from e3relax_ase.training.trainer import take_step
+    from e3relax_ase.training.train.batching import Budget, EpochBatches
+    from e3relax_ase.training.train.config import TrainConfig
+    from e3relax_ase.training.train.trainer import take_step
 
     parts = variant.split("+")
     size = parts[0]
@@ -193,8 +193,8 @@ def evaluate_weights(weights_path: Path, config_values: dict, val_set, device) -
 
     from e3relax_ase.config import ModelConfig
     from e3relax_ase.nn.architectures import build_model
-    from e3relax_ase.training.batching import Budget
-    from e3relax_ase.training.trainer import evaluate
+    from e3relax_ase.training.train.batching import Budget
+    from e3relax_ase.training.train.trainer import evaluate
 
     model = build_model(ModelConfig.from_dict(config_values)).to(device)
     model.load_state_dict(torch.load(weights_path, map_location=device, weights_only=True)["ema"])
@@ -228,9 +228,9 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_pipeline import result_header, write_result
 
-    from e3relax_ase.training.config import TrainConfig
-    from e3relax_ase.training.dataset import load_or_prepare
-    from e3relax_ase.training.trainer import train
+    from e3relax_ase.training.train.config import TrainConfig
+    from e3relax_ase.training.train.dataset import load_or_prepare
+    from e3relax_ase.training.train.trainer import train
 
     device = torch.device(args.device)
     results = {**result_header(args.device), "train": args.train, "val": args.val, "width": args.width, "throughput": [], "per_gpu_minute": {}}

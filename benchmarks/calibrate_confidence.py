@@ -42,8 +42,8 @@ def signals_and_errors(path: str, checkpoint: str) -> dict:
 
     from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
     from e3relax_ase.relax.sanity import _strain
-    from e3relax_ase.training.evaluate import evaluate_checkpoint
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
+    from e3relax_ase.training.train.evaluate import evaluate_checkpoint
 
     pairs = load_pairs(ROOT / path)
     with tempfile.TemporaryDirectory() as tmp:

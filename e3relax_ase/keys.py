@@ -16,13 +16,13 @@ i.e. it points from the receiving atom i to the sending image of j. The true sel
 
 Field names: those of the batched crystal graph are the fields of
 ``e3relax_ase.geometry.graph.CrystalGraph``, those of prepared training pairs (``positions_target``,
-``cell_target``, ...) the fields of ``e3relax_ase.training.dataset.PreparedPairs``: attributes,
+``cell_target``, ...) the fields of ``e3relax_ase.training.train.dataset.PreparedPairs``: attributes,
 which Python checks. The names spelled as strings, the arrays of a pair file, are declared below.
 """
 
-# --- the training-pair file (``e3relax_ase.training.pairs``, docs/data.md) -----------------
+# --- the training-pair file (``e3relax_ase.training.data.pairs``, docs/data.md) -----------------
 # Array names of an e3relax-pairs npz (shapes and meaning in the pairs module's docstring).
-# Pair files exist under these names: never change a value. ``training.pairs.PairSet`` has a
+# Pair files exist under these names: never change a value. ``training.data.pairs.PairSet`` has a
 # field of the same name for each array but the two format tags.
 PAIR_IDS = "ids"  # [n] str
 PAIR_N_ATOMS = "n_atoms"  # [n] int64
@@ -58,7 +58,7 @@ PAIR_REQUIRED = (
 MIN_DISTANCE = 0.5
 # relaxed (or predicted) / input volume: a relaxation that more than halves or doubles a
 # crystal's volume has broken it, not relaxed it. Predictions outside are flagged
-# (relax.sanity), teacher results outside dropped (training.distill, training.batched_relax).
+# (relax.sanity), teacher results outside dropped (training.distill.distill, training.distill.batched_relax).
 VOLUME_RATIO_RANGE = (0.5, 2.0)
 
 # Default graph and numerical constants (the model config holds the ones that are

@@ -218,7 +218,7 @@ def decorate_prototype(atoms, rng: np.random.Generator):
 
 
 def _load_seeds(source: str):
-    from e3relax_ase.training.seeds import load_seed_structures
+    from e3relax_ase.training.data.seeds import load_seed_structures
 
     seeds = load_seed_structures(source)
     return [s for s in seeds if {int(z) for z in s.numbers} <= SEVENNET0_NUMBERS]
@@ -228,8 +228,8 @@ def fit_volumes(args) -> None:
     """Per-element volumes fitted on a pair file's relaxed cells -> JSON ({symbol: Å^3 per atom})."""
     from ase.data import chemical_symbols
 
-    from e3relax_ase.training.pairs import load_pairs
-    from e3relax_ase.training.perturb import fit_element_volumes
+    from e3relax_ase.training.data.pairs import load_pairs
+    from e3relax_ase.training.data.perturb import fit_element_volumes
 
     pairs = load_pairs(args.pairs)
     volumes = fit_element_volumes(pairs)
@@ -256,7 +256,7 @@ def _read_element_volumes(path: str | None) -> dict[int, float] | None:
 
 def make_inputs(args) -> None:
     """Seeds -> decorated/supercelled -> perturbed inputs -> compact npz + JSON sidecar."""
-    from e3relax_ase.training.perturb import blend_compound_volume, make_user_like_inputs
+    from e3relax_ase.training.data.perturb import blend_compound_volume, make_user_like_inputs
 
     rng = np.random.default_rng(args.seed)
     element_volumes = _read_element_volumes(args.element_volumes)
@@ -306,7 +306,7 @@ def make_inputs(args) -> None:
             if element_volumes is not None:
                 # After the random volume factor, so the inputs' volumes still scatter around the guess.
                 atoms, volume_guess = blend_compound_volume(atoms, element_volumes)
-            from e3relax_ase.training.batched_relax import min_interatomic_distance
+            from e3relax_ase.training.distill.batched_results import min_interatomic_distance
 
             if min_interatomic_distance(atoms.positions, atoms.cell.array, cutoff=1.0) <= 0.5:
                 continue
@@ -384,7 +384,7 @@ def _load_inputs(path: str):
 
 def _input_stream(inp, start: int, stop: int, feed_until: float | None = None):
     """RelaxInput per input index in [start, stop); stops early once time.time() > feed_until."""
-    from e3relax_ase.training.batched_relax import RelaxInput
+    from e3relax_ase.training.distill.batched_results import RelaxInput
 
     off = inp["offsets"]
     for k in range(start, stop):
@@ -416,7 +416,7 @@ def _device_info() -> dict:
 
 
 def _make_teacher(device: str):
-    from e3relax_ase.training.teacher_sevennet import SevenNetTeacher
+    from e3relax_ase.training.distill.teacher_sevennet import SevenNetTeacher
 
     return SevenNetTeacher("7net-0", device=device)
 
@@ -430,7 +430,8 @@ def bench(args) -> None:
     """Run the streaming relaxer for --seconds at each atom budget; report rates."""
     import torch
 
-    from e3relax_ase.training.batched_relax import FireParams, RelaxStats, relax_stream
+    from e3relax_ase.training.distill.batched_relax import relax_stream
+    from e3relax_ase.training.distill.batched_results import FireParams, RelaxStats
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inp = _load_inputs(args.inputs)
@@ -557,7 +558,8 @@ def relax(args) -> None:
     """Production: stream inputs through the batched relaxer until the time budget."""
     import torch
 
-    from e3relax_ase.training.batched_relax import FireParams, RelaxStats, relax_stream
+    from e3relax_ase.training.distill.batched_relax import relax_stream
+    from e3relax_ase.training.distill.batched_results import FireParams, RelaxStats
 
     t_start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -647,12 +649,12 @@ def relax(args) -> None:
 def finalize(args) -> None:
     """Raw GPU results -> pair file(s) of converged, sane pairs + RUNLOG.json."""
     from e3relax_ase.keys import MIN_DISTANCE, VOLUME_RATIO_RANGE
-    from e3relax_ase.training.batched_relax import (
+    from e3relax_ase.training.data.pairs import PairSet, save_pairs
+    from e3relax_ase.training.distill.batched_results import (
         RelaxResult,
         check_sane,
         min_interatomic_distance,
     )
-    from e3relax_ase.training.pairs import PairSet, save_pairs
 
     inp = _load_inputs(args.inputs)
     with gzip.open(args.inputs + ".info.json.gz", "rt") as f:
@@ -710,13 +712,13 @@ def finalize(args) -> None:
         "fmax_definition": "max row norm of FrechetCellFilter generalised forces (ASE semantics, cell rows "
         "included) < fmax, and also < fmax on a fresh filter (Cartesian forces, virial/n_atoms)",
         "max_steps": args.max_steps,
-        "optimizer": "batched FIRE + Frechet cell filter (e3relax_ase.training.batched_relax; ASE 3.29 "
+        "optimizer": "batched FIRE + Frechet cell filter (e3relax_ase.training.distill.batched_relax; ASE 3.29 "
         "FIRE/FrechetCellFilter defaults: dt 0.1, maxstep 0.2, dtmax 1.0, Nmin 5, finc 1.1, fdec 0.5, "
         "astart 0.1, fa 0.99, exp_cell_factor n_atoms)",
         "seed_sources": sources,
-        "inputs": "e3relax-ase data make-inputs (e3relax_ase.training.inputs; parameters in the inputs' manifest and each pair's info)"
+        "inputs": "e3relax-ase data make-inputs (e3relax_ase.training.distill.inputs; parameters in the inputs' manifest and each pair's info)"
         if any(s.startswith("generator:") for s in sources)
-        else "seeds perturbed by e3relax_ase.training.perturb (rattle 0.05-0.15 A, symmetric strain "
+        else "seeds perturbed by e3relax_ase.training.data.perturb (rattle 0.05-0.15 A, symmetric strain "
         "<= 5 %, volume x0.85-1.2; perov_5 element substitution p=0.5; AFLOW prototypes decorated with "
         "MP-like chemistries scaled to covalent contact), supercells to >= 4 atoms, <= 32 atoms",
         "volume_guess": (
@@ -876,7 +878,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("e3relax_ase.training.perturb").setLevel(logging.WARNING)  # one line per input otherwise
+    logging.getLogger("e3relax_ase.training.data.perturb").setLevel(logging.WARNING)  # one line per input otherwise
     args.func(args)
     return 0
 

@@ -14,8 +14,8 @@ mkdir -p runs
 # Prepare the data cache once, before the concurrent runs read it.
 python3 - "$@" <<'PY'
 import sys
-from e3relax_ase.training.config import TrainConfig
-from e3relax_ase.training.dataset import load_or_prepare
+from e3relax_ase.training.train.config import TrainConfig
+from e3relax_ase.training.train.dataset import load_or_prepare
 c = TrainConfig.from_yaml(sys.argv[1]); m = c.model_config
 load_or_prepare(c.train_data, m.cutoff, m.max_neighbors, c.cache_dir)
 load_or_prepare(c.val_data, m.cutoff, m.max_neighbors, c.cache_dir, max_pairs=c.val_max_pairs)

@@ -7,12 +7,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 for run in "$@"; do
   IFS=: read -r name config minutes <<< "$run"
-  out_dir=$(python3 -c "from e3relax_ase.training.config import TrainConfig; print(TrainConfig.from_yaml('$config').out_dir)")
+  out_dir=$(python3 -c "from e3relax_ase.training.train.config import TrainConfig; print(TrainConfig.from_yaml('$config').out_dir)")
   mkdir -p "$out_dir"
   [ -f ".gpu/carry/${name}_portable_state.pt" ] && cp ".gpu/carry/${name}_portable_state.pt" "$out_dir/training_state.pt"
   python3 -m e3relax_ase train "$config" --time-budget "$minutes" > "$OUT/${name}_summary.json" 2> "$OUT/${name}.log"
   tail -3 "$OUT/${name}.log"
-  python3 -c "from e3relax_ase.training.trainer import write_portable_state; write_portable_state('$out_dir', '$OUT/${name}_portable_state.pt')"
+  python3 -c "from e3relax_ase.training.train.export import write_portable_state; write_portable_state('$out_dir', '$OUT/${name}_portable_state.pt')"
   cp "$out_dir/best_ema.pt" "$OUT/${name}_best_ema.pt"
   cp "$out_dir/log.csv" "$OUT/${name}_log.csv"
 done

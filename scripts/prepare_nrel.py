@@ -18,9 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from e3relax_ase.training.datacard import plot_statistics, write_data_card  # noqa: E402
-from e3relax_ase.training.pairs import load_pairs, save_pairs  # noqa: E402
-from e3relax_ase.training.splits import split_by_chemical_system  # noqa: E402
+from e3relax_ase.training.data.datacard import plot_statistics, write_data_card  # noqa: E402
+from e3relax_ase.training.data.pairs import load_pairs, save_pairs  # noqa: E402
+from e3relax_ase.training.data.splits import split_by_chemical_system  # noqa: E402
 
 logger = logging.getLogger("prepare_nrel")
 

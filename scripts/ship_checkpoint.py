@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from e3relax_ase.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from e3relax_ase.training.evaluate import evaluate_checkpoint  # noqa: E402
-from e3relax_ase.training.pairs import load_pairs  # noqa: E402
+from e3relax_ase.training.data.pairs import load_pairs  # noqa: E402
+from e3relax_ase.training.train.evaluate import evaluate_checkpoint  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("weights")

@@ -20,8 +20,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e3relax_ase.training.pairs import load_pairs  # noqa: E402
-from e3relax_ase.training.perturb import element_volume_guess, fit_element_volumes  # noqa: E402
+from e3relax_ase.training.data.pairs import load_pairs  # noqa: E402
+from e3relax_ase.training.data.perturb import element_volume_guess, fit_element_volumes  # noqa: E402
 
 
 def volumes(pairs):

@@ -7,9 +7,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e3relax_ase.training.datacard import plot_statistics, write_data_card  # noqa: E402
-from e3relax_ase.training.pairs import load_pairs, save_pairs  # noqa: E402
-from e3relax_ase.training.splits import split_by_chemical_system  # noqa: E402
+from e3relax_ase.training.data.datacard import plot_statistics, write_data_card  # noqa: E402
+from e3relax_ase.training.data.pairs import load_pairs, save_pairs  # noqa: E402
+from e3relax_ase.training.data.splits import split_by_chemical_system  # noqa: E402
 
 folder = ROOT / "data" / "sevennet0_distilled"
 pairs = load_pairs(folder / "pairs.npz")
@@ -29,12 +29,12 @@ write_data_card(
     licence="MIT (our relaxations); SevenNet-0 weights MIT; seed structures MIT",
     how_made=(
         f"scripts/distill_gpu.py relax on one {runlog['device']['gpu']}: batched FIRE + Frechet cell filter "
-        f"(e3relax_ase/training/batched_relax.py) over SevenNet-0 to fmax {runlog['fmax']} eV/Å, max {runlog['max_steps']} steps; "
+        f"(e3relax_ase/training/distill/batched_relax.py) over SevenNet-0 to fmax {runlog['fmax']} eV/Å, max {runlog['max_steps']} steps; "
         f"{runlog['finished']} structures finished, {runlog['converged']} converged ({runlog['converged_fraction_of_finished']:.1%}), "
         f"{len(pairs)} kept after sanity checks (volume ratio in [0.5, 2], min distance > 0.5 Å); "
         f"{runlog['converged_pairs_per_hour_loop']:,} converged pairs per GPU-hour measured"
     ),
-    split_rule="chemical system (sorted element set) wholly in one split, 90/5/5, seed 0 (e3relax_ase.training.splits.split_by_chemical_system)",
+    split_rule="chemical system (sorted element set) wholly in one split, 90/5/5, seed 0 (e3relax_ase.training.data.splits.split_by_chemical_system)",
     figures=figures,
 )
 print((folder / "DATACARD.md").read_text()[:3000])

@@ -5,7 +5,7 @@ set -u
 bash scripts/gpu_train_round.sh "$1" checkpoints/configs/e3relax_h2_f128.yaml > "$OUT/round.txt" 2>&1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 python3 - <<'PY' >> "$OUT/round.txt" 2>&1
-from e3relax_ase.training.trainer import export_checkpoint
+from e3relax_ase.training.train.export import export_checkpoint
 print(export_checkpoint("runs/e3relax_h2_f128", "runs/candidate.pt", {"name": "candidate"}))
 PY
 python3 benchmarks/bench_inference.py --device cuda --checkpoint runs/candidate.pt --out "$OUT/inference_cuda.json" > "$OUT/bench.txt" 2>&1

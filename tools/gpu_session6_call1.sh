@@ -9,7 +9,7 @@ python3 benchmarks/bench_training.py --old .gpu/old --device cuda --throughput-s
   --variants count64,atoms3072,atoms3072+amp,atoms3072+compile --work .gpu/bench_training --out "$OUT/training_cuda_h200.json" 2>&1 | tail -60
 python3 - <<'PY'
 import os
-from e3relax_ase.training.trainer import write_portable_state
+from e3relax_ase.training.train.export import write_portable_state
 write_portable_state(".gpu/bench_training/new_run", os.environ["OUT"] + "/zintl_portable_state.pt")
 PY
 cp .gpu/bench_training/new_run/log.csv "$OUT/zintl_log_call1.csv" 2>/dev/null

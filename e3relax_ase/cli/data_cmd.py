@@ -19,7 +19,7 @@ def _fractions(ctx, param, value):
 
 
 def _load(path: Path):
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     try:
         return load_pairs(path)
@@ -55,8 +55,8 @@ def data():
 @click.option("--citation", default=None, help="Metadata: how to cite the data.")
 def import_cmd(source, output, fmt, keep_splits, source_name, teacher, licence, citation):
     """Convert SOURCE (extxyz, CIF layout, VASP runs, .traj, ASE db, npz) into a pair file."""
-    from e3relax_ase.training.importers import detect_format, import_authors_layout, import_pairs
-    from e3relax_ase.training.pairs import PairSet, save_pairs, save_pairs_extxyz
+    from e3relax_ase.training.data.importers import detect_format, import_authors_layout, import_pairs
+    from e3relax_ase.training.data.pairs import PairSet, save_pairs, save_pairs_extxyz
 
     if output.suffix.lower() not in (".npz", ".extxyz", ".xyz"):
         raise click.ClickException(f"output {output} must end in .npz or .extxyz")
@@ -117,8 +117,8 @@ def import_cmd(source, output, fmt, keep_splits, source_name, teacher, licence, 
 )
 def split_cmd(pairs, output, method, fractions, seed, extend):
     """Split a pair file into train/val/test (or extend an existing split with it)."""
-    from e3relax_ase.training.pairs import PairSet, save_pairs
-    from e3relax_ase.training.splits import DEFAULT_NAMES, split_by_chemical_system, split_keeping_systems, split_random
+    from e3relax_ase.training.data.pairs import PairSet, save_pairs
+    from e3relax_ase.training.data.splits import DEFAULT_NAMES, split_by_chemical_system, split_keeping_systems, split_random
 
     pairset = _load(pairs)
     existing = {}
@@ -183,7 +183,7 @@ def split_cmd(pairs, output, method, fractions, seed, extend):
 @click.option("--seed", default=0, show_default=True, type=int)
 def card_cmd(splits, output, title, source_name, teacher, licence, citation, how_made, split_rule, match_sample, seed):
     """Write a Markdown data card for SPLITS (pair files; split name = file stem)."""
-    from e3relax_ase.training.datacard import write_data_card
+    from e3relax_ase.training.data.datacard import write_data_card
 
     if any(p.resolve() == output.resolve() for p in splits):
         raise click.ClickException(f"refusing to overwrite input {output}")
@@ -222,8 +222,8 @@ def card_cmd(splits, output, title, source_name, teacher, licence, citation, how
 @click.option("--prefix", default="", help="File name prefix.")
 def plot_cmd(pairs, output, prefix):
     """Save displacement and volume-change histograms of PAIRS (joined) as PNG."""
-    from e3relax_ase.training.datacard import plot_statistics
-    from e3relax_ase.training.pairs import PairSet
+    from e3relax_ase.training.data.datacard import plot_statistics
+    from e3relax_ase.training.data.pairs import PairSet
 
     pairset = PairSet.concatenate([_load(p) for p in pairs])
     for path in plot_statistics(pairset, output, prefix=prefix):
@@ -231,7 +231,7 @@ def plot_cmd(pairs, output, prefix):
 
 
 def _mix(ctx, param, value):
-    from e3relax_ase.training.inputs.plan import DEFAULT_MIX, GENERATORS
+    from e3relax_ase.training.distill.inputs.plan import DEFAULT_MIX, GENERATORS
 
     if value is None:
         return tuple(sorted(DEFAULT_MIX.items()))
@@ -316,7 +316,8 @@ def make_inputs_cmd(
     prototypes, slabs and layered cells, supercells; all with hard starts (docs/data.md)."""
     import sys
 
-    from e3relax_ase.training.inputs.plan import InputPlan, assign_splits, make_input_set, write_input_set
+    from e3relax_ase.training.distill.inputs.input_set import assign_splits, write_input_set
+    from e3relax_ase.training.distill.inputs.plan import InputPlan, make_input_set
 
     if output.exists() and extend_splits is not None and output.resolve().parent == extend_splits.resolve():
         raise click.ClickException(f"refusing to write into the split directory {extend_splits}")

@@ -17,7 +17,7 @@ import click
 def evaluate(checkpoint, data, out_dir, device, batch_size, match_sample):
     """Evaluate CHECKPOINT (name or path) on the pair file DATA."""
     from e3relax_ase.io.checkpoint import CheckpointError
-    from e3relax_ase.training.evaluate import evaluate_checkpoint
+    from e3relax_ase.training.train.evaluate import evaluate_checkpoint
 
     try:
         summary = evaluate_checkpoint(checkpoint, data, out_dir, device=device, batch_size=batch_size, match_sample=match_sample)

@@ -91,9 +91,9 @@ def make_pairs(
     import numpy as np
 
     from e3relax_ase.relax.calculators import resolve_calculator
-    from e3relax_ase.training.distill import make_pairs as run_make_pairs
-    from e3relax_ase.training.pairs import save_pairs, save_pairs_extxyz
-    from e3relax_ase.training.seeds import load_seed_structures
+    from e3relax_ase.training.data.pairs import save_pairs, save_pairs_extxyz
+    from e3relax_ase.training.data.seeds import load_seed_structures
+    from e3relax_ase.training.distill.distill import make_pairs as run_make_pairs
 
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise click.ClickException(f"output {output} must end in {', '.join(OUTPUT_SUFFIXES)}")

@@ -25,9 +25,9 @@ def train(config_path, device, export_path, name, time_budget):
 
     from e3relax_ase import distributed
     from e3relax_ase.cli.main import configure_logging
-    from e3relax_ase.training.config import TrainConfig
-    from e3relax_ase.training.trainer import export_checkpoint
-    from e3relax_ase.training.trainer import train as run_training
+    from e3relax_ase.training.train.config import TrainConfig
+    from e3relax_ase.training.train.export import export_checkpoint
+    from e3relax_ase.training.train.trainer import train as run_training
 
     configure_logging(1)
     try:

@@ -2,7 +2,7 @@
 
 ASE's cell filters do 3x3 linear algebra (expm, logm, solves) at every optimiser step. Waking
 a threaded BLAS for that costs far more than the arithmetic (a small EMT relaxation in
-``training/distill.py`` ran several times slower with it on 2 cores), so code that runs such
+``training/distill/distill.py`` ran several times slower with it on 2 cores), so code that runs such
 loops limits BLAS to one thread around them (``single_threaded_blas``); OpenMP threads of
 torch (a calculator's own) are left alone there.
 

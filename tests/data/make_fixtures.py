@@ -29,8 +29,8 @@ REPO = HERE.parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-from e3relax_ase.training.pairs import load_pairs, save_pairs  # noqa: E402
-from e3relax_ase.training.splits import chemical_systems  # noqa: E402
+from e3relax_ase.training.data.pairs import load_pairs, save_pairs  # noqa: E402
+from e3relax_ase.training.data.splits import chemical_systems  # noqa: E402
 
 CITATION = (
     "Pandey, Qu, Stevanovic, St. John, Gorai, Predicting energy and stability of known and hypothetical "

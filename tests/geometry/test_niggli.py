@@ -113,7 +113,7 @@ def test_empty_batch():
 def _dft_input_cells():
     """Every unrelaxed cell of the NREL test split, and each in three scrambled bases."""
 
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
     cells = np.asarray(pairs.cell_unrelaxed, dtype=np.float64)

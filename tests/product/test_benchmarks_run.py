@@ -201,7 +201,7 @@ def test_bench_distill_throughput_runs_and_compares(tmp_path):
         [
             "benchmarks/bench_distill_throughput.py",
             "--old-module",
-            "e3relax_ase/training/batched_relax.py",
+            "e3relax_ase/training/distill/batched_relax.py",
             "--teacher",
             "toy",
             "--n",

@@ -27,8 +27,8 @@ def test_default_is_a_trained_registered_checkpoint():
 
 
 def test_evaluate_reproduces_the_model_cards_per_structure_figures(tmp_path):
-    from e3relax_ase.training.evaluate import evaluate_checkpoint
-    from e3relax_ase.training.pairs import load_pairs, save_pairs
+    from e3relax_ase.training.data.pairs import load_pairs, save_pairs
+    from e3relax_ase.training.train.evaluate import evaluate_checkpoint
 
     name = read_registry()["default"]
     card_dir = CHECKPOINT_DIR / "cards" / name

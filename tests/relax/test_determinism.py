@@ -28,7 +28,7 @@ from ase import Atoms
 from ase.build import bulk, fcc111
 
 from e3relax_ase.relax.relaxer import OneShotRelaxer, RelaxFailure
-from e3relax_ase.training.pairs import load_pairs
+from e3relax_ase.training.data.pairs import load_pairs
 from tests.paths import TEST_DATA
 
 PAIRS = TEST_DATA / "nrel_sample_pairs.npz"

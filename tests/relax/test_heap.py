@@ -22,7 +22,7 @@ CHILD = textwrap.dedent(
     from ase import Atoms
     from e3relax_ase.relax import heap
     from e3relax_ase.relax.relaxer import OneShotRelaxer
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     pairs = load_pairs(sys.argv[1])

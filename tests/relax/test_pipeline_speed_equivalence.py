@@ -41,7 +41,7 @@ FIELDS = ("numbers", "positions", "cell", "pbc", "batch", "n_atoms", "edge_src",
 
 
 def dataset_crystals(n=60):
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     pairs = load_pairs(ROOT / "data" / "nrel_zintl" / "test.npz")
     chosen = [k for k in range(len(pairs)) if 2 <= pairs.n_atoms[k] <= 40][:n]

@@ -12,17 +12,10 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 
 from e3relax_ase.relax.threads import single_threaded_blas
-from e3relax_ase.training.batched_relax import (
-    FireParams,
-    RelaxInput,
-    TeacherOutput,
-    check_sane,
-    expm_frechet_adjoint,
-    min_interatomic_distance,
-    relax_all,
-    relax_stream,
-)
-from e3relax_ase.training.teacher_sevennet import periodic_edges
+from e3relax_ase.training.distill.batched_relax import relax_all, relax_stream
+from e3relax_ase.training.distill.batched_results import FireParams, RelaxInput, TeacherOutput, check_sane, min_interatomic_distance
+from e3relax_ase.training.distill.frechet import expm_frechet_adjoint
+from e3relax_ase.training.distill.teacher_sevennet import periodic_edges
 
 
 class EMTTeacher:
@@ -189,7 +182,7 @@ def test_periodic_edges_match_ase_neighbor_list():
 def test_sanity_checks():
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     assert min_interatomic_distance(atoms.positions, atoms.cell.array) == pytest.approx(3.6 / np.sqrt(2))
-    from e3relax_ase.training.batched_relax import RelaxResult
+    from e3relax_ase.training.distill.batched_results import RelaxResult
 
     def result(positions, cell):
         return RelaxResult(None, atoms.numbers, atoms.positions, atoms.cell.array, positions, cell, -1.0, 0.0, 0.0, 1, True, "converged")
@@ -208,7 +201,7 @@ def test_sevennet_batched_matches_ase():
     pytest.importorskip("sevenn")
     from sevenn.calculator import SevenNetCalculator
 
-    from e3relax_ase.training.teacher_sevennet import SevenNetTeacher
+    from e3relax_ase.training.distill.teacher_sevennet import SevenNetTeacher
 
     rng = np.random.default_rng(3)
     crystals = [bulk("Si", "diamond", a=5.43) * (2, 1, 1), bulk("Cu", "fcc", a=3.6, cubic=True)]
@@ -246,10 +239,10 @@ def test_sevennet_batched_matches_ase():
 def _generated_emt_inputs() -> list[Atoms]:
     """Inputs from the issue-17 generators (symmetric crystal, layered cut, supercell), each with
     a start perturbation, in elements EMT knows."""
-    from e3relax_ase.training.inputs.layered import cut_slab
-    from e3relax_ase.training.inputs.starts import hard_start
-    from e3relax_ase.training.inputs.supercells import random_supercell
-    from e3relax_ase.training.inputs.wyckoff import random_symmetric_crystal
+    from e3relax_ase.training.distill.inputs.layered import cut_slab
+    from e3relax_ase.training.distill.inputs.starts import hard_start
+    from e3relax_ase.training.distill.inputs.supercells import random_supercell
+    from e3relax_ase.training.distill.inputs.wyckoff import random_symmetric_crystal
 
     rng = np.random.default_rng(17)
     bases = []
@@ -285,7 +278,7 @@ def test_sevennet_wheel_models_match_their_calculator(model, modal):
     pytest.importorskip("sevenn")
     from sevenn.calculator import SevenNetCalculator
 
-    from e3relax_ase.training.teacher_sevennet import SevenNetTeacher
+    from e3relax_ase.training.distill.teacher_sevennet import SevenNetTeacher
 
     crystals = [bulk("NaCl", "rocksalt", a=5.5) * (2, 1, 1), bulk("Si", "diamond", a=5.4)]
     for k, atoms in enumerate(crystals):

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from e3relax_ase.training.config import TrainConfig
-from e3relax_ase.training.pairs import load_pairs, save_pairs
-from e3relax_ase.training.trainer import LOG_FILE, STATE_FILE, SUMMARY_FILE, train
+from e3relax_ase.training.data.pairs import load_pairs, save_pairs
+from e3relax_ase.training.train.config import TrainConfig
+from e3relax_ase.training.train.trainer import LOG_FILE, STATE_FILE, SUMMARY_FILE, train
 from tests.paths import TEST_DATA
 
 FIXTURE = TEST_DATA / "nrel_sample_pairs.npz"

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from e3relax_ase.cli.main import cli
 from e3relax_ase.relax.calculators import resolve_calculator
-from e3relax_ase.training.distill import make_pairs, min_distance, sanity_problem
-from e3relax_ase.training.importers import import_extxyz
-from e3relax_ase.training.pairs import load_pairs, save_pairs_extxyz
+from e3relax_ase.training.data.importers import import_extxyz
+from e3relax_ase.training.data.pairs import load_pairs, save_pairs_extxyz
+from e3relax_ase.training.distill.distill import make_pairs, min_distance, sanity_problem
 from tests.paths import TEST_DATA
 
 FMAX = 0.02
@@ -101,7 +101,7 @@ def test_make_pairs_converges_honestly(emt_pairs):
 
 
 def test_make_pairs_unrelaxed_are_the_perturbed_inputs(emt_pairs):
-    from e3relax_ase.training.perturb import make_user_like_inputs
+    from e3relax_ase.training.data.perturb import make_user_like_inputs
 
     pairs, _ = emt_pairs
     inputs = make_user_like_inputs(

@@ -88,7 +88,7 @@ def test_finalize_joins_raw_folders_and_refuses_an_input_relaxed_twice(tmp_path,
             str(tmp_path / "RUNLOG.json"),
         ]
     )
-    from e3relax_ase.training.pairs import load_pairs
+    from e3relax_ase.training.data.pairs import load_pairs
 
     pairs = load_pairs(out)
     with np.load(inputs) as d:

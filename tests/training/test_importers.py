@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ase.io import read, write
 
-from e3relax_ase.training.importers import (
+from e3relax_ase.training.data.importers import (
     detect_format,
     import_ase_db,
     import_authors_layout,
@@ -15,7 +15,7 @@ from e3relax_ase.training.importers import (
     import_traj,
     import_vasp,
 )
-from e3relax_ase.training.pairs import load_pairs
+from e3relax_ase.training.data.pairs import load_pairs
 from tests.paths import TEST_DATA
 
 DATA = TEST_DATA

@@ -14,16 +14,16 @@ pytest.importorskip("spglib")
 
 from ase.build import bulk
 
-from e3relax_ase.training.inputs import chemistry, wyckoff
-from e3relax_ase.training.inputs.chemistry import (
+from e3relax_ase.training.distill.inputs import chemistry, spacegroups, wyckoff
+from e3relax_ase.training.distill.inputs.chemistry import (
     COVERED_NUMBERS,
     charge_balanced_composition,
     intermetallic_composition,
     mendeleev_number,
     oxidation_states,
 )
-from e3relax_ase.training.inputs.layered import cut_slab, mx2_sheet
-from e3relax_ase.training.inputs.plan import (
+from e3relax_ase.training.distill.inputs.layered import cut_slab, mx2_sheet
+from e3relax_ase.training.distill.inputs.plan import (
     LARGE_ATOMS,
     InputFactory,
     InputPlan,
@@ -31,9 +31,9 @@ from e3relax_ase.training.inputs.plan import (
     make_input_set,
     quota_shortfall,
 )
-from e3relax_ase.training.inputs.prototypes import substituted_prototype
-from e3relax_ase.training.inputs.starts import hard_start
-from e3relax_ase.training.inputs.supercells import random_supercell
+from e3relax_ase.training.distill.inputs.prototypes import substituted_prototype
+from e3relax_ase.training.distill.inputs.starts import hard_start
+from e3relax_ase.training.distill.inputs.supercells import random_supercell
 
 # Wyckoff positions per space group, International Tables for Crystallography vol. A
 # (the standard setting; letters a... counted, the general position included).
@@ -52,17 +52,17 @@ def test_covered_elements_are_z_le_83_without_noble_gases_and_pm():
 
 @pytest.mark.parametrize("number", sorted(ITA_WYCKOFF_COUNTS))
 def test_wyckoff_kinds_match_international_tables(number):
-    group = wyckoff.space_group(number)
+    group = spacegroups.space_group(number)
     assert len(group.kinds) == ITA_WYCKOFF_COUNTS[number]
     # The general position first, with multiplicity = number of operations.
     assert group.kinds[0].n_free == 3 and group.kinds[0].multiplicity == group.n_ops
     for kind in group.kinds:
         point = kind.origin + kind.basis @ np.array([0.2113, 0.4271, 0.6637])[: kind.n_free]
-        assert len(wyckoff.orbit(group, point)) == kind.multiplicity
+        assert len(spacegroups.orbit(group, point)) == kind.multiplicity
 
 
 def test_wyckoff_total_over_all_groups():
-    assert sum(len(wyckoff.space_group(n).kinds) for n in range(1, 231)) == ITA_WYCKOFF_TOTAL
+    assert sum(len(spacegroups.space_group(n).kinds) for n in range(1, 231)) == ITA_WYCKOFF_TOTAL
 
 
 def test_random_symmetric_crystals_have_their_space_group():
@@ -84,7 +84,7 @@ def test_random_symmetric_crystals_have_their_space_group():
         # Every operation of the target group is a symmetry of the crystal: spglib finds the
         # group or a supergroup (when only special positions are occupied).
         dataset = spglib.get_symmetry_dataset((atoms.cell.array, atoms.get_scaled_positions(), atoms.numbers), symprec=1e-3)
-        group = wyckoff.space_group(number)
+        group = spacegroups.space_group(number)
         assert len(dataset.rotations) >= group.n_ops // group.n_centering
         exact += dataset.number == number
     assert exact >= 18
@@ -127,7 +127,7 @@ def test_similar_elements_are_close_on_the_mendeleev_scale():
 
 @pytest.fixture(scope="module")
 def small_prototypes():
-    from e3relax_ase.training.seeds import load_seed_structures
+    from e3relax_ase.training.data.seeds import load_seed_structures
 
     seeds = load_seed_structures("aflow")
     return [a for a in seeds if len(a) <= 16]
@@ -274,8 +274,8 @@ def test_make_inputs_cli_writes_the_distill_format(tmp_path):
 
 
 def test_inputs_get_the_split_rule_of_pairs():
-    from e3relax_ase.training.pairs import PairSet, load_pairs
-    from e3relax_ase.training.splits import DEFAULT_NAMES, assign_systems_keeping, chemical_systems, split_keeping_systems
+    from e3relax_ase.training.data.pairs import PairSet, load_pairs
+    from e3relax_ase.training.data.splits import DEFAULT_NAMES, assign_systems_keeping, chemical_systems, split_keeping_systems
 
     train, test = load_pairs("data/nrel_zintl/train.npz"), load_pairs("data/nrel_zintl/test.npz")
     existing = {"train": train.subset(np.arange(2000)), "test": test.subset(np.arange(300))}

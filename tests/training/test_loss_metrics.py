@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from e3relax_ase.nn.model import ModelOutput
-from e3relax_ase.training.loss import pacd_loss, relaxation_loss
-from e3relax_ase.training.metrics import match_rate, structure_errors
+from e3relax_ase.training.train.loss import pacd_loss, relaxation_loss
+from e3relax_ase.training.train.metrics import match_rate, structure_errors
 
 
 def _batch(rng, sizes=(3, 5)):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from e3relax_ase.training.pairs import (
+from e3relax_ase.training.data.pairs import (
     PairSet,
     load_pairs,
     save_pairs,
@@ -73,7 +73,7 @@ def test_nrel_layout_without_optional_arrays_loads(tmp_path, sample):
 
 def test_loading_needs_only_numpy():
     code = (
-        "import sys; from e3relax_ase.training.pairs import load_pairs; "
+        "import sys; from e3relax_ase.training.data.pairs import load_pairs; "
         f"p = load_pairs({str(SAMPLE)!r}); "
         "heavy = [m for m in ('ase', 'pymatgen', 'torch') if m in sys.modules]; "
         "assert not heavy, heavy; print(len(p))"
@@ -227,7 +227,7 @@ def test_foreign_or_newer_files_are_refused(tmp_path, sample):
 
 
 def test_extxyz_info_survives_round_trips(tmp_path):
-    from e3relax_ase.training.importers import import_extxyz
+    from e3relax_ase.training.data.importers import import_extxyz
 
     demo = import_extxyz(DEMO)
     assert demo.info[0]["teacher"] == "SevenNet-0" and demo.info[0]["steps"] == 57

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from e3relax_ase.training.pairs import load_pairs
-from e3relax_ase.training.perturb import (
+from e3relax_ase.training.data.pairs import load_pairs
+from e3relax_ase.training.data.perturb import (
     blend_compound_volume,
     element_volume_guess,
     fit_element_volumes,
@@ -18,7 +18,7 @@ from e3relax_ase.training.perturb import (
     substitute,
     substitution_candidates,
 )
-from e3relax_ase.training.seeds import aflow_prototypes_path, load_seed_structures
+from e3relax_ase.training.data.seeds import aflow_prototypes_path, load_seed_structures
 from tests.paths import TEST_DATA
 
 DATA = TEST_DATA
@@ -129,7 +129,7 @@ def test_make_user_like_inputs_records_and_reproduces(zintl):
 # --- seeds --------------------------------------------------------------------------------
 def test_fit_element_volumes_recovers_additive_volumes():
     """Relaxed volumes made from known per-element volumes are fitted back exactly."""
-    from e3relax_ase.training.pairs import PairSet
+    from e3relax_ase.training.data.pairs import PairSet
 
     truth = {11: 23.0, 17: 18.0, 29: 11.5}  # Na, Cl, Cu
     compositions = [[29], [11, 11], [11, 17], [29, 17, 17], [11, 11, 29], [17, 29, 29, 29]]

@@ -8,15 +8,15 @@ import pytest
 from click.testing import CliRunner
 
 from e3relax_ase.cli.main import cli
-from e3relax_ase.training.datacard import (
+from e3relax_ase.training.data.datacard import (
     aligned_displacements,
     dummy_metrics,
     per_structure_coordinate_mae,
     plot_statistics,
     write_data_card,
 )
-from e3relax_ase.training.pairs import PairSet, load_pairs
-from e3relax_ase.training.splits import chemical_systems, split_by_chemical_system, split_keeping_systems, split_random
+from e3relax_ase.training.data.pairs import PairSet, load_pairs
+from e3relax_ase.training.data.splits import chemical_systems, split_by_chemical_system, split_keeping_systems, split_random
 from tests.paths import ROOT, TEST_DATA
 
 DATA = TEST_DATA
@@ -99,7 +99,7 @@ def test_split_keeping_systems_extends_without_leaking(sample):
 def test_data_split_extend_cli(tmp_path, sample):
     systems = np.array(chemical_systems(sample))
     first = sorted(set(systems))[:4]
-    from e3relax_ase.training.pairs import save_pairs
+    from e3relax_ase.training.data.pairs import save_pairs
 
     save_pairs(tmp_path / "old.npz", sample.subset(np.flatnonzero(np.isin(systems, first))))
     save_pairs(tmp_path / "new.npz", sample.subset(np.flatnonzero(~np.isin(systems, first))))

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from e3relax_ase.io.checkpoint import load_checkpoint
-from e3relax_ase.training.config import TrainConfig
-from e3relax_ase.training.dataset import prepare_pairs
-from e3relax_ase.training.pairs import load_pairs, save_pairs
-from e3relax_ase.training.trainer import STATE_FILE, export_checkpoint, train
+from e3relax_ase.training.data.pairs import load_pairs, save_pairs
+from e3relax_ase.training.train.config import TrainConfig
+from e3relax_ase.training.train.dataset import prepare_pairs
+from e3relax_ase.training.train.export import export_checkpoint
+from e3relax_ase.training.train.trainer import STATE_FILE, train
 from tests.paths import ROOT, TEST_DATA
 
 FIXTURE = TEST_DATA / "nrel_sample_pairs.npz"
@@ -115,7 +116,7 @@ def test_a_rotated_relaxed_crystal_gives_the_same_target():
     """Writing the relaxed crystal turned (a standard orientation) changes nothing."""
     from e3relax_ase.geometry.canonical import canonicalize
     from e3relax_ase.testing import random_crystal, random_rotation
-    from e3relax_ase.training.dataset import align_target
+    from e3relax_ase.training.train.dataset import align_target
 
     rng = np.random.default_rng(4)
     crystal = random_crystal(rng, n_atoms=4)
@@ -157,7 +158,7 @@ def test_a_portable_state_resumes_on_another_machine(pair_files, tmp_path):
     the raw weights start at the EMA, the rate warms up again, and a lowered rate is allowed."""
     import shutil
 
-    from e3relax_ase.training.trainer import write_portable_state
+    from e3relax_ase.training.train.export import write_portable_state
 
     first = train(_config(pair_files, tmp_path / "here", max_epochs=2, batch_size=0, batch_atoms=64, warmup_epochs=1), device="cpu")
     assert first["epochs"] == 2
@@ -177,7 +178,7 @@ def test_a_portable_state_resumes_on_another_machine(pair_files, tmp_path):
 
 
 def test_batches_follow_the_atom_budget_and_cover_the_epoch(pair_files):
-    from e3relax_ase.training.batching import Budget, EpochBatches
+    from e3relax_ase.training.train.batching import Budget, EpochBatches
 
     prepared = prepare_pairs(load_pairs(pair_files[0]), 6.0, 50, dtype=torch.float64)
     order = np.random.default_rng(0).permutation(len(prepared))
@@ -197,7 +198,7 @@ def test_batches_follow_the_atom_budget_and_cover_the_epoch(pair_files):
 def test_a_portable_state_may_name_its_weights_instead_of_holding_them(pair_files, tmp_path):
     import shutil
 
-    from e3relax_ase.training.trainer import export_checkpoint, write_portable_state
+    from e3relax_ase.training.train.export import export_checkpoint, write_portable_state
 
     train(_config(pair_files, tmp_path / "here", max_epochs=1, batch_size=0, batch_atoms=64), device="cpu")
     shipped = tmp_path / "shipped.pt"

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from e3relax_ase.training.pairs import PairSet
-from e3relax_ase.training.splits import chemical_systems
+from e3relax_ase.training.data.pairs import PairSet
+from e3relax_ase.training.data.splits import chemical_systems
 
 if TYPE_CHECKING:
-    from e3relax_ase.training.metrics import MatcherSettings
+    from e3relax_ase.training.train.metrics import MatcherSettings
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import logging
 
 import numpy as np
 
-from e3relax_ase.training.inputs.chemistry import COVERED_NUMBERS, atomic_volume, similar_elements
+from e3relax_ase.training.distill.inputs.chemistry import COVERED_NUMBERS, atomic_volume, similar_elements
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def load_prototypes(seeds_dir=None, max_atoms: int = MAX_PROTOTYPE_ATOMS) -> lis
     Returns:
         list of ``ase.Atoms`` with ``info["seed_id"]``, in a fixed order.
     """
-    from e3relax_ase.training.seeds import load_seed_structures
+    from e3relax_ase.training.data.seeds import load_seed_structures
 
     out = load_seed_structures("aflow")
     try:

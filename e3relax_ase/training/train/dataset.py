@@ -6,7 +6,7 @@ with each atom on the periodic image nearest (in fractional coordinates) to its 
 back by the rigid rotation its relaxation picked up (``strain_rotation``) and placed in the
 network's output frame (the input's fractional centroid), and the neighbour edges of the
 input. Batching is then pure tensor indexing, on the GPU if the tensors live there
-(``training.batching``).
+(``training.train.batching``).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def load_or_prepare(
     import tempfile
     from pathlib import Path
 
-    from e3relax_ase.training.pairs import PairSet, load_pairs
+    from e3relax_ase.training.data.pairs import PairSet, load_pairs
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     cache_path = None

@@ -13,7 +13,7 @@ class TrainConfig:
     """Everything a training run depends on (the model's hyperparameters under ``model``).
 
     Attributes:
-        train_data, val_data: pair files (npz, ``e3relax_ase.training.pairs`` format); lists
+        train_data, val_data: pair files (npz, ``e3relax_ase.training.data.pairs`` format); lists
             are concatenated.
         out_dir: where the training state, the log and the exported checkpoint go.
         model: ModelConfig fields.

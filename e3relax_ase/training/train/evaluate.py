@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from e3relax_ase.io.checkpoint import load_checkpoint
-from e3relax_ase.training.dataset import prepare_pairs
-from e3relax_ase.training.families import FAMILIES, chemical_family
-from e3relax_ase.training.metrics import (
+from e3relax_ase.training.data.families import FAMILIES, chemical_family
+from e3relax_ase.training.data.pairs import load_pairs
+from e3relax_ase.training.train.dataset import prepare_pairs
+from e3relax_ase.training.train.metrics import (
     COORD_MAE,
     DUMMY_PREFIX,
     MATCHER_SETTINGS,
@@ -23,7 +24,6 @@ from e3relax_ase.training.metrics import (
     structure_errors,
     structures_match,
 )
-from e3relax_ase.training.pairs import load_pairs
 
 
 @torch.no_grad()

@@ -22,14 +22,8 @@ import os
 import re
 from pathlib import Path
 
-from e3relax_ase.training.pairs import (
-    PAIR_ID_KEY,
-    ROLE_KEY,
-    ROLE_RELAXED,
-    ROLE_UNRELAXED,
-    PairSet,
-    load_pairs,
-)
+from e3relax_ase.training.data.pair_frames import PAIR_ID_KEY, ROLE_KEY, ROLE_RELAXED, ROLE_UNRELAXED
+from e3relax_ase.training.data.pairs import PairSet, load_pairs
 
 logger = logging.getLogger(__name__)
 

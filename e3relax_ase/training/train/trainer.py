@@ -3,13 +3,14 @@ step the host never waits for.
 
 train() -> train_one_epoch() -> take_step(); evaluate() on the EMA weights after each epoch.
 Pairs, their graphs and targets are prepared once and live on the training device; an epoch's
-batches are packed by an atom/edge budget and indexed on the host (``training.batching``),
+batches are packed by an atom/edge budget and indexed on the host (``training.train.batching``),
 so within an epoch no value is read back from the device: the host queues steps ahead of
 the GPU, and the epoch's loss sums are read once at its end.
 
 The full training state is written atomically at the end of every epoch, and the data order
 of epoch e is drawn from a generator seeded with (seed, e), so a run interrupted at any epoch
 boundary and resumed gives the same weights as an uninterrupted one (bit for bit on a CPU).
+What a finished run hands on (the shippable checkpoint, the portable state) is in :mod:`.export`.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import numpy as np
 import torch
 
 from e3relax_ase.distributed import World
-from e3relax_ase.io.checkpoint import load_checkpoint, save_checkpoint
+from e3relax_ase.io.checkpoint import load_checkpoint
 from e3relax_ase.nn.architectures import build_model
 from e3relax_ase.nn.compiled import compile_message_passing
-from e3relax_ase.training.batching import Budget, EpochBatches, pair_sizes, shard
-from e3relax_ase.training.config import TrainConfig
-from e3relax_ase.training.dataset import PreparedPairs, load_or_prepare
-from e3relax_ase.training.loss import relaxation_loss
-from e3relax_ase.training.metrics import COORD_MAE, DUMMY_PREFIX, VOLUME_ABS, structure_errors
+from e3relax_ase.training.train.batching import Budget, EpochBatches, pair_sizes, shard
+from e3relax_ase.training.train.config import TrainConfig
+from e3relax_ase.training.train.dataset import PreparedPairs, load_or_prepare
+from e3relax_ase.training.train.loss import relaxation_loss
+from e3relax_ase.training.train.metrics import COORD_MAE, DUMMY_PREFIX, VOLUME_ABS, structure_errors
 
 logger = logging.getLogger(__name__)
 
@@ -386,50 +387,6 @@ def train(config: TrainConfig, device: str | torch.device = "auto", prepared: tu
     if dist.is_main:
         (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def export_checkpoint(out_dir: str | os.PathLike, path: str | os.PathLike, metadata: dict | None = None, which: str = "best") -> str:
-    """Write the EMA weights of a training run as a shippable checkpoint; returns its sha256.
-
-    Args:
-        out_dir: the training run.
-        path: the checkpoint file to write.
-        metadata: merged into the checkpoint metadata (name, data, metrics, licence, ...).
-        which: "best" (the EMA weights at the best validation epoch) or "last".
-    """
-    out_dir = Path(out_dir)
-    state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
-    config = TrainConfig.from_dict(state["train_config"])
-    model = build_model(config.model_config)
-    weights = torch.load(out_dir / "best_ema.pt", map_location="cpu", weights_only=True)["ema"] if which == "best" else state["ema"]
-    model.load_state_dict(weights)
-    meta = {"train_config": config.to_dict(), "epochs": state["epoch"], "best_validation": state["best"]}
-    meta.update(metadata or {})
-    return save_checkpoint(path, model, meta)
-
-
-def write_portable_state(out_dir: str | os.PathLike, path: str | os.PathLike, weights_checkpoint: str | None = None) -> Path:
-    """The part of a run's state worth carrying between machines, in one file.
-
-    The EMA weights (the model that ships), the schedule, the log and the counters; the raw
-    weights and Adam's moments are left out (three times the size, and rebuilt: a resume
-    from this file starts the raw weights at the EMA and warms the rate up again). With
-    ``weights_checkpoint`` (a checkpoint file, such as the one a run shipped) the weights are
-    not copied either: the state names that file and its sha256, and a resume loads them from
-    it, so a repository that ships the checkpoint carries the run for a few kilobytes more.
-    Copy the file to ``<out_dir>/training_state.pt`` of a new machine to continue the run.
-    """
-    state = torch.load(Path(out_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-    portable = {k: state[k] for k in ("train_config", "ema", "rate", "epoch", "step", "history", "best", "stale")}
-    if weights_checkpoint is not None:
-        from e3relax_ase.io.checkpoint import file_sha256
-
-        del portable["ema"]
-        portable["weights_checkpoint"] = {"path": str(weights_checkpoint), "sha256": file_sha256(weights_checkpoint)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(portable, path)
-    return path
 
 
 def _weights_of_state(state: dict, device) -> dict:

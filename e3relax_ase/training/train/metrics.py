@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from e3relax_ase.nn.scatter import scatter_mean
-from e3relax_ase.training.loss import align_to_target
+from e3relax_ase.training.train.loss import align_to_target
 
 
 class MatcherSettings(TypedDict):

@@ -281,7 +281,7 @@ def fit_element_volumes(pairs) -> dict[int, float]:
     outweigh a 4-atom one).
 
     Args:
-        pairs: a :class:`~e3relax_ase.training.pairs.PairSet` (its relaxed cells are used).
+        pairs: a :class:`~e3relax_ase.training.data.pairs.PairSet` (its relaxed cells are used).
 
     Returns:
         ``{Z: volume}`` for every element that occurs in ``pairs``.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from e3relax_ase.training.pairs import PairSet
+from e3relax_ase.training.data.pairs import PairSet
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from e3relax_ase.geometry.graph import CrystalGraph
-from e3relax_ase.training.dataset import PreparedPairs
+from e3relax_ase.training.train.dataset import PreparedPairs
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from e3relax_ase.training.perturb import rattle, rescale_volume, shear
+from e3relax_ase.training.data.perturb import rattle, rescale_volume, shear
 
 DEFAULT_VOLUME_RANGE = (0.65, 1.35)
 DEFAULT_MAX_SHEAR = 0.15

@@ -65,7 +65,7 @@ def default_seeds_dir() -> Path:
     env = os.environ.get("E3RELAX_SEEDS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "seeds"
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "seeds"
 
 
 def aflow_prototypes_path() -> Path:

@@ -1,6 +1,6 @@
 """Distil (unrelaxed, relaxed) training pairs from seed crystals with any ASE calculator.
 
-Each seed is perturbed into user-like inputs (:mod:`e3relax_ase.training.perturb`), every input
+Each seed is perturbed into user-like inputs (:mod:`e3relax_ase.training.data.perturb`), every input
 is relaxed with FIRE on a ``FrechetCellFilter`` (positions and cell) until the largest generalised
 force is <= ``fmax``, and only converged, sane results are kept.
 
@@ -31,8 +31,8 @@ import numpy as np
 from e3relax_ase.keys import MIN_DISTANCE, VOLUME_RATIO_RANGE
 from e3relax_ase.relax.calculators import resolve_calculator
 from e3relax_ase.relax.threads import single_threaded_blas
-from e3relax_ase.training.pairs import PairSet
-from e3relax_ase.training.perturb import make_user_like_inputs
+from e3relax_ase.training.data.pairs import PairSet
+from e3relax_ase.training.data.perturb import make_user_like_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def make_pairs(
         )
     metadata = {
         "teacher": teacher,
-        "made_by": "e3relax_ase.training.distill.make_pairs",
+        "made_by": "e3relax_ase.training.distill.distill.make_pairs",
         "relaxation": {"optimizer": "FIRE", "filter": "FrechetCellFilter", "fmax": float(fmax), "steps": int(steps)},
         "perturbation": {"strain": strain, "rattle": rattle, "volume_range": volume_range, "substitute": substitute},
         "rng_seed": rng if isinstance(rng, int) else None,

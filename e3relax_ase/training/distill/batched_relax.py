@@ -19,6 +19,9 @@ with its defaults, so that a crystal relaxed here ends where ASE would take it:
 
 The teacher is any callable mapping a batch to energies, forces and stresses (ASE sign:
 positive = tensile, eV/Å^3); see ``Teacher``. State is float64; teachers may compute in float32.
+
+This module is the driver; what goes in and out of it and the sanity checks of a result are
+in :mod:`.batched_results`, the Frechet cell filter maths in :mod:`.frechet`.
 """
 
 from __future__ import annotations
@@ -26,201 +29,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
-from e3relax_ase.keys import MIN_DISTANCE, VOLUME_RATIO_RANGE
+from e3relax_ase.training.distill.batched_results import FireParams, RelaxInput, RelaxResult, RelaxStats, Teacher, TeacherOutput
+from e3relax_ase.training.distill.frechet import _segment_max, _segment_sum, frechet_forces, fresh_fmax
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FireParams",
-    "RelaxInput",
-    "RelaxResult",
-    "RelaxStats",
-    "Teacher",
-    "TeacherOutput",
-    "check_sane",
-    "min_interatomic_distance",
     "relax_all",
     "relax_stream",
 ]
-
-
-class TeacherOutput(NamedTuple):
-    """What a teacher returns for a batch of crystals."""
-
-    energy: torch.Tensor  # [n_graphs] | total energy per crystal | eV
-    forces: torch.Tensor  # [n_atoms, 3] | Cartesian forces | eV/Å
-    stress: torch.Tensor  # [n_graphs, 3, 3] | stress, ASE sign (positive = tensile) | eV/Å^3
-
-
-class Teacher(Protocol):
-    """A batched energy/force/stress model.
-
-    Called with float64 tensors on the relaxation device: ``positions [n_atoms, 3]`` (Å),
-    ``cell [n_graphs, 3, 3]`` (rows = lattice vectors), ``numbers [n_atoms]`` int64,
-    ``batch [n_atoms]`` int64 (crystal of each atom, sorted) and ``n_atoms [n_graphs]`` int64.
-    All crystals are periodic along all three axes. A crystal the teacher cannot evaluate
-    may get a non-finite energy: the driver then drops it as failed.
-    """
-
-    def __call__(
-        self,
-        positions: torch.Tensor,
-        cell: torch.Tensor,
-        numbers: torch.Tensor,
-        batch: torch.Tensor,
-        n_atoms: torch.Tensor,
-    ) -> TeacherOutput: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class FireParams:
-    """FIRE settings; the defaults are ASE 3.29's ``FIRE`` defaults and a 0.02 eV/Å target.
-
-    ``volume_ratio_abort`` is not in ASE: a crystal whose volume leaves
-    [1/volume_ratio_abort, volume_ratio_abort] times its input volume is stopped as diverged,
-    to spend no more teacher calls on an exploding or collapsing cell.
-    """
-
-    fmax: float = 0.02  # eV/Å (cell rows in eV/Å too, after the 1/n_atoms scaling)
-    max_steps: int = 500
-    dt: float = 0.1
-    max_step: float = 0.2  # largest norm of one crystal's whole DOF update
-    dt_max: float = 1.0
-    n_min: int = 5
-    f_inc: float = 1.1
-    f_dec: float = 0.5
-    alpha_start: float = 0.1
-    f_alpha: float = 0.99
-    volume_ratio_abort: float = 4.0
-    fresh_check: bool = False
-
-
-@dataclasses.dataclass
-class RelaxInput:
-    """One crystal to relax (all periodic)."""
-
-    numbers: np.ndarray  # [n_atoms] int
-    positions: np.ndarray  # [n_atoms, 3] Å
-    cell: np.ndarray  # [3, 3] rows = lattice vectors, Å
-    key: Any = None  # the caller's identifier, handed back in the result
-
-
-@dataclasses.dataclass
-class RelaxResult:
-    """Outcome of one relaxation; ``positions``/``cell`` are the last evaluated geometry."""
-
-    key: Any
-    numbers: np.ndarray  # [n_atoms]
-    positions_init: np.ndarray  # [n_atoms, 3]
-    cell_init: np.ndarray  # [3, 3]
-    positions: np.ndarray  # [n_atoms, 3]
-    cell: np.ndarray  # [3, 3]
-    energy: float  # eV, at the returned geometry
-    fmax: float  # eV/Å, generalised (cell rows included), at the returned geometry
-    fmax_fresh: float  # eV/Å, max of Cartesian force and virial/n_atoms row norms
-    n_steps: int  # FIRE steps taken (ASE's ``nsteps``)
-    converged: bool  # fmax < FireParams.fmax was tested and held
-    status: str  # "converged" | "max_steps" | "nonfinite" | "diverged"
-
-
-@dataclasses.dataclass
-class RelaxStats:
-    """Counters a long run reports (teacher calls, atoms evaluated, crystals finished)."""
-
-    n_calls: int = 0
-    n_atom_evals: int = 0
-    n_graph_evals: int = 0
-    n_finished: int = 0
-    n_converged: int = 0
-
-
-# ---------------------------------------------------------------------------------------
-# Frechet cell filter maths (batched)
-# ---------------------------------------------------------------------------------------
-
-
-def _segment_sum(values: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
-    """Sum per-atom rows [n_atoms, ...] into [n_graphs] (all trailing dims summed)."""
-    flat = values.reshape(values.shape[0], -1).sum(dim=1)
-    out = torch.zeros(n_graphs, dtype=values.dtype, device=values.device)
-    return out.index_add_(0, batch, flat)
-
-
-def _segment_max(values: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
-    out = torch.full((n_graphs,), -torch.inf, dtype=values.dtype, device=values.device)
-    return out.scatter_reduce(0, batch, values, reduce="amax", include_self=True)
-
-
-def expm_frechet_adjoint(log_deform: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """G with G[m, n] = <L(A, E_mn), U> for every unit matrix E_mn, batched.
-
-    L(A, E) is the Frechet derivative of the matrix exponential at A along E. Since
-    <L(A, E), U> = <E, L(A^T, U)> (Frobenius product), G = L(A^T, U), read off the upper-right
-    block of expm([[A^T, U], [0, A^T]]): one 6x6 exponential per crystal instead of ASE's nine
-    ``expm_frechet`` calls.
-
-    Args:
-        log_deform: A = logm(F), [n_graphs, 3, 3].
-        direction: U, [n_graphs, 3, 3].
-
-    Returns:
-        G, [n_graphs, 3, 3].
-    """
-    n_graphs = log_deform.shape[0]
-    block = torch.zeros(n_graphs, 6, 6, dtype=log_deform.dtype, device=log_deform.device)
-    a_t = log_deform.transpose(1, 2)
-    block[:, :3, :3] = a_t
-    block[:, 3:, 3:] = a_t
-    block[:, :3, 3:] = direction
-    return torch.linalg.matrix_exp(block)[:, :3, 3:]
-
-
-def frechet_forces(
-    forces: torch.Tensor,
-    stress: torch.Tensor,
-    cell: torch.Tensor,
-    log_deform: torch.Tensor,
-    deform: torch.Tensor,
-    batch: torch.Tensor,
-    n_atoms: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised forces on the Frechet-filter DOFs (ASE ``get_forces_frechet``).
-
-    Args:
-        forces: Cartesian forces [n_atoms, 3], eV/Å.
-        stress: stress [n_graphs, 3, 3], ASE sign, eV/Å^3.
-        cell: current cell [n_graphs, 3, 3] (rows).
-        log_deform: logm(F) [n_graphs, 3, 3].
-        deform: F [n_graphs, 3, 3].
-        batch: [n_atoms] crystal index.
-        n_atoms: [n_graphs] atoms per crystal (the exp_cell_factor).
-
-    Returns:
-        (forces_ref [n_atoms, 3], forces_cell [n_graphs, 3, 3]).
-    """
-    volume = torch.linalg.det(cell).abs()  # [n_graphs]
-    virial = -volume[:, None, None] * stress
-    ucf_grad = virial @ torch.linalg.inv(deform.transpose(1, 2))
-    forces_cell = expm_frechet_adjoint(log_deform, ucf_grad) / n_atoms.to(stress.dtype)[:, None, None]
-    forces_ref = torch.einsum("ni,nij->nj", forces, deform[batch])
-    return forces_ref, forces_cell
-
-
-def fresh_fmax(forces: torch.Tensor, stress: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, n_atoms: torch.Tensor) -> torch.Tensor:
-    """fmax on a Frechet filter whose reference is the current cell (F = I), per crystal.
-
-    Returns:
-        [n_graphs] max over Cartesian force rows and rows of virial / n_atoms, eV/Å.
-    """
-    volume = torch.linalg.det(cell).abs()
-    virial = -volume[:, None, None] * stress / n_atoms.to(stress.dtype)[:, None, None]
-    f_atoms = _segment_max(torch.linalg.norm(forces, dim=1), batch, cell.shape[0])
-    return torch.maximum(f_atoms, torch.linalg.norm(virial, dim=2).amax(dim=1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -546,40 +367,3 @@ def relax_all(structures: Iterable[RelaxInput], teacher, params: FireParams = Fi
     for r in results:
         r.key = inputs[r.key].key
     return results
-
-
-# ---------------------------------------------------------------------------------------
-# Sanity of a result
-# ---------------------------------------------------------------------------------------
-
-
-def min_interatomic_distance(positions: np.ndarray, cell: np.ndarray, cutoff: float = 3.0) -> float:
-    """Shortest distance between two atoms or an atom and its periodic image (Å), periodic in 3D.
-
-    Exact when it is below ``cutoff``; inf when no pair is that close. The neighbour search
-    the network's graph uses (``graph.periodic_pairs``).
-    """
-    from e3relax_ase.geometry.graph import periodic_pairs
-
-    distances = periodic_pairs(np.asarray(positions, dtype=float), np.asarray(cell, dtype=float), np.ones(3, dtype=bool), cutoff)[3]
-    return float(distances.min()) if len(distances) else float("inf")
-
-
-def check_sane(result: RelaxResult, *, min_distance: float = MIN_DISTANCE, volume_ratio: tuple[float, float] = VOLUME_RATIO_RANGE) -> str | None:
-    """Why a relaxed crystal should not be kept, or None if it is sane.
-
-    Checks: finite geometry and energy, positive cell determinant, shortest interatomic
-    distance above ``min_distance`` and relaxed/input volume ratio inside ``volume_ratio``.
-    """
-    if not (np.all(np.isfinite(result.positions)) and np.all(np.isfinite(result.cell)) and np.isfinite(result.energy)):
-        return "nonfinite"
-    det = float(np.linalg.det(result.cell))
-    det0 = float(np.linalg.det(result.cell_init))
-    if det <= 0.0 or det0 <= 0.0:
-        return "cell_handedness"
-    ratio = det / det0
-    if not (volume_ratio[0] <= ratio <= volume_ratio[1]):
-        return "volume_ratio"
-    if min_interatomic_distance(result.positions, result.cell, cutoff=min_distance + 0.5) <= min_distance:
-        return "min_distance"
-    return None

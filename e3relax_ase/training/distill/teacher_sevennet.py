@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from e3relax_ase.training.batched_relax import TeacherOutput
+from e3relax_ase.training.distill.batched_results import TeacherOutput
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Training data: the pair format, importers, splits, data cards, seeds, perturbations and families."""
