@@ -127,7 +127,8 @@ def relax(inputs, output, suffix, fmt, overwrite, resume, checkpoint, device, dt
     from ase.units import GPa
 
     from e3relax_ase import distributed as torchrun_job
-    from e3relax_ase.cli.relax_files import FileJob, OutputRules
+    from e3relax_ase.cli.relax_files import FileJob
+    from e3relax_ase.cli.relax_records import OutputRules
     from e3relax_ase.cli.relax_report import Progress, _summary, closing_line
     from e3relax_ase.io.checkpoint import CheckpointError
     from e3relax_ase.io.claims import new_run_id

@@ -18,103 +18,18 @@ claimed with a lock file (``e3relax_ase.io.claims``) before anything is relaxed 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from e3relax_ase.io.structures import (
-    INFO_CLUSTER,
-    INFO_CONVERGED,
-    INFO_CORRECTION_RATIO,
-    INFO_FMAX,
-    INFO_FMAX_ATOMS,
-    INFO_FMAX_CELL,
-    INFO_INDEX,
-    INFO_MAX_DISPLACEMENT,
-    INFO_MAX_STRAIN,
-    INFO_NSTEPS,
-    INFO_PREFIX,
-    INFO_PROBLEMS,
-    INFO_REFINE_ADVISED,
-    INFO_SANE,
-    INFO_SOURCE,
-    INFO_SPACEGROUP,
-    INFO_SPACEGROUP_INPUT,
-    INFO_VACUUM_AXES,
-)
+from e3relax_ase.cli.relax_records import SUMMARY_KEYS, FrameRecord, OutputRules, first_line, json_value
+from e3relax_ase.io.structures import INFO_INDEX, INFO_SOURCE
 
 if TYPE_CHECKING:
     from e3relax_ase.io.claims import OutputClaim
     from e3relax_ase.io.streamed import StreamedOutput
 
 logger = logging.getLogger("e3relax_ase.cli.relax")
-
-# --json field <- atoms.info key: the results each summary entry reports, every one under its
-# info key less INFO_PREFIX (docs/relaxer.md lists them).
-SUMMARY_KEYS = {
-    key.removeprefix(INFO_PREFIX): key
-    for key in (
-        INFO_SANE,
-        INFO_PROBLEMS,
-        INFO_MAX_DISPLACEMENT,
-        INFO_MAX_STRAIN,
-        INFO_CORRECTION_RATIO,
-        INFO_REFINE_ADVISED,
-        INFO_SPACEGROUP_INPUT,
-        INFO_SPACEGROUP,
-        INFO_VACUUM_AXES,
-        INFO_CLUSTER,
-        INFO_CONVERGED,
-        INFO_NSTEPS,
-        INFO_FMAX,
-        INFO_FMAX_ATOMS,
-        INFO_FMAX_CELL,
-    )
-}
-
-
-@dataclass
-class OutputRules:
-    """What the command line says about outputs, shared by every input of the run."""
-
-    output: str | None  # -o
-    suffix: str | None
-    fmt: str | None  # --format
-    overwrite: bool
-    resume: bool
-    symprec: float | None  # CIF only: write the symmetrized CIF
-    identity: dict  # what results depend on besides the input (checkpoint, options): a resume must match
-    run: str  # this run's id (claims)
-    writes: bool  # this process writes (rank 0 of a torchrun job, or the only process)
-    n_inputs: int
-    inputs: set = field(default_factory=set)  # resolved input paths
-    claimed: dict = field(default_factory=dict)  # resolved output -> the input writing it
-
-
-@dataclass
-class FrameRecord:
-    """What became of one input frame (one entry of the --json summary)."""
-
-    index: int | None  # None: the whole file (it could not be read, or was skipped)
-    status: str  # "ok" | "failed" | "skipped"
-    output: Path | None = None
-    error: str | None = None
-    values: dict = field(default_factory=dict)  # SUMMARY_KEYS fields
-
-
-def _json_value(value):
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN or inf
-    return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class FileJob:
@@ -374,7 +289,7 @@ class FileJob:
         self.written.append(target)
 
     def _ok(self, index: int, atoms, target: Path) -> None:
-        values = {key: _json_value(atoms.info[src]) for key, src in SUMMARY_KEYS.items() if src in atoms.info}
+        values = {key: json_value(atoms.info[src]) for key, src in SUMMARY_KEYS.items() if src in atoms.info}
         self.records[index] = FrameRecord(index, "ok", output=target, values=values)
 
     def _write_failed(self, exc: Exception, waiting: list) -> None:
@@ -384,7 +299,7 @@ class FileJob:
         if isinstance(exc, OutputExistsError):
             reason = "it appeared while this run was working (another program?); not replaced"
         else:
-            reason = _first_line(exc)
+            reason = first_line(exc)
         message = f"{target}: could not be written: {reason}"
         if self.stream is not None and self.stream.started:
             message += f"; the finished frames stay in {self.stream.folder} for --resume"

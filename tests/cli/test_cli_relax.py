@@ -13,7 +13,7 @@ from ase.constraints import FixAtoms
 from click.testing import CliRunner
 
 from e3relax_ase.cli.main import cli
-from e3relax_ase.cli.relax_files import SUMMARY_KEYS
+from e3relax_ase.cli.relax_records import SUMMARY_KEYS
 from e3relax_ase.io import structures
 from e3relax_ase.io.checkpoint import file_sha256, save_checkpoint
 from e3relax_ase.io.files import _KEEPS, format_losses
