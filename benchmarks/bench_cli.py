@@ -36,22 +36,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_multi_gpu import nrel_inputs  # noqa: E402  (the same NREL inputs, repeated to n)
+
 LAUNCH = "import sys; from e3relax_ase.cli.main import main; sys.exit(main(sys.argv[1:]))"
-
-
-def nrel_inputs(n: int) -> list:
-    """n unrelaxed NREL inputs (train, val and test splits in order, repeated to n)."""
-    from ase import Atoms
-
-    from e3relax_ase.training.data.pairs import load_pairs
-
-    frames = []
-    for split in ("train", "val", "test"):
-        pairs = load_pairs(ROOT / "data" / "nrel_zintl" / f"{split}.npz")
-        for k in range(len(pairs)):
-            atoms = slice(pairs.offsets[k], pairs.offsets[k + 1])
-            frames.append(Atoms(pairs.numbers[atoms], positions=pairs.pos_unrelaxed[atoms], cell=pairs.cell_unrelaxed[k], pbc=True))
-    return [frames[i % len(frames)] for i in range(n)]
 
 
 def write_inputs(work: Path, n: int, kinds: list[str], cif_files: int) -> dict:

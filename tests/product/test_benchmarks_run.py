@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -216,3 +217,20 @@ def test_bench_distill_throughput_runs_and_compares(tmp_path):
     results = json.loads(out.read_text())
     assert results["same_results"] == {"same_keys": True, "same_status_and_steps": True, "max_position_diff_A": 0.0, "max_cell_diff_A": 0.0}
     assert results["best"]["new"]["finished"] == 60 and results["best"]["old"]["teacher_calls"] > 0
+
+
+@pytest.mark.slow
+def test_bench_cli_old_and_new_write_the_same_frames_on_cpu(tmp_path):
+    # The old code is this checkout's package copied aside: the comparison machinery (two
+    # processes, wait4, the frame-by-frame check) runs, and must find the outputs identical.
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copytree(ROOT / "e3relax_ase", old / "e3relax_ase", symlinks=True, ignore=shutil.ignore_patterns("checkpoints", "__pycache__"))
+    (old / "e3relax_ase" / "checkpoints").symlink_to(ROOT / "checkpoints")  # the registry, as in the checkout
+    out = tmp_path / "cli.json"
+    args = ["benchmarks/bench_cli.py", "--n", "6", "--inputs", "extxyz,cifs", "--cif-files", "3", "--device", "cpu"]
+    run(args + ["--old-tree", str(old), "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    runs = json.loads(out.read_text())["runs"]
+    for kind in ("extxyz", "cifs"):
+        assert runs[kind]["new"]["exit_code"] == runs[kind]["old"]["exit_code"] == 0 and runs[kind]["new"]["n_ok"] == runs[kind]["structures"]
+        assert runs[kind]["old_vs_new"]["same_frames"] and runs[kind]["old_vs_new"]["max_position_difference_A"] == 0.0
