@@ -111,3 +111,12 @@ def test_no_import_cycle():
         if module not in state:
             cycle = visit(module, [module])
             assert cycle is None, " -> ".join(cycle)
+
+
+MAX_MODULE_LINES = 400  # one concept per module: past this, a module is holding two (issue 21)
+
+
+def test_no_module_outgrows_one_concept():
+    sizes = {str(path.relative_to(PACKAGE.parent)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert len(sizes) > 50 and max(sizes.values()) > 300  # the walk saw the package
+    assert not {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
