@@ -273,9 +273,11 @@ def count_work(model, graph):
     """FLOPs (matrix products, torch's flop counter) and unfused bytes of one float32 forward pass."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    # Counted with autograd on: under no_grad, torch 2.13's FlopCounterMode fails in its module
+    # tracker ("Expected gradient function to be set"). The count is the same forward pass's.
+    with FlopCounterMode(display=False) as flops:
+        model(graph)
     with torch.no_grad():
-        with FlopCounterMode(display=False) as flops:
-            model(graph)
         counter = _ByteCounter()
         with counter:
             model(graph)
