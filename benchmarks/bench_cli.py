@@ -43,14 +43,15 @@ LAUNCH = "import sys; from e3relax_ase.cli.main import main; sys.exit(main(sys.a
 
 
 def write_inputs(work: Path, n: int, kinds: list[str], cif_files: int) -> dict:
-    """The inputs of each kind, written once (kept between calls: same n, same files)."""
+    """The inputs of each kind, written once (kept between calls: same n, same files): kind ->
+    (path, structures in it), the count known from how they were made, not read back."""
     from ase.io import write
 
     frames = None
     paths = {}
     for kind in kinds:
         path = work / {"extxyz": f"inputs_{n}.extxyz", "db": f"inputs_{n}.db", "cifs": f"cifs_{min(n, cif_files)}"}[kind]
-        paths[kind] = path
+        paths[kind] = path, min(n, cif_files) if kind == "cifs" else n
         if path.exists():
             continue
         frames = frames or nrel_inputs(n)
@@ -65,14 +66,6 @@ def write_inputs(work: Path, n: int, kinds: list[str], cif_files: int) -> dict:
                 write(partial / f"s{i:06d}.cif", atoms)
         partial.rename(path)
     return paths
-
-
-def count_structures(kind: str, path: Path) -> int:
-    if kind == "cifs":
-        return sum(1 for _ in path.glob("*.cif"))
-    from ase.io import iread
-
-    return sum(1 for _ in iread(path, index=":", format="db" if kind == "db" else "extxyz"))
 
 
 class GpuMemoryPoll:
@@ -209,8 +202,7 @@ def main(argv=None) -> None:
         "old": str(args.old_rev or args.old_tree) if old is not None else None,
         "runs": {},
     }
-    for kind, path in paths.items():
-        n = count_structures(kind, path)
+    for kind, (path, n) in paths.items():
         results["runs"][kind] = {"structures": n, "input": path.name}
         outputs = {}
         for label, tree in trees.items():

@@ -161,7 +161,8 @@ class Finisher:
         """Continue from the prediction with real forces (``e3relax_ase.relax.refine``)."""
         from e3relax_ase.relax.refine import refine as refine_structure  # ase.optimize imports scipy: only when refining
 
-        kwargs = dict(options.refine_kwargs)
+        assert options.refine is not None  # finish calls this only when refining
+        kwargs = options.refine.optimizer_kwargs()
         if per_structure(kwargs.get("trajectory")):
             kwargs["trajectory"] = trajectory_path(kwargs["trajectory"], item.index, item.name)
         if item.vacuum is not None and not item.vacuum.cluster and relax_cell and kwargs.get("mask") is None:
@@ -170,7 +171,7 @@ class Finisher:
             except ValueError as exc:
                 logger.warning("%s: %s; refining positions only", item.name, exc)
                 relax_cell = False
-        refine_structure(atoms, options.refine, relax_cell=relax_cell, **kwargs)
+        refine_structure(atoms, options.refine.calculator, relax_cell=relax_cell, **kwargs)
 
     def provenance(self, relax_cell: bool) -> dict:
         """The provenance keys that are the same for every structure of a call, in the order

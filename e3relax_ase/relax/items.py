@@ -125,8 +125,7 @@ class RelaxOptions:
     symprec: float = 0.01
     return_trajectory: bool = False
     on_insane: str = "warn"
-    refine: Any = None
-    refine_kwargs: dict = field(default_factory=dict)
+    refine: RefineOptions | None = None  # None: no refinement
     pool: Any = None  # worker processes (num_workers > 0) that also judge predictions
     settings: Any = None  # the call's PreparationSettings
     provenance: dict = field(default_factory=dict)  # the info keys common to every structure (_provenance), once a call

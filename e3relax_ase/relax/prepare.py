@@ -11,7 +11,7 @@ import numpy as np
 from e3relax_ase.geometry.crystal import CrystalArrays
 from e3relax_ase.geometry.validation import InvalidStructureError
 from e3relax_ase.io.structures import as_atoms, copy_atoms, crystal_arrays
-from e3relax_ase.relax import items as naming
+from e3relax_ase.relax import items as naming  # name_of looked up at call time: items.name_of is its one home
 from e3relax_ase.relax.items import Item, RaiseLater, RelaxFailure, RelaxOptions, given_name
 from e3relax_ase.relax.pool_prepare import StructureSpec, prepared_in_pool
 from e3relax_ase.relax.preparation import UNNAMED, PreparationSettings, graph_edges, named, prepare_structure

@@ -275,9 +275,7 @@ class OneShotRelaxer:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         refine, budget = grouped_options(refine, budget, keywords)
-        options = RelaxOptions(relax_cell, fix_symmetry, symprec, return_trajectory, on_insane)
-        if refine is not None:
-            options.refine, options.refine_kwargs = refine.calculator, refine.optimizer_kwargs()
+        options = RelaxOptions(relax_cell, fix_symmetry, symprec, return_trajectory, on_insane, refine)
         options.provenance = self.finisher.provenance(relax_cell)
         options.settings = self.preparation_settings(allow_cluster)
         limits = (
